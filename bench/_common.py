@@ -1,0 +1,164 @@
+"""Shared parts of the benchmark scenarios: random adapters, servers, results, README table.
+
+Scenarios (``gateway_overhead.py``, ``adapter_scaling.py``) start what they need with these
+helpers, drive it with ``loraplex.client.bench``, and write JSON + PNG under
+``bench/results/``. Servers run as child processes (``loraplex.server.launcher``), one at a
+time, with the same engine settings for loraplex and for vLLM's own OpenAI server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.client.bench.report import build_report, machine_info
+from loraplex.client.bench.runner import BenchConfig, run_bench
+from loraplex.server.launcher import free_port, running_server
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"
+SCRATCH = RESULTS / "tmp"
+SERVED_NAME = "smollm2-135m"
+
+
+@dataclass
+class Engine:
+    """Engine settings given identically to loraplex and to vLLM."""
+
+    base: Path
+    dtype: str = "bfloat16"
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    max_lora_rank: int = 16
+    max_model_len: int = 1024
+    max_num_seqs: int = 32
+    kv_cache_gib: int = 1
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
+
+
+def base_model_dir() -> Path:
+    """The prepared bundled base model (prepared now if missing)."""
+    from loraplex.basemodel import prepare
+    from loraplex.config import Settings
+
+    settings = Settings()
+    return prepare(settings.models_dir, settings.base_model).path
+
+
+def make_adapters(base: Path, count: int, rank: int, targets: list[str], seed: int = 0) -> Path:
+    """``count`` random PEFT LoRA adapters (bf16) named ``bench-000``...; cached by settings."""
+    folder = SCRATCH / f"adapters-r{rank}-{'-'.join(targets)}-s{seed}"
+    names = [f"bench-{i:03d}" for i in range(count)]
+    if all((folder / n / "adapter_model.safetensors").is_file() for n in names):
+        return folder
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    lora_params = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+    for i, name in enumerate(names):
+        if (folder / name / "adapter_model.safetensors").is_file():
+            continue
+        generator = torch.Generator().manual_seed(seed * 100_003 + i)
+        with torch.no_grad():
+            for pname, param in lora_params:
+                std = 0.02 if "lora_B" in pname else 1.0 / param.shape[-1] ** 0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        peft_model.save_pretrained(folder / name)
+        _to_bf16(folder / name / "adapter_model.safetensors")
+    return folder
+
+
+def _to_bf16(path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path)
+
+
+def adapter_paths(folder: Path, count: int) -> list[tuple[str, Path]]:
+    """(name, folder) of the first ``count`` adapters made by ``make_adapters``."""
+    return [(f"bench-{i:03d}", folder / f"bench-{i:03d}") for i in range(count)]
+
+
+def loraplex_server(engine: Engine, adapters_dir: Path, log: Path, extra_env: dict | None = None):
+    """Context manager: ``loraplex serve`` on a free port, auth off, these adapters."""
+    port = free_port()
+    env = {
+        "LORAPLEX_AUTH": "off",
+        "LORAPLEX_ADAPTERS_DIR": str(adapters_dir),
+        "LORAPLEX_BASE_MODEL": str(engine.base),
+        "LORAPLEX_SERVED_MODEL_NAME": SERVED_NAME,
+        "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
+        **{f"LORAPLEX_{k.upper()}": str(v) for k, v in engine.describe().items() if k != "base"},
+        **(extra_env or {}),
+    }
+    command = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port)]
+    return running_server(command, port, log, env=env, ready_path="/ready", timeout=900)
+
+
+def vllm_server(engine: Engine, adapters: list[tuple[str, Path]], log: Path):
+    """Context manager: vLLM's own OpenAI server with the same engine settings and adapters."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(engine.base), "--served-model-name", SERVED_NAME,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", engine.dtype,
+        "--max-model-len", str(engine.max_model_len), "--max-num-seqs", str(engine.max_num_seqs),
+        "--enable-lora", "--max-loras", str(engine.max_loras),
+        "--max-cpu-loras", str(max(engine.max_cpu_loras, engine.max_loras)),
+        "--max-lora-rank", str(engine.max_lora_rank), "--seed", "0", "--disable-log-stats",
+    ]
+    if adapters:
+        command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}
+    return running_server(command, port, log, env=env, ready_path="/health", timeout=900)
+
+
+def measure(url: str, **settings: Any) -> dict[str, Any]:
+    """One benchmark run against ``url``; returns its report."""
+    return build_report(run_bench(BenchConfig(url=url, **settings)))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b rounded, or None when either is missing or b is zero."""
+    return None if a is None or not b else round(a / b, 3)
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` (with the machine it ran on) and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"scenario": name, "machine": machine_info(), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def update_readme(section: str, markdown: str) -> None:
+    """Replace the text between ``<!-- section -->`` and ``<!-- /section -->`` in README.md."""
+    readme = BENCH_DIR / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    if start not in text or end not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}", encoding="utf-8")
+
+
+def machine_line() -> str:
+    """One line naming the machine, for the README tables."""
+    m = machine_info()
+    return f"{m['cpu'] or 'unknown CPU'}, {m['cpu_count']} cores, {m['platform']}"

@@ -1,0 +1,105 @@
+"""Settings of loraplex, read from ``LORAPLEX_*`` environment variables and ``loraplex.toml``.
+
+Every ``serve`` flag has a field here; the CLI passes flags as overrides. Paths default to
+places under ``LORAPLEX_HOME`` (``~/.loraplex``). This module only describes settings; it
+does not create folders or start anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+def default_home() -> Path:
+    """The folder everything lives under unless configured elsewhere."""
+    import os
+
+    return Path(os.environ.get("LORAPLEX_HOME", "~/.loraplex")).expanduser()
+
+
+class Settings(BaseSettings):
+    """All loraplex settings. Environment: ``LORAPLEX_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAPLEX_", toml_file="loraplex.toml", extra="ignore"
+    )
+
+    home: Path = Field(default_factory=default_home, description="Root of cache, registry, usage.")
+
+    # --- base model ---
+    base_model: Path | None = Field(
+        None, description="HF-format base model folder; default: the prepared bundled model."
+    )
+    served_model_name: str = Field(
+        "smollm2-135m", description="Name clients use in `model` to get the base model."
+    )
+
+    # --- server ---
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8000, description="Port the HTTP server binds.")
+    auth: Literal["on", "off"] = Field("on", description="Require tenant API keys.")
+    admin_key: str | None = Field(None, description="Key for /admin routes (Bearer).")
+    adapters_dir: Path | None = Field(
+        None, description="Folder of PEFT adapters served by name; default HOME/adapters."
+    )
+    max_request_bytes: int = Field(1_000_000, description="Largest accepted request body.")
+
+    # --- registry ---
+    registry_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the adapter catalog; default sqlite under HOME/registry. "
+        "Use postgresql://user:pw@host/db to share it between machines.",
+    )
+    blob_url: str | None = Field(
+        None,
+        description="Where adapter files are stored: a folder (default HOME/registry/blobs) "
+        "or s3://bucket/prefix.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO...); unset means AWS S3."
+    )
+    blob_cache_gib: float = Field(
+        4.0, description="Size bound of the local cache of fetched adapters (LRU), in GiB."
+    )
+    max_adapter_mb: int = Field(1024, description="Largest adapter (all its files) accepted, MiB.")
+
+    # --- engine ---
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16",
+        description="Engine dtype. bf16 is ~1.5x faster on CPU; fp32 makes batched == solo.",
+    )
+    max_loras: int = Field(8, description="Adapters active in one batch (GPU/engine slots).")
+    max_cpu_loras: int = Field(32, description="Adapters kept loaded in the CPU LRU cache.")
+    max_lora_rank: int = Field(64, description="Largest adapter rank the engine accepts.")
+    max_model_len: int = Field(2048, description="Longest prompt + completion in tokens.")
+    max_num_seqs: int = Field(64, description="Most sequences the engine runs at once.")
+    kv_cache_gib: int = Field(2, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.85, description="Share of GPU memory vLLM may use.")
+    fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
+    seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags beat environment, environment beats loraplex.toml."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def models_dir(self) -> Path:
+        """Where prepared base models are cached."""
+        return self.home / "models"
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        """The adapters folder in effect."""
+        return self.adapters_dir or self.home / "adapters"

@@ -1,0 +1,1 @@
+"""The inference engine: vLLM's AsyncLLM behind a small protocol (fakes for unit tests)."""

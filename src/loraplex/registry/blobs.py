@@ -1,0 +1,129 @@
+"""Content-addressed blob stores: a local folder, or an S3-compatible bucket (``s3.py``).
+
+A blob is a file stored under its own sha256 (``sha256/ab/abcd...``), written once and never
+changed, so the same content pushed twice (or under two names) is stored once. ``put``
+re-hashes while copying and refuses content that does not match its key. This module does
+not know what an adapter is; the catalog records which blobs make up a version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from loraplex.errors import InvalidAdapter, NotFound, Unavailable
+
+_CHUNK = 1 << 20
+
+
+class BlobStore(Protocol):
+    """Where adapter files live, keyed by their sha256 hex digest."""
+
+    url: str
+
+    def put(self, digest: str, source: Path) -> None:
+        """Store ``source`` under ``digest`` unless already there (idempotent)."""
+        ...
+
+    def get(self, digest: str, dest: Path) -> None:
+        """Write the blob to ``dest``; raises ``NotFound`` if it is missing."""
+        ...
+
+    def exists(self, digest: str) -> bool:
+        """Whether the blob is stored."""
+        ...
+
+    def delete(self, digest: str) -> None:
+        """Remove the blob if present."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``Unavailable`` if the store cannot be reached."""
+        ...
+
+
+def blob_key(digest: str) -> str:
+    """The relative key of a blob: ``sha256/ab/<digest>``."""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise InvalidAdapter(f"{digest!r} is not a sha256 hex digest.")
+    return f"sha256/{digest[:2]}/{digest}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_verified(source: BinaryIO, dest: Path, digest: str) -> None:
+    """Copy a stream to ``dest`` atomically; ``Unavailable`` if its sha256 is not ``digest``."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    hasher = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            while chunk := source.read(_CHUNK):
+                hasher.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if hasher.hexdigest() != digest:
+            raise Unavailable(
+                f"Content for blob {digest[:12]} arrived with sha256 {hasher.hexdigest()[:12]}: "
+                "the source changed while copied or the stored blob is corrupt."
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LocalBlobStore:
+    """Blobs as files under one local folder (the default, under LORAPLEX_HOME)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = str(root)
+
+    def _path(self, digest: str) -> Path:
+        return self.root / blob_key(digest)
+
+    def put(self, digest: str, source: Path) -> None:
+        path = self._path(digest)
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with source.open("rb") as handle:
+            copy_verified(handle, path, digest)
+
+    def get(self, digest: str, dest: Path) -> None:
+        path = self._path(digest)
+        if not path.is_file():
+            raise NotFound(f"Blob {digest[:12]} is missing from {self.root}.")
+        shutil.copyfile(path, dest)
+
+    def exists(self, digest: str) -> bool:
+        return self._path(digest).is_file()
+
+    def delete(self, digest: str) -> None:
+        self._path(digest).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        if not os.access(self.root if self.root.exists() else self.root.parent, os.R_OK):
+            raise Unavailable(f"Blob folder {self.root} cannot be read.")
+
+
+def open_blob_store(url: str, *, s3_endpoint_url: str | None = None) -> BlobStore:
+    """A store from a URL: ``s3://bucket/prefix``, ``file:///path`` or a plain path."""
+    if url.startswith("s3://"):
+        from loraplex.registry.s3 import S3BlobStore
+
+        return S3BlobStore.from_url(url, endpoint_url=s3_endpoint_url)
+    path = Path(url.removeprefix("file://")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return LocalBlobStore(path)

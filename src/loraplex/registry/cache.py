@@ -1,0 +1,96 @@
+"""A bounded local disk cache of adapter folders, filled from a blob store on first use.
+
+Each entry is a folder named by the version's content digest holding the version's files
+under their PEFT names, so the engine can load it as it is. Files are sha256-verified on
+arrival and the folder appears atomically (rename), so a half-fetched entry is never seen.
+Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
+Entries are immutable: a digest always names the same files. Safe for several processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from loraplex.errors import Unavailable
+from loraplex.registry.blobs import BlobStore, sha256_file
+
+
+class BlobCache:
+    """Local folders of adapter versions, LRU-bounded by total size."""
+
+    def __init__(self, root: Path, store: BlobStore, max_bytes: int) -> None:
+        self.root = root
+        self.store = store
+        self.max_bytes = max_bytes
+
+    def folder(self, content_digest: str, files: dict[str, str]) -> Path:
+        """The local folder with ``files`` (PEFT file name -> blob sha256), fetched if needed."""
+        target = self.root / content_digest
+        if _complete(target, files):
+            os.utime(target)
+            return target
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".fetch-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for file_name, digest in files.items():
+                dest = staging / file_name
+                self.store.get(digest, dest)
+                if sha256_file(dest) != digest:
+                    raise Unavailable(
+                        f"Blob {digest[:12]} for {file_name} failed its sha256 check on arrival; "
+                        "the blob store holds corrupt data."
+                    )
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not _complete(target, files):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.evict(keep=target)
+        return target
+
+    def evict(self, keep: Path | None = None) -> list[str]:
+        """Remove least recently used entries until the cache fits; returns removed digests."""
+        entries = []
+        for entry in self.root.iterdir() if self.root.is_dir() else []:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                size = sum(f.stat().st_size for f in entry.iterdir())
+                entries.append((entry.stat().st_mtime, size, entry))
+            except FileNotFoundError:
+                continue
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, entry in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and entry == keep:
+                continue
+            trash = self.root / f".evict-{uuid.uuid4().hex}"
+            try:
+                os.rename(entry, trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            total -= size
+            removed.append(entry.name)
+        return removed
+
+    def size(self) -> int:
+        """Bytes held by complete entries."""
+        return sum(
+            f.stat().st_size
+            for entry in (self.root.iterdir() if self.root.is_dir() else [])
+            if entry.is_dir() and not entry.name.startswith(".")
+            for f in entry.iterdir()
+        )
+
+
+def _complete(folder: Path, files: dict[str, str]) -> bool:
+    return all((folder / name).is_file() for name in files)

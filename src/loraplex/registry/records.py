@@ -1,0 +1,132 @@
+"""Plain records the catalog returns: versions, alias events, eval results, adapters.
+
+Immutable dataclasses with JSON-friendly ``to_dict`` for ``--json`` output and the admin
+API. No database or storage code lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from loraplex.registry.refs import version_key
+
+
+def utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """What a push records (the catalog adds number, times and the auto alias)."""
+
+    name: str
+    sha256: str
+    size: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_fingerprint: str
+    files: dict[str, str]
+    tenant: str | None = None
+    description: str | None = None
+    manifest: dict[str, Any] | None = None
+    fallback_to_base: bool = False
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One stored, immutable adapter version."""
+
+    name: str
+    number: int
+    sha256: str
+    size: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_fingerprint: str
+    files: dict[str, str]
+    tenant: str | None
+    description: str | None
+    manifest: dict[str, Any] | None
+    created_at: datetime
+    created_by: str
+    fallback_to_base: bool = False
+
+    @property
+    def key(self) -> str:
+        """``N@vK``."""
+        return version_key(self.name, self.number)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({"version": self.key, **asdict(self)})
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One move of an alias: promote, rollback, or the automatic first ``stable``."""
+
+    alias: str
+    action: str
+    from_number: int | None
+    to_number: int
+    undone: bool
+    forced: bool
+    at: datetime
+    by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """An eval result recorded against a version (written by the eval gate)."""
+
+    number: int
+    suite: str
+    passed: bool | None
+    metrics: dict[str, Any]
+    created_at: datetime
+    created_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """An adapter name with its versions, aliases, alias history and eval results."""
+
+    name: str
+    tenant: str | None
+    description: str | None
+    fallback_to_base: bool
+    last_version: int
+    created_at: datetime
+    created_by: str
+    versions: list[VersionRecord] = field(default_factory=list)
+    aliases: dict[str, int] = field(default_factory=dict)
+    events: list[AliasEvent] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tenant": self.tenant,
+            "description": self.description,
+            "fallback_to_base": self.fallback_to_base,
+            "created_at": self.created_at.isoformat(),
+            "created_by": self.created_by,
+            "aliases": {a: version_key(self.name, n) for a, n in self.aliases.items()},
+            "versions": [v.to_dict() for v in self.versions],
+            "events": [e.to_dict() for e in self.events],
+            "evals": [e.to_dict() for e in self.evals],
+        }

@@ -1,0 +1,92 @@
+"""Names and references of adapters: ``N``, ``N@vK``, ``N:alias``.
+
+This module parses and checks the strings users and clients send; it never touches storage.
+A name is restricted to ``^[a-z0-9][a-z0-9_-]{0,63}$`` so that it can never become a path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from loraplex.errors import InvalidAdapter, InvalidRequest, NotFound
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+DEFAULT_ALIAS = "stable"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A parsed reference: exactly one of ``number`` and ``alias`` is set."""
+
+    name: str
+    number: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.number is not None:
+            return version_key(self.name, self.number)
+        return f"{self.name}:{self.alias}"
+
+
+def version_key(name: str, number: int) -> str:
+    """The immutable key of one version, ``N@vK``."""
+    return f"{name}@v{number}"
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid adapter name, else raise ``InvalidAdapter``."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidAdapter(
+            f"Invalid adapter name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit (pattern ^[a-z0-9][a-z0-9_-]{0,63}$)."
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    """Return ``alias`` if it is a valid alias name, else raise ``InvalidRequest``."""
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias):
+        raise InvalidRequest(
+            f"Invalid alias {alias!r}: use 1-32 characters from a-z, 0-9, '_' and '-', "
+            "starting with a letter (e.g. stable, canary)."
+        )
+    return alias
+
+
+def parse_ref(text: str, *, default_alias: str | None = DEFAULT_ALIAS) -> AdapterRef:
+    """Parse ``N``, ``N@vK`` or ``N:alias``.
+
+    A bare ``N`` means ``N:<default_alias>``; with ``default_alias=None`` a bare name is refused
+    (commands such as ``promote`` and ``delete`` need an exact version).
+    Raises ``NotFound`` for anything malformed, because to a client an unparseable model name
+    is simply a model that does not exist.
+    """
+    if not isinstance(text, str) or len(text) > 128:
+        raise NotFound("The model name is not a valid adapter reference.")
+    if "@" in text:
+        name, _, version = text.partition("@")
+        match = _VERSION_RE.match(version)
+        if not NAME_RE.match(name) or not match:
+            raise NotFound(f"'{text}' is not a valid adapter version; use NAME@vK, e.g. {name}@v1.")
+        return AdapterRef(name, number=int(match.group(1)))
+    if ":" in text:
+        name, _, alias = text.partition(":")
+        if not NAME_RE.match(name) or not ALIAS_RE.match(alias):
+            raise NotFound(f"'{text}' is not a valid adapter alias; use NAME:ALIAS, e.g. x:stable.")
+        return AdapterRef(name, alias=alias)
+    if not NAME_RE.match(text):
+        raise NotFound(f"'{text}' is not a valid adapter name.")
+    if default_alias is None:
+        raise InvalidRequest(f"'{text}' names no version; give NAME@vK, e.g. {text}@v1.")
+    return AdapterRef(text, alias=default_alias)
+
+
+def parse_version_key(text: str) -> AdapterRef:
+    """Parse an exact ``N@vK`` (for promote/delete); anything else is ``InvalidRequest``."""
+    ref = parse_ref(text, default_alias=None)
+    if ref.number is None:
+        raise InvalidRequest(f"'{text}' is an alias; give an exact version NAME@vK.")
+    return ref

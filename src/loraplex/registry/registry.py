@@ -1,0 +1,195 @@
+"""The adapter registry: push, promote, rollback, delete, list, show, resolve.
+
+Ties validation, the blob store and the catalog together. A push copies the adapter's files
+into a private staging folder first, so what is validated is exactly what is hashed and
+stored. The version's ``sha256`` is the digest of its served content (config + weights;
+see ``content_digest``), so pushing identical content again returns the existing version.
+Blobs of deleted versions are kept (they are content-addressed and may be shared).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from loraplex.registry.blobs import BlobStore, sha256_file
+from loraplex.registry.cache import BlobCache
+from loraplex.registry.catalog import Catalog
+from loraplex.registry.records import AdapterRecord, NewVersion, VersionRecord
+from loraplex.registry.refs import (
+    DEFAULT_ALIAS,
+    check_alias,
+    check_name,
+    parse_ref,
+    parse_version_key,
+)
+from loraplex.registry.validate import (
+    CONFIG,
+    WEIGHTS,
+    BaseSpec,
+    check_size,
+    collect_files,
+    validate_adapter,
+)
+
+
+def default_actor() -> str:
+    """Who is acting, for the audit trail: LORAPLEX_USER, else the OS user."""
+    try:
+        return os.environ.get("LORAPLEX_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def content_digest(files: dict[str, str]) -> str:
+    """sha256 over the served files' names and digests (config and weights)."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, WEIGHTS):
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """A pushed version, and whether this push created it (False: identical content)."""
+
+    version: VersionRecord
+    created: bool
+
+
+class Registry:
+    """Versioned LoRA adapters: metadata in a ``Catalog``, files in a ``BlobStore``."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        blobs: BlobStore,
+        cache: BlobCache,
+        base: Callable[[], BaseSpec],
+    ) -> None:
+        self.catalog = catalog
+        self.blobs = blobs
+        self.cache = cache
+        self._base_factory = base
+
+    @cached_property
+    def base(self) -> BaseSpec:
+        """The base model adapters are validated against (read on first push)."""
+        return self._base_factory()
+
+    def push(
+        self,
+        folder: Path,
+        name: str,
+        *,
+        tenant: str | None = None,
+        description: str | None = None,
+        fallback_to_base: bool | None = None,
+        actor: str | None = None,
+    ) -> PushResult:
+        """Validate ``folder``, store its files and record ``N@vK`` (or return the twin)."""
+        check_name(name)
+        if tenant is not None:
+            check_name(tenant)
+        base = self.base
+        files = collect_files(folder)
+        check_size(files, name, base.max_bytes)
+        with tempfile.TemporaryDirectory(prefix="loraplex-push-") as tmp:
+            staging = Path(tmp)
+            for file_name, path in files.items():
+                shutil.copyfile(path, staging / file_name)
+            checked = validate_adapter(staging, name, base)
+            digests = {n: sha256_file(p) for n, p in checked.files.items()}
+            for file_name, path in checked.files.items():
+                self.blobs.put(digests[file_name], path)
+        new = NewVersion(
+            name=name,
+            sha256=content_digest(digests),
+            size=checked.size,
+            rank=checked.rank,
+            alpha=checked.alpha,
+            target_modules=checked.target_modules,
+            base_fingerprint=base.fingerprint,
+            files=digests,
+            tenant=tenant,
+            description=description,
+            manifest=checked.manifest,
+            fallback_to_base=fallback_to_base,
+        )
+        record, created = self.catalog.add_version(new, actor or default_actor())
+        return PushResult(record, created)
+
+    def promote(
+        self, version: str, alias: str = DEFAULT_ALIAS, *, force: bool = False,
+        actor: str | None = None,
+    ) -> tuple[str | None, str]:  # fmt: skip
+        """Point ``alias`` at ``N@vK``; returns (previous key or None, new key).
+
+        ``force`` is recorded; the eval gate (a later issue) refuses unforced promotes of
+        versions without passing eval results.
+        """
+        ref = parse_version_key(version)
+        check_alias(alias)
+        previous = self.catalog.promote(
+            ref.name, ref.number or 0, alias, actor or default_actor(), forced=force
+        )
+        return (f"{ref.name}@v{previous}" if previous else None), str(ref)
+
+    def rollback(
+        self, name: str, alias: str = DEFAULT_ALIAS, *, actor: str | None = None
+    ) -> tuple[str, str]:
+        """Move ``alias`` back to the version it pointed at before; returns (from, to) keys."""
+        check_name(name)
+        check_alias(alias)
+        old, new = self.catalog.rollback(name, alias, actor or default_actor())
+        return f"{name}@v{old}", f"{name}@v{new}"
+
+    def delete(self, version: str) -> VersionRecord:
+        """Delete ``N@vK`` (refused while an alias points at it)."""
+        ref = parse_version_key(version)
+        return self.catalog.delete(ref.name, ref.number or 0)
+
+    def record_eval(
+        self, version: str, suite: str, passed: bool | None, metrics: dict[str, Any],
+        actor: str | None = None,
+    ) -> None:  # fmt: skip
+        """Attach an eval result to ``N@vK``."""
+        ref = parse_version_key(version)
+        self.catalog.record_eval(
+            ref.name, ref.number or 0, suite, passed, metrics, actor or default_actor()
+        )
+
+    def list(self) -> list[AdapterRecord]:
+        """Every adapter with its versions and aliases."""
+        return self.catalog.adapters()
+
+    def show(self, name: str) -> AdapterRecord:
+        """One adapter with versions, aliases, alias history and eval results."""
+        check_name(name)
+        return self.catalog.adapter(name)
+
+    def resolve(self, model: str) -> VersionRecord:
+        """``N`` (alias stable), ``N:alias`` or ``N@vK`` -> the version it names now."""
+        return self.catalog.resolve(parse_ref(model), model)
+
+    def local_folder(self, version: VersionRecord) -> Path:
+        """A local folder with the version's files (fetched into the cache if needed)."""
+        served = {n: d for n, d in version.files.items() if n in (CONFIG, WEIGHTS)}
+        return self.cache.folder(version.sha256, served)
+
+    def check(self) -> None:
+        """Raise ``Unavailable`` unless the catalog and the blob store answer."""
+        self.catalog.check()
+        self.blobs.check()
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.catalog.close()

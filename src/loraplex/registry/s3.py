@@ -1,0 +1,92 @@
+"""The S3-compatible blob store (AWS S3, MinIO, moto...), through boto3.
+
+``LORAPLEX_BLOB_URL=s3://bucket/prefix`` selects it; ``LORAPLEX_S3_ENDPOINT_URL`` points it at
+a non-AWS server. Credentials come from boto3's usual chain (environment, profile, role).
+Blobs are keyed ``prefix/sha256/ab/<digest>`` and written once. Only storage lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loraplex.errors import InvalidRequest, NotFound, Unavailable
+from loraplex.registry.blobs import blob_key, copy_verified, sha256_file
+
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3BlobStore:
+    """Blobs as objects in one bucket under a prefix."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3})
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+    @classmethod
+    def from_url(cls, url: str, endpoint_url: str | None = None) -> S3BlobStore:
+        """Parse ``s3://bucket[/prefix]``."""
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise InvalidRequest(f"Blob URL {url!r} names no bucket; use s3://bucket/prefix.")
+        return cls(bucket, prefix, endpoint_url)
+
+    def _key(self, digest: str) -> str:
+        key = blob_key(digest)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, digest: str, source: Path) -> None:
+        if self.exists(digest):
+            return
+        if sha256_file(source) != digest:
+            raise InvalidRequest(f"{source} changed while it was being stored; push it again.")
+        self._call(
+            self.client.upload_file,
+            str(source),
+            self.bucket,
+            self._key(digest),
+            ExtraArgs={"Metadata": {"sha256": digest}},
+        )
+
+    def get(self, digest: str, dest: Path) -> None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(digest))
+        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+            if _is_missing(exc):
+                raise NotFound(f"Blob {digest[:12]} is missing from {self.url}.") from None
+            raise Unavailable(f"Cannot read {self.url}: {exc}") from exc
+        with response["Body"] as body:
+            copy_verified(body, dest, digest)
+
+    def exists(self, digest: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
+        except Exception as exc:  # noqa: BLE001
+            if _is_missing(exc):
+                return False
+            raise Unavailable(f"Cannot reach {self.url}: {exc}") from exc
+        return True
+
+    def delete(self, digest: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(digest))
+
+    def check(self) -> None:
+        self._call(self.client.head_bucket, Bucket=self.bucket)
+
+    def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(f"S3 blob store {self.url} failed: {exc}") from exc
+
+
+def _is_missing(exc: Exception) -> bool:
+    """Whether a botocore error means 'no such object'."""
+    error = getattr(exc, "response", {}).get("Error", {})
+    return str(error.get("Code")) in _MISSING

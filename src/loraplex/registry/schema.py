@@ -1,0 +1,115 @@
+"""The registry's tables (SQLAlchemy Core), the same on SQLite and PostgreSQL.
+
+Unique constraints carry the invariants that concurrent writers must not break: one row per
+``(name, number)`` and per ``(name, sha256)``, and an alias can only point at an existing
+version (composite foreign key), so a version an alias points at cannot disappear.
+``adapters.last_version`` only grows: a deleted ``N@vK`` is never reused for other weights.
+This module declares tables; it runs no queries.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = "1"
+metadata = MetaData()
+
+info = Table(
+    "registry_info",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=True),
+    Column("description", Text, nullable=True),
+    Column("fallback_to_base", Boolean, nullable=False, default=False),
+    Column("last_version", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(128), nullable=False),
+)
+
+versions = Table(
+    "versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), ForeignKey("adapters.name"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("alpha", Float, nullable=False),
+    Column("target_modules", JSON, nullable=False),
+    Column("base_fingerprint", String(64), nullable=False),
+    Column("tenant", String(64), nullable=True),
+    Column("description", Text, nullable=True),
+    Column("files", JSON, nullable=False),
+    Column("manifest", JSON, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(128), nullable=False),
+    UniqueConstraint("name", "number", name="uq_versions_name_number"),
+    UniqueConstraint("name", "sha256", name="uq_versions_name_sha256"),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("alias", String(32), primary_key=True),
+    Column("number", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_by", String(128), nullable=False),
+    ForeignKeyConstraint(
+        ["name", "number"], ["versions.name", "versions.number"], name="fk_alias_version"
+    ),
+)
+
+alias_events = Table(
+    "alias_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), ForeignKey("adapters.name"), nullable=False, index=True),
+    Column("alias", String(32), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("from_number", Integer, nullable=True),
+    Column("to_number", Integer, nullable=False),
+    Column("undone", Boolean, nullable=False, default=False),
+    Column("forced", Boolean, nullable=False, default=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("by", String(128), nullable=False),
+)
+
+eval_results = Table(
+    "eval_results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("suite", String(128), nullable=False),
+    Column("passed", Boolean, nullable=True),
+    Column("metrics", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(128), nullable=False),
+    ForeignKeyConstraint(
+        ["name", "number"], ["versions.name", "versions.number"], name="fk_eval_version"
+    ),
+)

@@ -1,0 +1,59 @@
+"""The one place where errors become HTTP responses with an OpenAI error body.
+
+``{"error": {"message", "type", "code"}}``; 429/503 carry ``Retry-After``. Request body
+validation errors are 400 (not FastAPI's 422) because OpenAI clients expect 400.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraplex.errors import LoraplexError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, message: str, error_type: str, code: str, retry_after: float | None = None
+) -> JSONResponse:
+    """An OpenAI-style error response."""
+    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
+    body = {"error": {"message": message, "type": error_type, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "Invalid request: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map loraplex errors, validation errors and stray exceptions to OpenAI bodies."""
+
+    @app.exception_handler(LoraplexError)
+    async def _loraplex(_: Request, exc: LoraplexError) -> JSONResponse:
+        return error_response(
+            exc.status_code, exc.message, exc.error_type, exc.code, exc.retry_after
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, _validation_message(exc), "invalid_request_error", "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", "internal_error")

@@ -1,0 +1,220 @@
+"""OpenAI-compatible routes: completions, chat completions (SSE streaming both ways),
+models, and ``/generate`` for clients of the original script.
+
+Each route parses its body, asks the ``Service`` for the target and the deltas, and shapes
+the OpenAI wire format. Headers: ``x-request-id``, ``x-loraplex-adapter`` and, after a
+labelled fallback, ``x-loraplex-fallback: base``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from loraplex.engine.types import Delta, GenerationParams
+from loraplex.errors import InvalidRequest, LoraplexError
+from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from loraplex.server.service import Service, Target, new_request_id
+
+router = APIRouter()
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _headers(request_id: str, target: Target) -> dict[str, str]:
+    headers = {"x-request-id": request_id, "x-loraplex-adapter": target.label}
+    if target.fallback:
+        headers["x-loraplex-fallback"] = "base"
+    return headers
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> GenerationParams:
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+        n=body.n,
+    )
+
+
+async def _collect(deltas: AsyncIterator[Delta], n: int) -> list[_Choice]:
+    choices = [_Choice() for _ in range(n)]
+    async for delta in deltas:
+        choice = choices[delta.index]
+        choice.text.append(delta.text)
+        choice.tokens += delta.token_count
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+    return choices
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _sse_stream(
+    deltas: AsyncIterator[Delta],
+    chunk: Callable[[Delta], dict[str, Any]],
+    usage_chunk: Callable[[int], dict[str, Any]] | None,
+) -> AsyncIterator[str]:
+    """Deltas as SSE events, an optional usage event, then ``[DONE]``; errors as an event."""
+    completion_tokens = 0
+    try:
+        async for delta in deltas:
+            completion_tokens += delta.token_count
+            if delta.text or delta.finish_reason:
+                yield _sse(chunk(delta))
+    except LoraplexError as exc:
+        yield _sse({"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}})
+    if usage_chunk is not None:
+        yield _sse(usage_chunk(completion_tokens))
+    yield _sse("[DONE]")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    """OpenAI text completions for one or more prompts."""
+    service = _service(request)
+    prompts = [service.prompts.completion(p) for p in body.prompts()]
+    if body.stream and len(prompts) > 1:
+        raise InvalidRequest("Streaming takes one prompt; send a list of prompts without stream.")
+    params = [_params(body, service.prompts.budget(ids, body.max_tokens)) for ids in prompts]
+    target = await service.target(body.model)
+    request_id = new_request_id("cmpl")
+    created = int(time.time())
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+    headers = _headers(request_id, target)
+
+    if body.stream:
+        deltas = service.generate(prompts[0], params[0], request_id, target)
+
+        def chunk(delta: Delta) -> dict[str, Any]:
+            choice = {"index": delta.index, "text": delta.text, "logprobs": None,
+                      "finish_reason": delta.finish_reason}
+            return {**base, "choices": [choice]}
+
+        def usage(tokens: int) -> dict[str, Any]:
+            return {**base, "choices": [], "usage": _usage(len(prompts[0]) * body.n, tokens)}
+
+        events = _sse_stream(deltas, chunk, usage if body.include_usage else None)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    results = await asyncio.gather(*(
+        _collect(service.generate(ids, p, f"{request_id}-{i}", target), body.n)
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+    ))
+    choices = [
+        {"index": i * body.n + j, "text": "".join(c.text), "logprobs": None,
+         "finish_reason": c.finish_reason}
+        for i, result in enumerate(results) for j, c in enumerate(result)
+    ]
+    completion_tokens = sum(c.tokens for result in results for c in result)
+    prompt_tokens = sum(len(ids) for ids in prompts) * body.n
+    payload = {**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+    return _json(payload, headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    """OpenAI chat completions, rendered with the base model's chat template."""
+    service = _service(request)
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    except ValueError as exc:
+        raise InvalidRequest(f"messages: {exc}") from exc
+    prompt_ids = service.prompts.chat(messages)
+    params = _params(body, service.prompts.budget(prompt_ids, body.token_budget()))
+    target = await service.target(body.model)
+    request_id = new_request_id("chatcmpl")
+    created = int(time.time())
+    base = {"id": request_id, "created": created, "model": body.model}
+    headers = _headers(request_id, target)
+    deltas = service.generate(prompt_ids, params, request_id, target)
+
+    if body.stream:
+        started: set[int] = set()
+
+        def chunk(delta: Delta) -> dict[str, Any]:
+            content: dict[str, str] = {"content": delta.text}
+            if delta.index not in started:
+                started.add(delta.index)
+                content = {"role": "assistant", **content}
+            choice = {"index": delta.index, "delta": content, "logprobs": None,
+                      "finish_reason": delta.finish_reason}
+            return {**base, "object": "chat.completion.chunk", "choices": [choice]}
+
+        def usage(tokens: int) -> dict[str, Any]:
+            return {**base, "object": "chat.completion.chunk", "choices": [],
+                    "usage": _usage(len(prompt_ids) * body.n, tokens)}
+
+        events = _sse_stream(deltas, chunk, usage if body.include_usage else None)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    result = await _collect(deltas, body.n)
+    choices = [
+        {"index": j, "message": {"role": "assistant", "content": "".join(c.text)},
+         "logprobs": None, "finish_reason": c.finish_reason}
+        for j, c in enumerate(result)
+    ]
+    usage = _usage(len(prompt_ids) * body.n, sum(c.tokens for c in result))
+    payload = {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+    return _json(payload, headers)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    """The base model and the adapters that can be served."""
+    service = _service(request)
+    names = [service.base_name, *service.source.names()]
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "loraplex",
+         "parent": None if name == service.base_name else service.base_name}
+        for name in names
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request) -> Any:
+    """``{prompt, lora_name, max_tokens, temperature} -> {text}`` for the original clients."""
+    service = _service(request)
+    prompt_ids = service.prompts.completion(body.prompt)
+    params = GenerationParams(
+        max_tokens=service.prompts.budget(prompt_ids, body.max_tokens),
+        temperature=body.temperature,
+    )
+    target = await service.target(body.lora_name or service.base_name)
+    request_id = new_request_id("gen")
+    (choice,) = await _collect(service.generate(prompt_ids, params, request_id, target), 1)
+    return _json({"text": "".join(choice.text)}, _headers(request_id, target))
+
+
+def _json(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(payload, headers=headers)

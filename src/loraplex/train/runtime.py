@@ -1,0 +1,318 @@
+"""The torch side of a training run: device, precision, batch plan, PEFT model and Trainer.
+
+All heavy imports (torch, transformers, peft) happen inside these functions, so importing
+loraplex stays light. The device is CUDA when present (bf16 if it supports it, else fp32)
+and CPU otherwise (fp32). ``build_trainer`` wraps the base in a PEFT LoRA and returns a
+transformers ``Trainer`` with loraplex's progress and Ctrl-C callbacks; ``run`` turns
+out-of-memory into ``OutOfMemory`` with the knobs to turn. Orchestration is in
+``loraplex.train.trainer``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.errors import InvalidRequest, LoraplexError
+from loraplex.train import memory
+from loraplex.train.callbacks import InterruptCallback, ProgressCallback
+from loraplex.train.encode import Encoded, pad_batch
+from loraplex.train.options import TrainOptions
+
+CUDA_MAX_BATCH, CUDA_MAX_TOKENS = 64, 65536
+CPU_MAX_BATCH, CPU_MAX_TOKENS = 8, 8192
+
+
+class OutOfMemory(LoraplexError):
+    """The device ran out of memory; the message names the knobs to turn."""
+
+    code = "out_of_memory"
+
+
+class Interrupted(LoraplexError):
+    """Training was stopped by Ctrl-C after saving a checkpoint."""
+
+    code = "interrupted"
+
+
+def log(message: str) -> None:
+    """One status line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Env:
+    """The loaded base model and where it runs."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    precision: str  # "bf16" or "fp32"
+
+    def describe(self) -> str:
+        """Device and precision in words."""
+        return f"{self.device} {self.precision}"
+
+
+@dataclass
+class Callbacks:
+    """The callbacks a run's caller inspects afterwards."""
+
+    progress: ProgressCallback
+    interrupt: InterruptCallback
+
+
+def load_base(path: Path, device: str) -> Env:
+    """Load tokenizer and model: bf16 on a CUDA device that supports it, fp32 otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("--device cuda: no CUDA device is visible; use --device cpu.")
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False
+    if device == "cuda":
+        model = model.to("cuda")
+    return Env(model, tokenizer, device, "bf16" if bf16 else "fp32")
+
+
+def stop_token_ids(path: Path) -> list[int]:
+    """EOS ids from the base's ``generation_config.json`` (what ends a served answer)."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+
+
+def plan_batch(env: Env, opts: TrainOptions, longest: int, saved: dict | None) -> memory.Plan:
+    """Batch size and checkpointing: the checkpointed run's on resume, else from memory."""
+    import torch
+
+    batch, ckpt = opts.batch_size, opts.gradient_checkpointing
+    if saved is not None:
+        batch, ckpt = saved["batch_size"], saved["gradient_checkpointing"]
+        if opts.batch_size not in (None, batch):
+            raise InvalidRequest(f"--resume: the run was started with --batch-size {batch}.")
+    if env.device == "cuda":
+        available = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()
+        limits = (CUDA_MAX_BATCH, CUDA_MAX_TOKENS)
+    else:
+        available = memory.host_available_bytes() + _param_bytes(env.model)
+        limits = (CPU_MAX_BATCH, CPU_MAX_TOKENS)
+    element = 2 if env.precision == "bf16" else 4
+    lora_params = _lora_param_estimate(env.model, opts)
+    return memory.choose(
+        memory.Shape.from_config(env.model.config),
+        fixed_bytes=_param_bytes(env.model) + 16 * lora_params,
+        seq_len=min(longest, opts.max_seq_len),
+        available_bytes=available,
+        element_bytes=element,
+        max_batch=limits[0],
+        max_tokens=limits[1],
+        batch_size=batch,
+        checkpointing=ckpt,
+    )
+
+
+def _param_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _lora_param_estimate(model: Any, opts: TrainOptions) -> int:
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in opts.target_modules:
+            total += opts.r * (module.in_features + module.out_features)
+    return total
+
+
+class _Examples:
+    """A list of encoded examples as a map-style dataset."""
+
+    def __init__(self, items: list[Encoded]) -> None:
+        self.items = [{"input_ids": i.input_ids, "labels": i.labels} for i in items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.items[index]
+
+
+def _training_args(**kwargs: Any) -> Any:
+    """``TrainingArguments`` with the keys this transformers version does not know dropped."""
+    from transformers import TrainingArguments
+
+    known = inspect.signature(TrainingArguments.__init__).parameters
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def build_trainer(
+    env: Env,
+    opts: TrainOptions,
+    plan: memory.Plan,
+    ckpt_dir: Path,
+    train_items: list[Encoded],
+    eval_items: list[Encoded],
+) -> tuple[Any, Callbacks]:
+    """A PEFT-wrapped model inside a configured ``Trainer``."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import Trainer, set_seed
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgressCallback
+
+    set_seed(opts.seed)
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=opts.r,
+        lora_alpha=opts.alpha,
+        lora_dropout=opts.dropout,
+        target_modules=list(opts.target_modules),
+        bias="none",
+    )
+    try:
+        model = get_peft_model(env.model, lora)
+    except ValueError as exc:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in env.model.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+        )  # fmt: skip
+        raise InvalidRequest(
+            f"--target-modules {','.join(opts.target_modules)} do not fit this base model "
+            f"({exc}). Its linear layers are: {', '.join(linear)}."
+        ) from exc
+    pad_id = env.tokenizer.pad_token_id
+    pad_id = env.tokenizer.eos_token_id if pad_id is None else pad_id
+
+    def collate(items: list[dict[str, list[int]]]) -> dict[str, Any]:
+        return {k: torch.tensor(v) for k, v in pad_batch(items, pad_id).items()}
+
+    args = _training_args(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps or -1,
+        learning_rate=opts.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=opts.warmup_ratio,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=env.precision == "bf16",
+        use_cpu=env.device == "cpu",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=opts.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        **opts.extra,
+    )
+    callbacks = Callbacks(ProgressCallback(opts.name, opts.show_progress), InterruptCallback())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=collate,
+        train_dataset=_Examples(train_items),
+        eval_dataset=_Examples(eval_items) if eval_items else None,
+        callbacks=[callbacks.progress, callbacks.interrupt],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgressCallback)
+    return trainer, callbacks
+
+
+@contextmanager
+def oom_guard(opts: TrainOptions, plan: memory.Plan) -> Iterator[None]:
+    """Turn the device's out-of-memory error into ``OutOfMemory`` with advice."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        ckpt = "on" if plan.gradient_checkpointing else "off"
+        half = max(plan.batch_size // 2, 1)
+        raise OutOfMemory(
+            f"Out of device memory (batch size {plan.batch_size}, gradient accumulation "
+            f"{opts.grad_accum}, max length {opts.max_seq_len}, gradient checkpointing {ckpt}). "
+            f"Try --batch-size {half} --grad-accum {opts.grad_accum * 2} (same effective batch), "
+            "a smaller --max-seq-len, or --gradient-checkpointing."
+        ) from exc
+
+
+def run(trainer: Any, callbacks: Callbacks, resume_from: Path | None) -> dict[str, Any]:
+    """Train (resuming if asked) with Ctrl-C handling; figures for the manifest."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    callbacks.interrupt.install()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        callbacks.interrupt.restore()
+    state = trainer.state
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    seconds = float(out.metrics.get("train_runtime", 0.0))
+    tokens = int(state.num_input_tokens_seen or 0)
+    resumed_tokens = int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    session_tokens = tokens - resumed_tokens
+    if torch.cuda.is_available() and trainer.args.device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated())
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "train_loss": float(out.training_loss),
+        "final_train_loss": losses[-1] if losses else None,
+        "first_train_loss": losses[0] if losses else None,
+        "steps": int(state.global_step),
+        "train_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(session_tokens / seconds, 1) if seconds else None,
+        "peak_memory_bytes": peak,
+    }
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` folder, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    return Path(found) if found else None
+
+
+def save_adapter(model: Any, output: Path) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle, no card)."""
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output), safe_serialization=True)
+    (output / "README.md").unlink(missing_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (output / name).is_file():
+            raise LoraplexError(f"PEFT did not write {name} into {output}.")
