@@ -105,7 +105,7 @@ def loraplex_server(engine: Engine, adapters_dir: Path, log: Path, extra_env: di
         **{f"LORAPLEX_{k.upper()}": str(v) for k, v in engine.describe().items() if k != "base"},
         **(extra_env or {}),
     }
-    command = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port)]
+    command = [str(Path(sys.executable).with_name("loraplex")), "serve", "--port", str(port)]
     return running_server(command, port, log, env=env, ready_path="/ready", timeout=900)
 
 
@@ -113,13 +113,33 @@ def vllm_server(engine: Engine, adapters: list[tuple[str, Path]], log: Path):
     """Context manager: vLLM's own OpenAI server with the same engine settings and adapters."""
     port = free_port()
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(engine.base), "--served-model-name", SERVED_NAME,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", engine.dtype,
-        "--max-model-len", str(engine.max_model_len), "--max-num-seqs", str(engine.max_num_seqs),
-        "--enable-lora", "--max-loras", str(engine.max_loras),
-        "--max-cpu-loras", str(max(engine.max_cpu_loras, engine.max_loras)),
-        "--max-lora-rank", str(engine.max_lora_rank), "--seed", "0", "--disable-log-stats",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(engine.base),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        engine.dtype,
+        "--max-model-len",
+        str(engine.max_model_len),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--enable-lora",
+        "--max-loras",
+        str(engine.max_loras),
+        "--max-cpu-loras",
+        str(max(engine.max_cpu_loras, engine.max_loras)),
+        "--max-lora-rank",
+        str(engine.max_lora_rank),
+        "--seed",
+        "0",
+        "--disable-log-stats",
     ]
     if adapters:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]

@@ -9,6 +9,7 @@ This module does not serve or train; it only makes and describes the base folder
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -75,14 +76,14 @@ def describe(model_dir: Path) -> BaseModelInfo:
         data = json.loads(info_file.read_text())
         return BaseModelInfo(model_dir, data["fingerprint"], data["name"])
     info = BaseModelInfo(model_dir, fingerprint(model_dir), model_dir.name)
-    try:
+    with contextlib.suppress(OSError):  # a read-only base folder: recomputed next time
         info_file.write_text(json.dumps({"fingerprint": info.fingerprint, "name": info.name}))
-    except OSError:
-        pass  # a read-only base folder: the fingerprint is recomputed next time
     return info
 
 
-def prepare(models_dir: Path, base: Path | None = None, show_progress: bool = True) -> BaseModelInfo:
+def prepare(
+    models_dir: Path, base: Path | None = None, show_progress: bool = True
+) -> BaseModelInfo:
     """Make the base model folder ready and return its info (idempotent).
 
     With ``base`` given, that HF folder is used as it is. Otherwise the bundled GGUF is

@@ -50,3 +50,7 @@ def main() -> None:
     except LoraplexError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()

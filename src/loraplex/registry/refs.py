@@ -38,7 +38,7 @@ def version_key(name: str, number: int) -> str:
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid adapter name, else raise ``InvalidAdapter``."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidAdapter(
             f"Invalid adapter name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
             "starting with a letter or digit (pattern ^[a-z0-9][a-z0-9_-]{0,63}$)."
@@ -48,7 +48,7 @@ def check_name(name: str) -> str:
 
 def check_alias(alias: str) -> str:
     """Return ``alias`` if it is a valid alias name, else raise ``InvalidRequest``."""
-    if not isinstance(alias, str) or not ALIAS_RE.match(alias):
+    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
         raise InvalidRequest(
             f"Invalid alias {alias!r}: use 1-32 characters from a-z, 0-9, '_' and '-', "
             "starting with a letter (e.g. stable, canary)."
@@ -68,16 +68,16 @@ def parse_ref(text: str, *, default_alias: str | None = DEFAULT_ALIAS) -> Adapte
         raise NotFound("The model name is not a valid adapter reference.")
     if "@" in text:
         name, _, version = text.partition("@")
-        match = _VERSION_RE.match(version)
-        if not NAME_RE.match(name) or not match:
+        match = _VERSION_RE.fullmatch(version)
+        if not NAME_RE.fullmatch(name) or not match:
             raise NotFound(f"'{text}' is not a valid adapter version; use NAME@vK, e.g. {name}@v1.")
         return AdapterRef(name, number=int(match.group(1)))
     if ":" in text:
         name, _, alias = text.partition(":")
-        if not NAME_RE.match(name) or not ALIAS_RE.match(alias):
+        if not NAME_RE.fullmatch(name) or not ALIAS_RE.fullmatch(alias):
             raise NotFound(f"'{text}' is not a valid adapter alias; use NAME:ALIAS, e.g. x:stable.")
         return AdapterRef(name, alias=alias)
-    if not NAME_RE.match(text):
+    if not NAME_RE.fullmatch(text):
         raise NotFound(f"'{text}' is not a valid adapter name.")
     if default_alias is None:
         raise InvalidRequest(f"'{text}' names no version; give NAME@vK, e.g. {text}@v1.")

@@ -81,8 +81,8 @@ def check_size(files: dict[str, Path], name: str, max_bytes: int) -> int:
     size = sum(path.stat().st_size for path in files.values())
     if size > max_bytes:
         raise TooLarge(
-            f"Adapter {name!r} is {size / 2**20:.1f} MiB, over the "
-            f"{max_bytes / 2**20:.0f} MiB limit (LORAPLEX_MAX_ADAPTER_MB); "
+            f"Adapter {name!r} is {size:,} bytes, over the {max_bytes:,}-byte limit "
+            f"(LORAPLEX_MAX_ADAPTER_MB={max_bytes / 2**20:g}); "
             "lower its rank or target fewer modules."
         )
     return size
@@ -197,7 +197,7 @@ def _check_tensors(weights: Path, config: dict[str, Any], rank: int, base: BaseS
     targets = _targets(config, base.dims)
     seen: dict[str, set[str]] = {}
     for info in header.tensors.values():
-        match = _TENSOR_RE.match(info.name)
+        match = _TENSOR_RE.fullmatch(info.name)
         if not match:
             raise InvalidAdapter(
                 f"Tensor {info.name!r} is not a LoRA weight of the form "

@@ -56,10 +56,16 @@ def create_app(
         log.info("base model %s (fingerprint %s)", base.path, base.fingerprint[:12])
         engine = engine_factory(settings, base.path)
         prompts = PromptBuilder(base.path, settings.max_model_len)
-        app.state.service = Service(settings, engine, source_factory(settings, base), prompts, metrics)
+        app.state.service = Service(
+            settings, engine, source_factory(settings, base), prompts, metrics
+        )
         metrics.ready.set(1)
-        log.info("loraplex ready on http://%s:%s (model %s)", settings.host, settings.port,
-                 settings.served_model_name)
+        log.info(
+            "loraplex ready on http://%s:%s (model %s)",
+            settings.host,
+            settings.port,
+            settings.served_model_name,
+        )
         try:
             yield
         finally:
@@ -77,7 +83,9 @@ def create_app(
     ) -> Response:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            exc = TooLarge(f"Request body is {length} bytes; the limit is {settings.max_request_bytes}.")
+            exc = TooLarge(
+                f"Request body is {length} bytes; the limit is {settings.max_request_bytes}."
+            )
             return error_response(413, exc.message, exc.error_type, exc.code)
         response = await call_next(request)
         route = request.scope.get("route")

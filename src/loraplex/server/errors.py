@@ -46,7 +46,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, _validation_message(exc), "invalid_request_error", "invalid_request")
+        return error_response(
+            400, _validation_message(exc), "invalid_request_error", "invalid_request"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -56,4 +58,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", "internal_error")
+        return error_response(
+            500, f"Internal error: {type(exc).__name__}", "server_error", "internal_error"
+        )

@@ -45,7 +45,9 @@ def wait_ready(server: RunningServer, ready_path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(
+                f"server exited with {server.process.returncode}:\n{server.log_tail()}"
+            )
         try:
             if httpx.get(server.url + ready_path, timeout=2).status_code == 200:
                 return
@@ -80,8 +82,11 @@ def running_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            list(command), stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:

@@ -17,8 +17,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests", "Requests by route, adapter and HTTP status.",
-            ["route", "adapter", "status"], registry=r,
+            "loraplex_requests",
+            "Requests by route, adapter and HTTP status.",
+            ["route", "adapter", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r
@@ -27,28 +29,40 @@ class Metrics:
             "loraplex_completion_tokens", "Completion tokens generated.", ["adapter"], registry=r
         )
         self.ttft = Histogram(
-            "loraplex_time_to_first_token_seconds", "Time to first token.", ["adapter"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "loraplex_time_to_first_token_seconds",
+            "Time to first token.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.latency = Histogram(
-            "loraplex_request_duration_seconds", "End-to-end request time.", ["adapter"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "loraplex_request_duration_seconds",
+            "End-to-end request time.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.cache_hits = Counter(
-            "loraplex_adapter_cache_hits", "Requests whose adapter was already loaded.",
+            "loraplex_adapter_cache_hits",
+            "Requests whose adapter was already loaded.",
             registry=r,
         )
         self.cache_misses = Counter(
-            "loraplex_adapter_cache_misses", "Requests that had to load their adapter.",
+            "loraplex_adapter_cache_misses",
+            "Requests that had to load their adapter.",
             registry=r,
         )
         self.adapter_load_seconds = Histogram(
-            "loraplex_adapter_load_seconds", "Time to load an adapter into the engine.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "loraplex_adapter_load_seconds",
+            "Time to load an adapter into the engine.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.fallbacks = Counter(
-            "loraplex_fallbacks", "Requests served by the base model instead of their adapter.",
-            ["adapter"], registry=r,
+            "loraplex_fallbacks",
+            "Requests served by the base model instead of their adapter.",
+            ["adapter"],
+            registry=r,
         )
         self.in_flight = Gauge(
             "loraplex_requests_in_flight", "Requests being generated now.", registry=r

@@ -114,8 +114,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         deltas = service.generate(prompts[0], params[0], request_id, target)
 
         def chunk(delta: Delta) -> dict[str, Any]:
-            choice = {"index": delta.index, "text": delta.text, "logprobs": None,
-                      "finish_reason": delta.finish_reason}
+            choice = {
+                "index": delta.index,
+                "text": delta.text,
+                "logprobs": None,
+                "finish_reason": delta.finish_reason,
+            }
             return {**base, "choices": [choice]}
 
         def usage(tokens: int) -> dict[str, Any]:
@@ -124,14 +128,21 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         events = _sse_stream(deltas, chunk, usage if body.include_usage else None)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
-    results = await asyncio.gather(*(
-        _collect(service.generate(ids, p, f"{request_id}-{i}", target), body.n)
-        for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
-    ))
+    results = await asyncio.gather(
+        *(
+            _collect(service.generate(ids, p, f"{request_id}-{i}", target), body.n)
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+        )
+    )
     choices = [
-        {"index": i * body.n + j, "text": "".join(c.text), "logprobs": None,
-         "finish_reason": c.finish_reason}
-        for i, result in enumerate(results) for j, c in enumerate(result)
+        {
+            "index": i * body.n + j,
+            "text": "".join(c.text),
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+        }
+        for i, result in enumerate(results)
+        for j, c in enumerate(result)
     ]
     completion_tokens = sum(c.tokens for result in results for c in result)
     prompt_tokens = sum(len(ids) for ids in prompts) * body.n
@@ -164,21 +175,33 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             if delta.index not in started:
                 started.add(delta.index)
                 content = {"role": "assistant", **content}
-            choice = {"index": delta.index, "delta": content, "logprobs": None,
-                      "finish_reason": delta.finish_reason}
+            choice = {
+                "index": delta.index,
+                "delta": content,
+                "logprobs": None,
+                "finish_reason": delta.finish_reason,
+            }
             return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
         def usage(tokens: int) -> dict[str, Any]:
-            return {**base, "object": "chat.completion.chunk", "choices": [],
-                    "usage": _usage(len(prompt_ids) * body.n, tokens)}
+            return {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": _usage(len(prompt_ids) * body.n, tokens),
+            }
 
         events = _sse_stream(deltas, chunk, usage if body.include_usage else None)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     result = await _collect(deltas, body.n)
     choices = [
-        {"index": j, "message": {"role": "assistant", "content": "".join(c.text)},
-         "logprobs": None, "finish_reason": c.finish_reason}
+        {
+            "index": j,
+            "message": {"role": "assistant", "content": "".join(c.text)},
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+        }
         for j, c in enumerate(result)
     ]
     usage = _usage(len(prompt_ids) * body.n, sum(c.tokens for c in result))
@@ -192,8 +215,13 @@ async def models(request: Request) -> dict[str, Any]:
     service = _service(request)
     names = [service.base_name, *service.source.names()]
     data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "loraplex",
-         "parent": None if name == service.base_name else service.base_name}
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "loraplex",
+            "parent": None if name == service.base_name else service.base_name,
+        }
         for name in names
     ]
     return {"object": "list", "data": data}

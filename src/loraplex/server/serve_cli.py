@@ -34,7 +34,9 @@ def serve_command(
     from loraplex.server.app import create_app
 
     settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     log = logging.getLogger("loraplex.server")
     if settings.auth == "off":
         log.warning("authentication is OFF: every caller may use every adapter (local use only)")

@@ -1,0 +1,173 @@
+"""Adapter scaling: throughput and p99 with 1, 8, 32, 128 distinct adapters vs the base alone.
+
+Makes random rank-r PEFT adapters, starts one ``loraplex serve`` (engine slots ``max_loras``,
+CPU cache ``max_cpu_loras``), then runs the same seeded streamed workload with requests
+spread over N adapters (Zipf popularity) for each N, and over the base model alone (N=0).
+Reports each N's throughput and p99 as ratios to the base model's, and the adapter cache hit
+ratio from ``/metrics``. Writes ``bench/results/adapter_scaling.json`` + ``.png`` and the
+table in ``bench/README.md``. Small defaults run in a few minutes on 2 cores.
+
+    .venv/bin/python bench/adapter_scaling.py
+    .venv/bin/python bench/adapter_scaling.py --counts 1,8,32,128,512 --requests 512 \\
+        --concurrency 32 --max-tokens 128 --rank 16 --targets all-linear
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from _common import (
+    RESULTS,
+    SCRATCH,
+    SERVED_NAME,
+    Engine,
+    adapter_paths,
+    base_model_dir,
+    loraplex_server,
+    machine_line,
+    make_adapters,
+    measure,
+    ratio,
+    update_readme,
+    vllm_server,
+    write_result,
+)
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _point(report: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    thr, lat = report["throughput"], report["latency_ms"]
+    point = {
+        "output_tokens_per_s": thr["output_tokens_per_s"],
+        "requests_per_s": thr["requests_per_s"],
+        "ttft_p50_ms": lat["ttft"]["p50"],
+        "ttft_p99_ms": lat["ttft"]["p99"],
+        "e2e_p99_ms": lat["e2e"]["p99"],
+        "success_rate": report["requests"]["success_rate"],
+        "cache_hit_ratio": report["adapter_cache"]["hit_ratio"],
+    }
+    if base is not None:
+        point["throughput_vs_base"] = ratio(
+            point["output_tokens_per_s"], base["output_tokens_per_s"]
+        )
+        point["e2e_p99_vs_base"] = ratio(point["e2e_p99_ms"], base["e2e_p99_ms"])
+    return point
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", default="1,8,32,128", help="adapter counts to measure")
+    parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,v_proj", help="or all-linear")
+    parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument("--max-cpu-loras", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--server", choices=["loraplex", "vllm"], default="loraplex")
+    args = parser.parse_args()
+
+    counts = sorted({int(c) for c in args.counts.split(",")})
+    targets = (ALL_LINEAR if args.targets == "all-linear" else args.targets).split(",")
+    engine = Engine(
+        base=base_model_dir(),
+        dtype=args.dtype,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=max(16, args.rank),
+    )
+    started = time.monotonic()
+    folder = make_adapters(engine.base, max(counts), args.rank, targets)
+    print(f"adapters ready in {time.monotonic() - started:.0f}s: {folder}", flush=True)
+    names = [n for n, _ in adapter_paths(folder, max(counts))]
+    common = {
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "zipf": args.zipf,
+        "warmup": args.warmup,
+        "seed": 0,
+        "progress": False,
+    }
+    log = SCRATCH / f"scaling-{args.server}.log"
+    server = (
+        loraplex_server(engine, folder, log)
+        if args.server == "loraplex"
+        else vllm_server(engine, adapter_paths(folder, max(counts)), log)
+    )
+    reports: dict[str, dict[str, Any]] = {}
+    points: dict[str, dict[str, Any]] = {}
+    with server as running:
+        for n in [0, *counts]:
+            report = measure(
+                running.url, adapter_names=names[:n], adapters=n, base_model=SERVED_NAME, **common
+            )
+            reports[str(n)] = report
+            points[str(n)] = _point(report, points.get("0"))
+            print(f"{n:>4} adapters: {points[str(n)]}", flush=True)
+    result = {
+        "description": "throughput and p99 with N distinct adapters vs the base model alone",
+        "server": args.server,
+        "engine": engine.describe(),
+        "adapters": {"rank": args.rank, "targets": targets, "zipf": args.zipf},
+        "workload": common,
+        "points": points,
+        "runs": reports,
+    }
+    name = "adapter_scaling" if args.server == "loraplex" else f"adapter_scaling_{args.server}"
+    path = write_result(name, result)
+    _plot(points, name)
+    _readme(points, args, targets)
+    print(f"wrote {path}")
+
+
+def _plot(points: dict[str, dict[str, Any]], name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["base" if n == "0" else n for n in points]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].bar(labels, [p["output_tokens_per_s"] or 0 for p in points.values()])
+    axes[0].set_ylabel("output tokens / s")
+    axes[1].bar(labels, [p["e2e_p99_ms"] or 0 for p in points.values()], color="tab:orange")
+    axes[1].set_ylabel("p99 end-to-end ms")
+    for ax in axes:
+        ax.set_xlabel("distinct adapters")
+    fig.suptitle("Adapter scaling (same engine, same workload)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def _readme(points: dict, args: argparse.Namespace, targets: list[str]) -> None:
+    rows = [
+        "| adapters | output tok/s | vs base | TTFT p99 ms | e2e p99 ms | p99 vs base "
+        "| cache hit ratio | success |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, p in points.items():
+        rows.append(
+            f"| {'base' if n == '0' else n} | {p['output_tokens_per_s']} "
+            f"| {p.get('throughput_vs_base', 1.0)} | {p['ttft_p99_ms']} | {p['e2e_p99_ms']} "
+            f"| {p.get('e2e_p99_vs_base', 1.0)} | {p['cache_hit_ratio']} | {p['success_rate']} |"
+        )
+    head = (
+        f"Machine: {machine_line()}. Server: {args.server}. Workload per point: "
+        f"{args.requests} streamed requests, concurrency {args.concurrency}, {args.max_tokens} "
+        f"max tokens, Zipf {args.zipf}; adapters rank {args.rank} on {','.join(targets)}; "
+        f"max_loras {args.max_loras}, max_cpu_loras {args.max_cpu_loras}, {args.dtype}. "
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    )
+    update_readme(f"adapter_scaling_{args.server}", head + "\n\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

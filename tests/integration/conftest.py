@@ -1,0 +1,104 @@
+"""Shared fixtures of the integration tests: the real bundled model, demo adapters, and one
+running ``loraplex serve`` (real vLLM engine, fp32 so that batched == solo) per session.
+
+Fixtures:
+- ``base_model_dir``: the prepared bundled model folder.
+- ``demo_adapters``: {"pirate": path, "shout": path}, trained by ``loraplex.train.demo``.
+- ``adapters_dir``: a folder holding the demo adapters plus ``random1``/``random2``.
+- ``server``: a running server over ``adapters_dir``; ``.url``, ``.base``, ``.log_tail()``.
+- ``make_random_adapter(path, seed, rank=8)``: a PEFT adapter with random non-zero weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from loraplex.basemodel import prepare
+from loraplex.config import Settings
+from loraplex.server.launcher import RunningServer, free_port, running_server
+
+BASE_NAME = "smollm2-135m"
+DEMO_NAMES = ("pirate", "shout")
+
+
+@pytest.fixture(scope="session")
+def loraplex_home() -> Path:
+    """The home shared by the test session: the prepared model and trained demos live here."""
+    return Settings().home
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(loraplex_home: Path) -> Path:
+    return prepare(loraplex_home / "models").path
+
+
+@pytest.fixture(scope="session")
+def demo_adapters(loraplex_home: Path, base_model_dir: Path) -> dict[str, Path]:
+    out = loraplex_home / "demo-adapters"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraplex.train.demo",
+            "--out",
+            str(out),
+            "--base",
+            str(base_model_dir),
+        ],
+        check=True,
+    )
+    return {name: out / name for name in DEMO_NAMES}
+
+
+@pytest.fixture(scope="session")
+def make_random_adapter(base_model_dir: Path) -> Callable[..., Path]:
+    from loraplex.synthetic import random_adapter
+
+    def make(path: Path, seed: int, rank: int = 8) -> Path:
+        return random_adapter(base_model_dir, path, seed=seed, rank=rank)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_adapters: dict[str, Path],
+    make_random_adapter: Callable[..., Path],
+) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for name, path in demo_adapters.items():
+        shutil.copytree(path, root / name)
+    make_random_adapter(root / "random1", seed=1)
+    make_random_adapter(root / "random2", seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, adapters_dir: Path
+) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("server-home")
+    port = free_port()
+    env = {
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_BASE_MODEL": str(base_model_dir),
+        "LORAPLEX_ADAPTERS_DIR": str(adapters_dir),
+        "LORAPLEX_DTYPE": "float32",
+        "LORAPLEX_KV_CACHE_GIB": "1",
+        "LORAPLEX_MAX_LORA_RANK": "16",
+        "LORAPLEX_AUTH": "off",
+        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    }
+    command = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port)]
+    with running_server(command, port, home / "server.log", env=env) as running:
+        running.base = BASE_NAME  # type: ignore[attr-defined]
+        yield running

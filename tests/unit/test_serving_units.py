@@ -1,0 +1,98 @@
+"""Pure logic of serving: LoRA id allocation, the folder source, request schemas, fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from loraplex.config import Settings
+from loraplex.engine.lora_ids import LoraIdAllocator
+from loraplex.errors import IncompatibleAdapter, NotFound
+from loraplex.server.adapters import FolderAdapterSource, ResolvedAdapter
+from loraplex.server.metrics import Metrics
+from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.server.service import Service, new_request_id
+
+
+def test_lora_ids_unique_and_stable_across_threads() -> None:
+    ids = LoraIdAllocator()
+    seen: list[int] = []
+    threads = [
+        threading.Thread(target=lambda i=i: seen.append(ids.id_for(f"a@v{i % 50}")))
+        for i in range(200)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted({ids.id_for(f"a@v{i}") for i in range(50)}) == list(range(1, 51))
+    assert ids.known("never") is None
+
+
+def make_adapter(root: Path, name: str, weights: bytes) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "adapter_config.json").write_text("{}")
+    (root / name / "adapter_model.safetensors").write_bytes(weights)
+
+
+def test_folder_source_versions_follow_content(tmp_path: Path) -> None:
+    make_adapter(tmp_path, "sales", b"one")
+    source = FolderAdapterSource(tmp_path)
+    first = source.resolve("sales")
+    assert first.version.startswith("sales@sha-") and source.resolve(first.version) == first
+    (tmp_path / "sales" / "adapter_model.safetensors").write_bytes(b"two!")
+    assert source.resolve("sales").version != first.version
+    assert source.names() == ["sales"]
+
+
+@pytest.mark.parametrize("model", ["../sales", "sales/x", "Sales", "sales@v2", "missing", "/etc"])
+def test_folder_source_refuses_unknown_and_paths(tmp_path: Path, model: str) -> None:
+    make_adapter(tmp_path, "sales", b"one")
+    with pytest.raises(NotFound):
+        FolderAdapterSource(tmp_path).resolve(model)
+
+
+def test_request_ids_are_unique() -> None:
+    assert len({new_request_id("x") for _ in range(1000)}) == 1000
+
+
+def test_schemas_validate_bounds() -> None:
+    assert CompletionRequest(model="m", prompt="p", stop="x").stop_list() == ["x"]
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="p", stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="m", messages=[], max_tokens=3)
+    chat = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    )
+    assert chat.messages[0].text() == "hi"
+
+
+class FailingEngine:
+    async def load(self, adapter: ResolvedAdapter) -> bool:
+        raise IncompatibleAdapter("bad weights")
+
+
+class Source:
+    def __init__(self, fallback: bool) -> None:
+        self.fallback = fallback
+
+    def resolve(self, model: str) -> ResolvedAdapter:
+        return ResolvedAdapter(
+            model, f"{model}@v1", Path("/nowhere"), fallback_to_base=self.fallback
+        )
+
+
+def test_fallback_only_when_policy_allows_and_labelled() -> None:
+    metrics = Metrics()
+    allowed = Service(Settings(), FailingEngine(), Source(True), None, metrics)  # type: ignore[arg-type]
+    target = asyncio.run(allowed.target("sales"))
+    assert target.fallback and target.adapter is None and target.label == "smollm2-135m"
+    assert metrics.fallbacks.labels("sales")._value.get() == 1
+    strict = Service(Settings(), FailingEngine(), Source(False), None, metrics)  # type: ignore[arg-type]
+    with pytest.raises(IncompatibleAdapter):
+        asyncio.run(strict.target("sales"))
