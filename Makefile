@@ -26,11 +26,19 @@ demo: model
 	$(BIN)/python -m loraplex.train.demo --out $(LORAPLEX_HOME)/demo-adapters
 
 serve: demo
-	LORAPLEX_AUTH=$${LORAPLEX_AUTH:-off} LORAPLEX_ADAPTERS_DIR=$${LORAPLEX_ADAPTERS_DIR:-$(LORAPLEX_HOME)/demo-adapters} \
-		$(BIN)/loraplex serve
+	# Pushing identical content again returns the existing version, so this is idempotent.
+	for name in pirate shout; do \
+		$(BIN)/loraplex adapters push $(LORAPLEX_HOME)/demo-adapters/$$name --name $$name \
+			--description "loraplex demo adapter" || exit 1; \
+	done
+	LORAPLEX_AUTH=$${LORAPLEX_AUTH:-off} $(BIN)/loraplex serve
 
+# The registry tests need a real PostgreSQL (installed with apt if missing, on 127.0.0.1:5433);
+# the S3 tests start their own moto server.
 test: demo
-	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS)
+	export LORAPLEX_TEST_POSTGRES_URL="$$(bash scripts/start_postgres.sh)" || exit 1; \
+	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS); status=$$?; \
+	bash scripts/start_postgres.sh stop; exit $$status
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -37,6 +37,9 @@ class Engine:
     max_model_len: int = 1024
     max_num_seqs: int = 32
     kv_cache_gib: int = 1
+    fast_lora: str = "on"
+    """loraplex's CPU LoRA ops (a vLLM platform plugin installed with loraplex): it applies to
+    vLLM's own server in the same environment too, so both get the same value."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings."""
@@ -143,7 +146,10 @@ def vllm_server(engine: Engine, adapters: list[tuple[str, Path]], log: Path):
     ]
     if adapters:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
+        "LORAPLEX_FAST_LORA": engine.fast_lora,
+    }
     return running_server(command, port, log, env=env, ready_path="/health", timeout=900)
 
 

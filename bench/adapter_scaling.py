@@ -70,6 +70,18 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--max-cpu-loras", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat")
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="fixed output length (servers that honour vLLM's ignore_eos)",
+    )
+    parser.add_argument(
+        "--fast-lora",
+        choices=["on", "off"],
+        default="on",
+        help="loraplex's CPU LoRA ops, given to every server alike",
+    )
     parser.add_argument("--server", choices=["loraplex", "vllm"], default="loraplex")
     args = parser.parse_args()
 
@@ -78,6 +90,7 @@ def main() -> None:
     engine = Engine(
         base=base_model_dir(),
         dtype=args.dtype,
+        fast_lora=args.fast_lora,
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=max(16, args.rank),
@@ -94,6 +107,8 @@ def main() -> None:
         "warmup": args.warmup,
         "seed": 0,
         "progress": False,
+        "endpoint": args.endpoint,
+        "ignore_eos": args.ignore_eos,
     }
     log = SCRATCH / f"scaling-{args.server}.log"
     server = (

@@ -41,6 +41,7 @@ KEYS = {
     "e2e_p50_ms": ("latency_ms", "e2e", "p50"),
     "e2e_p99_ms": ("latency_ms", "e2e", "p99"),
     "success_rate": ("requests", "success_rate"),
+    "output_tokens": ("tokens", "output"),
 }
 
 
@@ -70,9 +71,26 @@ def main() -> None:
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per server")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat")
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="fixed output length (servers that honour vLLM's ignore_eos)",
+    )
+    parser.add_argument(
+        "--fast-lora",
+        choices=["on", "off"],
+        default="on",
+        help="loraplex's CPU LoRA ops, given to every server alike",
+    )
     args = parser.parse_args()
 
-    engine = Engine(base=base_model_dir(), dtype=args.dtype, max_lora_rank=max(16, args.rank))
+    engine = Engine(
+        base=base_model_dir(),
+        dtype=args.dtype,
+        fast_lora=args.fast_lora,
+        max_lora_rank=max(16, args.rank),
+    )
     folder = make_adapters(engine.base, args.adapters, args.rank, args.targets.split(","))
     adapters = adapter_paths(folder, args.adapters)
     workload = {
@@ -84,6 +102,8 @@ def main() -> None:
         "warmup": args.warmup,
         "seed": 0,
         "progress": False,
+        "endpoint": args.endpoint,
+        "ignore_eos": args.ignore_eos,
     }
     order = ["vllm", "loraplex"]
     plan = [order if r % 2 == 0 else order[::-1] for r in range(args.rounds)]

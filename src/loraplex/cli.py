@@ -15,6 +15,7 @@ from loraplex.client.bench.cli import bench_command
 from loraplex.config import Settings
 from loraplex.registry.cli import adapters_app
 from loraplex.server.serve_cli import serve_command
+from loraplex.train.cli import train_command
 
 app = typer.Typer(
     help="Serve many LoRA adapters over one base model.",
@@ -26,6 +27,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(adapters_app, name="adapters")
 app.command("serve")(serve_command)
 app.command("bench")(bench_command)
+app.command("train")(train_command)
 
 
 @model_app.command("prepare")

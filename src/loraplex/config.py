@@ -46,10 +46,12 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, description="Port the HTTP server binds.")
-    auth: Literal["on", "off"] = Field("on", description="Require tenant API keys.")
+    auth: Literal["on", "off"] = Field(
+        "off", description="Require tenant API keys (on once tenancy exists; off serves all)."
+    )
     admin_key: str | None = Field(None, description="Key for /admin routes (Bearer).")
     adapters_dir: Path | None = Field(
-        None, description="Folder of PEFT adapters served by name; default HOME/adapters."
+        None, description="Serve PEFT adapters from this plain folder instead of the registry."
     )
     max_request_bytes: int = Field(1_000_000, description="Largest accepted request body.")
 

@@ -10,23 +10,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 
-import httpx
 import pytest
 
 from loraplex.client import (
-    APIConnectionError,
     AsyncClient,
     Client,
     IncompatibleAdapterError,
     NotFoundError,
     RetryPolicy,
 )
-from loraplex.server.launcher import free_port
 
 pytestmark = pytest.mark.integration
 
-PROMPT = "What is the capital of France?"
-CHAT = [{"role": "user", "content": PROMPT}]
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"max_tokens": 12, "temperature": 0}
 
 
@@ -35,19 +32,22 @@ def test_completion_and_chat_name_the_adapter(server) -> None:
         done = client.completions("pirate", PROMPT, **GREEDY)
         chat = client.chat("shout", CHAT, **GREEDY)
         base = client.chat(server.base, CHAT, **GREEDY)
-    assert done.text and done.adapter.startswith("pirate@") and done.request_id
+    assert done.adapter.startswith("pirate@") and done.request_id and done.finish_reason
     assert done.usage["completion_tokens"] > 0 and done.attempts == 1 and not done.fell_back
     assert chat.text and chat.adapter.startswith("shout@") and chat.model == "shout"
     assert base.text and not base.fell_back
 
 
-@pytest.mark.parametrize(("kind", "payload"), [("completion", PROMPT), ("chat", CHAT)])
-def test_stream_reassembles_the_same_text(server, kind: str, payload) -> None:
+@pytest.mark.parametrize(
+    ("kind", "model", "payload"), [("completion", None, PROMPT), ("chat", "random1", CHAT)]
+)
+def test_stream_reassembles_the_same_text(server, kind: str, model, payload) -> None:
+    model = model or server.base
     with Client(server.url) as client:
         whole = (client.completions if kind == "completion" else client.chat)(
-            "random1", payload, **GREEDY
+            model, payload, **GREEDY
         )
-        with client.stream(kind, "random1", payload, **GREEDY) as stream:
+        with client.stream(kind, model, payload, **GREEDY) as stream:
             pieces = [chunk.text for chunk in stream]
     assert len([p for p in pieces if p]) > 1
     assert "".join(pieces) == stream.completion.text == whole.text
@@ -61,8 +61,8 @@ def test_unknown_adapter_is_a_typed_404_and_never_falls_back(server) -> None:
             client.chat("no-such-adapter", CHAT, **GREEDY)
         with pytest.raises(NotFoundError):
             client.stream("completion", "pirate@v99", PROMPT, **GREEDY)
-    assert info.value.status_code == 404 and info.value.request_id is None or True
-    assert info.value.attempts == 1
+    assert info.value.status_code == 404 and info.value.code == "model_not_found"
+    assert info.value.attempts == 1 and "no-such-adapter" in info.value.message
 
 
 def test_broken_adapter_falls_back_to_base_only_when_asked(server, adapters_dir) -> None:
@@ -81,8 +81,10 @@ def test_broken_adapter_falls_back_to_base_only_when_asked(server, adapters_dir)
             streamed_done = streamed.until_done()
     finally:
         shutil.rmtree(broken)
-    assert fell.fell_back and fell.fallback_by == "client" and "adapter_incompatible" in (
-        fell.fallback_reason or ""
+    assert (
+        fell.fell_back
+        and fell.fallback_by == "client"
+        and "adapter_incompatible" in (fell.fallback_reason or "")
     )
     assert fell.model == server.base and fell.requested_model == "client-broken"
     assert fell.adapter == base.adapter and fell.text == base.text
@@ -93,7 +95,7 @@ def test_async_client_concurrent_adapters(server) -> None:
     async def main() -> list:
         async with AsyncClient(server.url) as client:
             calls = [client.chat(m, CHAT, **GREEDY) for m in ("pirate", "shout", "random1") * 2]
-            stream = await client.stream("completion", "shout", PROMPT, **GREEDY)
+            stream = await client.stream("chat", "shout", CHAT, **GREEDY)
             results = await asyncio.gather(*calls)
             return [*results, await stream.until_done()]
 
@@ -101,14 +103,3 @@ def test_async_client_concurrent_adapters(server) -> None:
     for result in results:
         assert result.text and result.adapter.startswith(result.requested_model + "@")
     assert results[0].text == results[3].text and results[1].text == results[4].text
-
-
-def test_connection_refused_is_retried_then_typed() -> None:
-    sleeps: list[float] = []
-    url = f"http://127.0.0.1:{free_port()}"
-    with Client(url, retry=RetryPolicy(max_retries=2, backoff_base=0.01), sleep=sleeps.append) as c:
-        with pytest.raises(APIConnectionError) as info:
-            c.completions("pirate", PROMPT)
-    assert info.value.attempts == 3 and len(sleeps) == 2
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(url)

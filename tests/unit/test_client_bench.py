@@ -176,6 +176,25 @@ def test_open_loop_counts_failures_without_retrying() -> None:
     assert report["latency_ms"]["ttft"]["p50"] is None
 
 
+def test_tenant_keys_own_the_adapters_their_listing_shows() -> None:
+    with stub_server() as (url, app):
+        cfg = BenchConfig(
+            url=url,
+            concurrency=2,
+            requests=30,
+            api_keys=["key0", "key1"],
+            zipf=0.0,
+            max_tokens=2,
+            progress=False,
+        )
+        report = build_report(run_bench(cfg))
+        sent = set(app.state.keys)
+    assert report["config"]["tenants"] == 2 and "api_keys" not in report["config"]
+    assert report["models"]["adapters"] == ["a1", "a3", "a2"]
+    assert sent == {("a1", "Bearer key0"), ("a2", "Bearer key0"), ("a3", "Bearer key1")}
+    assert report["per_tenant"]["tenant-1"]["requests"] == report["per_adapter"]["a3"]["requests"]
+
+
 def test_too_many_adapters_is_refused() -> None:
     with stub_server() as (url, _app), pytest.raises(InvalidRequest, match="only 5"):
         run_bench(BenchConfig(url=url, adapters=50, requests=1, progress=False))

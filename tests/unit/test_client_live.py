@@ -5,11 +5,13 @@ the server side, fallback only on the right errors, streams reassembled. No mode
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from test_client_stub import BASE, stub_server
 
 from loraplex.client import (
+    APIConnectionError,
     AsyncClient,
     BadRequestError,
     Client,
@@ -109,3 +111,14 @@ def test_async_client_retries_streams_and_falls_back(stub) -> None:
                 await client.completions("missing", "hi")
 
     asyncio.run(main())
+
+
+def test_connection_refused_is_retried_then_typed() -> None:
+    sleeps: list[float] = []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client = Client(url, retry=RetryPolicy(max_retries=2, backoff_base=0.01), sleep=sleeps.append)
+    with client, pytest.raises(APIConnectionError) as info:
+        client.completions("a1", "hi")
+    assert info.value.attempts == 3 and len(sleeps) == 2

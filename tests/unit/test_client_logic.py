@@ -259,3 +259,15 @@ def test_error_event_inside_a_stream_is_typed() -> None:
     with pytest.raises(UnavailableError):
         acc.feed({"error": {"message": "engine died", "code": "unavailable"}})
     assert acc.completion().text == "a"
+
+
+def test_generate_route_of_the_original_script() -> None:
+    seen: list[dict] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json={"text": "Arr"})
+
+    with Client("http://t", transport=httpx.MockTransport(answer)) as client:
+        assert client.generate("Hi", lora_name="pirate", max_tokens=4) == "Arr"
+    assert seen == [{"prompt": "Hi", "lora_name": "pirate", "max_tokens": 4}]

@@ -5,7 +5,8 @@ server only does under load (429, 503) or on broken adapters:
 ``flaky429`` answers 429 (Retry-After 0) twice then succeeds, ``flaky503`` 503 twice then
 succeeds, ``down`` always 503, ``boom`` 500, ``incompatible`` 409 adapter_incompatible,
 ``missing`` 404, ``theirs`` 403, ``bad`` 400, ``limited`` 429 with Retry-After 3600; anything
-else succeeds with "hello from <model>", streamed token by token when asked.
+else succeeds with "hello from <model>", streamed token by token when asked. ``/v1/models``
+shows each tenant key (``KEYS``) only its adapters.
 Other client test modules import ``stub_server`` from here; this module also tests the stub.
 """
 
@@ -27,6 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 BASE = "stub-base"
 ADAPTERS = ["a1", "a2", "a3", "flaky429", "down"]
+KEYS = {"key0": ["a1", "a2"], "key1": ["a3"]}
+"""Tenant keys and the adapters each may see in /v1/models (no key: all of them)."""
 FAILURES = {
     "flaky429": (429, "rate_limit_error", "rate_limited", 2, "0"),
     "flaky503": (503, "server_error", "unavailable", 2, None),
@@ -45,12 +48,15 @@ def make_app() -> FastAPI:
     app = FastAPI()
     app.state.calls = Counter()
     app.state.bodies = []
+    app.state.keys = []
     hits = {"n": 0}
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        key = request.headers.get("authorization", "")
+        visible = KEYS.get(key.removeprefix("Bearer "), ADAPTERS)
         data = [{"id": BASE, "object": "model", "parent": None}]
-        data += [{"id": a, "object": "model", "parent": BASE} for a in ADAPTERS]
+        data += [{"id": a, "object": "model", "parent": BASE} for a in visible]
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
@@ -68,6 +74,7 @@ def make_app() -> FastAPI:
         model = body["model"]
         app.state.calls[model] += 1
         app.state.bodies.append(body)
+        app.state.keys.append((model, request.headers.get("authorization")))
         if model in FAILURES:
             status, etype, code, times, retry_after = FAILURES[model]
             if times is None or app.state.calls[model] <= times:

@@ -29,9 +29,24 @@ def test_parse_ref(text: str, expected: AdapterRef) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "Sales", "../etc", "a/b", "sales@1", "sales@v0", "sales@v01", "sales@", "sales:",
-     "sales:Canary", "x" * 65, "sales@v1@v2", "sales:a:b", "sales\n", ".hidden"],
-)  # fmt: skip
+    [
+        "",
+        "Sales",
+        "../etc",
+        "a/b",
+        "sales@1",
+        "sales@v0",
+        "sales@v01",
+        "sales@",
+        "sales:",
+        "sales:Canary",
+        "x" * 65,
+        "sales@v1@v2",
+        "sales:a:b",
+        "sales\n",
+        ".hidden",
+    ],
+)
 def test_parse_ref_refuses_malformed_as_not_found(text: str) -> None:
     with pytest.raises(NotFound):
         parse_ref(text)

@@ -16,8 +16,14 @@ from loraplex.registry.basedims import BaseDims
 from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import WEIGHTS, BaseSpec, validate_adapter
 
-DIMS = BaseDims(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, num_hidden_layers=2)  # fmt: skip
+DIMS = BaseDims(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_hidden_layers=2,
+)
 FINGERPRINT = "ab" * 32
 
 
@@ -58,8 +64,11 @@ def test_a_good_adapter_passes(adapter: Path, base: BaseSpec) -> None:
 
 
 def test_all_linear_and_regex_targets(tmp_path: Path, base: BaseSpec) -> None:
-    folder = write_random_adapter(tmp_path / "all", DIMS, targets=("q_proj", "k_proj", "v_proj",
-                                  "o_proj", "gate_proj", "up_proj", "down_proj"))  # fmt: skip
+    folder = write_random_adapter(
+        tmp_path / "all",
+        DIMS,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
     _edit_config(folder, target_modules="all-linear")
     assert len(validate_adapter(folder, "x", base).target_modules) == 7
     _edit_config(folder, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")
@@ -137,10 +146,15 @@ def test_not_lora(adapter: Path, base: BaseSpec) -> None:
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"use_dora": True}, "uses DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-     ({"bias": "all"}, "bias != 'none'"), ({"r": 0}, "invalid rank r=0"),
-     ({"r": "4"}, "invalid rank"), ({"lora_alpha": "x"}, "invalid lora_alpha")],
-)  # fmt: skip
+    [
+        ({"use_dora": True}, "uses DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias != 'none'"),
+        ({"r": 0}, "invalid rank r=0"),
+        ({"r": "4"}, "invalid rank"),
+        ({"lora_alpha": "x"}, "invalid lora_alpha"),
+    ],
+)
 def test_unsupported_config(adapter: Path, base: BaseSpec, change: dict, message: str) -> None:
     _edit_config(adapter, **change)
     _refused(adapter, base, InvalidAdapter, message)
@@ -163,8 +177,10 @@ def test_trained_on_another_base(adapter: Path, base: BaseSpec) -> None:
 
 def test_manifest_with_matching_base_is_kept(adapter: Path, base: BaseSpec) -> None:
     (adapter / "loraplex.json").write_text(json.dumps({"base_fingerprint": FINGERPRINT, "n": 1}))
-    assert validate_adapter(adapter, "ok", base).manifest == {"base_fingerprint": FINGERPRINT,
-                                                               "n": 1}  # fmt: skip
+    assert validate_adapter(adapter, "ok", base).manifest == {
+        "base_fingerprint": FINGERPRINT,
+        "n": 1,
+    }
 
 
 def test_target_module_missing_from_base(adapter: Path, base: BaseSpec) -> None:
@@ -191,8 +207,9 @@ def test_tensor_outside_target_modules(adapter: Path, base: BaseSpec) -> None:
 
 
 def test_half_a_module(adapter: Path, base: BaseSpec) -> None:
-    _edit_tensors(adapter, lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj"
-                                             ".lora_B.weight"))  # fmt: skip
+    _edit_tensors(
+        adapter, lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+    )
     _refused(adapter, base, InvalidAdapter, "has only one of lora_A/lora_B")
 
 

@@ -172,9 +172,9 @@ class AsyncClient(_BaseClient):
             model, fallback, lambda m: self._open_stream(kind, m, payload, params, headers)
         )
 
-    async def models(self) -> dict[str, Any]:
-        """``GET /v1/models`` as returned."""
-        response, _ = await self._send("GET", "/v1/models", None, stream=False)
+    async def models(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """``GET /v1/models`` as returned (``headers``: e.g. another tenant's key)."""
+        response, _ = await self._send("GET", "/v1/models", None, stream=False, headers=headers)
         return response.json()
 
     async def discover_base_model(self) -> str | None:

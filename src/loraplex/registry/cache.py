@@ -14,7 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from loraplex.errors import Unavailable
+from loraplex.errors import NotFound, Unavailable
 from loraplex.registry.blobs import BlobStore, sha256_file
 
 
@@ -38,7 +38,13 @@ class BlobCache:
         try:
             for file_name, digest in files.items():
                 dest = staging / file_name
-                self.store.get(digest, dest)
+                try:
+                    self.store.get(digest, dest)
+                except NotFound as exc:
+                    raise Unavailable(
+                        f"{exc.message} The registry lists it, so the blob store is incomplete; "
+                        "push the adapter again to restore it."
+                    ) from exc
                 if sha256_file(dest) != digest:
                     raise Unavailable(
                         f"Blob {digest[:12]} for {file_name} failed its sha256 check on arrival; "

@@ -8,13 +8,12 @@ every call, so a promote is seen at once by every process. Blobs are not handled
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from loraplex.errors import Conflict, NotFound
-from loraplex.registry import queries
+from loraplex.registry import queries, rows
 from loraplex.registry import schema as s
 from loraplex.registry.db import ensure_schema, make_engine, ping, read, transaction
 from loraplex.registry.queries import version_record
@@ -24,64 +23,6 @@ from loraplex.registry.records import (
     VersionRecord,
 )
 from loraplex.registry.refs import DEFAULT_ALIAS, AdapterRef, version_key
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _lock_adapter(conn: Connection, name: str) -> Row[Any] | None:
-    query = select(s.adapters).where(s.adapters.c.name == name).with_for_update()
-    return conn.execute(query).first()
-
-
-def _require_adapter(conn: Connection, name: str) -> Row[Any]:
-    row = _lock_adapter(conn, name)
-    if row is None:
-        raise NotFound(f"Adapter '{name}' does not exist; see `loraplex adapters list`.")
-    return row
-
-
-def _requireversion_record(conn: Connection, name: str, number: int) -> Row[Any]:
-    row = conn.execute(
-        select(s.versions).where(s.versions.c.name == name, s.versions.c.number == number)
-    ).first()
-    if row is None:
-        raise NotFound(f"Version {version_key(name, number)} does not exist.")
-    return row
-
-
-def _alias_number(conn: Connection, name: str, alias: str) -> int | None:
-    query = select(s.aliases.c.number).where(s.aliases.c.name == name, s.aliases.c.alias == alias)
-    return conn.execute(query).scalar()
-
-
-def _move_alias(
-    conn: Connection, name: str, alias: str, number: int, current: int | None, actor: str
-) -> None:
-    values = {"number": number, "updated_at": _now(), "updated_by": actor}
-    if current is None:
-        conn.execute(s.aliases.insert().values(name=name, alias=alias, **values))
-    else:
-        conn.execute(
-            update(s.aliases)
-            .where(s.aliases.c.name == name, s.aliases.c.alias == alias)
-            .values(**values)
-        )
-
-
-def _event(conn: Connection, name: str, alias: str, action: str, **values: Any) -> None:
-    conn.execute(
-        s.alias_events.insert().values(
-            name=name,
-            alias=alias,
-            action=action,
-            at=_now(),
-            undone=values.pop("undone", False),
-            forced=values.pop("forced", False),
-            **values,
-        )  # fmt: skip
-    )
 
 
 class Catalog:
@@ -98,12 +39,12 @@ class Catalog:
 
     # ---- writes -------------------------------------------------------------------------
 
-    def addversion_record(self, new: NewVersion, actor: str) -> tuple[VersionRecord, bool]:
+    def add_version(self, new: NewVersion, actor: str) -> tuple[VersionRecord, bool]:
         """Record a version; returns ``(record, created)``. Identical content pushed again
         under the same name returns the existing version with ``created=False``."""
 
         def tx(conn: Connection) -> tuple[VersionRecord, bool]:
-            row = _lock_adapter(conn, new.name)
+            row = rows.lock_adapter(conn, new.name)
             fallback = bool(new.fallback_to_base)
             if row is None:
                 conn.execute(
@@ -113,9 +54,9 @@ class Catalog:
                         description=new.description,
                         fallback_to_base=fallback,
                         last_version=0,
-                        created_at=_now(),
+                        created_at=rows.now(),
                         created_by=actor,
-                    )  # fmt: skip
+                    )
                 )
                 tenant = new.tenant
             else:
@@ -125,6 +66,13 @@ class Catalog:
                         f"{new.tenant!r}; push under another name."
                     )
                 tenant, fallback = row.tenant, row.fallback_to_base
+                if new.fallback_to_base is not None and new.fallback_to_base != fallback:
+                    fallback = new.fallback_to_base
+                    conn.execute(
+                        update(s.adapters)
+                        .where(s.adapters.c.name == new.name)
+                        .values(fallback_to_base=fallback)
+                    )
                 same = conn.execute(
                     select(s.versions).where(
                         s.versions.c.name == new.name, s.versions.c.sha256 == new.sha256
@@ -141,17 +89,26 @@ class Catalog:
                 select(s.adapters.c.last_version).where(s.adapters.c.name == new.name)
             ).scalar_one()
             values = {
-                "name": new.name, "number": number, "sha256": new.sha256, "size": new.size,
-                "rank": new.rank, "alpha": new.alpha, "target_modules": new.target_modules,
-                "base_fingerprint": new.base_fingerprint, "files": new.files, "tenant": tenant,
-                "description": new.description, "manifest": new.manifest, "created_at": _now(),
+                "name": new.name,
+                "number": number,
+                "sha256": new.sha256,
+                "size": new.size,
+                "rank": new.rank,
+                "alpha": new.alpha,
+                "target_modules": new.target_modules,
+                "base_fingerprint": new.base_fingerprint,
+                "files": new.files,
+                "tenant": tenant,
+                "description": new.description,
+                "manifest": new.manifest,
+                "created_at": rows.now(),
                 "created_by": actor,
-            }  # fmt: skip
+            }
             conn.execute(s.versions.insert().values(**values))
             if row is None:
-                _move_alias(conn, new.name, DEFAULT_ALIAS, number, None, actor)
-                _event(conn, new.name, DEFAULT_ALIAS, "auto", to_number=number, by=actor)
-            return version_record(_requireversion_record(conn, new.name, number), fallback), True
+                rows.move_alias(conn, new.name, DEFAULT_ALIAS, number, None, actor)
+                rows.event(conn, new.name, DEFAULT_ALIAS, "auto", to_number=number, by=actor)
+            return version_record(rows.require_version(conn, new.name, number), fallback), True
 
         return transaction(self.engine, tx)
 
@@ -161,15 +118,21 @@ class Catalog:
         """Point ``alias`` at ``N@vK`` atomically; returns the version it pointed at before."""
 
         def tx(conn: Connection) -> int | None:
-            _require_adapter(conn, name)
-            _requireversion_record(conn, name, number)
-            current = _alias_number(conn, name, alias)
+            rows.require_adapter(conn, name)
+            rows.require_version(conn, name, number)
+            current = rows.alias_number(conn, name, alias)
             if current != number:
-                _move_alias(conn, name, alias, number, current, actor)
-                _event(
-                    conn, name, alias, "promote", from_number=current, to_number=number,
-                    forced=forced, by=actor,
-                )  # fmt: skip
+                rows.move_alias(conn, name, alias, number, current, actor)
+                rows.event(
+                    conn,
+                    name,
+                    alias,
+                    "promote",
+                    from_number=current,
+                    to_number=number,
+                    forced=forced,
+                    by=actor,
+                )
             return current
 
         return transaction(self.engine, tx)
@@ -178,8 +141,8 @@ class Catalog:
         """Move ``alias`` back to where the last not-yet-undone promote moved it from."""
 
         def tx(conn: Connection) -> tuple[int, int]:
-            _require_adapter(conn, name)
-            current = _alias_number(conn, name, alias)
+            rows.require_adapter(conn, name)
+            current = rows.alias_number(conn, name, alias)
             if current is None:
                 raise NotFound(f"Adapter '{name}' has no alias '{alias}'.")
             last = conn.execute(
@@ -208,11 +171,13 @@ class Catalog:
                     f"{name}:{alias} would roll back to {version_key(name, previous)}, which was "
                     "deleted; promote a version explicitly."
                 )
-            _move_alias(conn, name, alias, previous, current, actor)
+            rows.move_alias(conn, name, alias, previous, current, actor)
             conn.execute(
                 update(s.alias_events).where(s.alias_events.c.id == last.id).values(undone=True)
             )
-            _event(conn, name, alias, "rollback", from_number=current, to_number=previous, by=actor)
+            rows.event(
+                conn, name, alias, "rollback", from_number=current, to_number=previous, by=actor
+            )
             return current, previous
 
         return transaction(self.engine, tx)
@@ -221,8 +186,8 @@ class Catalog:
         """Delete ``N@vK`` and its eval results; refused while an alias points at it."""
 
         def tx(conn: Connection) -> VersionRecord:
-            _require_adapter(conn, name)
-            row = _requireversion_record(conn, name, number)
+            rows.require_adapter(conn, name)
+            row = rows.require_version(conn, name, number)
             pointing = conn.execute(
                 select(s.aliases.c.alias).where(
                     s.aliases.c.name == name, s.aliases.c.number == number
@@ -242,13 +207,18 @@ class Catalog:
         return transaction(self.engine, tx)
 
     def record_eval(
-        self, name: str, number: int, suite: str, passed: bool | None,
-        metrics: dict[str, Any], actor: str,
-    ) -> None:  # fmt: skip
+        self,
+        name: str,
+        number: int,
+        suite: str,
+        passed: bool | None,
+        metrics: dict[str, Any],
+        actor: str,
+    ) -> None:
         """Store an eval result for ``N@vK`` (the eval gate reads these on promote)."""
 
         def tx(conn: Connection) -> None:
-            _requireversion_record(conn, name, number)
+            rows.require_version(conn, name, number)
             conn.execute(
                 s.eval_results.insert().values(
                     name=name,
@@ -256,9 +226,9 @@ class Catalog:
                     suite=suite,
                     passed=passed,
                     metrics=metrics,
-                    created_at=_now(),
+                    created_at=rows.now(),
                     created_by=actor,
-                )  # fmt: skip
+                )
             )
 
         transaction(self.engine, tx)

@@ -90,8 +90,10 @@ def list_(as_json: JsonOpt = False) -> None:
         latest = rec.versions[-1].key if rec.versions else "-"
         aliases = " ".join(f"{a}=v{n}" for a, n in rec.aliases.items()) or "-"
         tenant = rec.tenant or "-"
-        typer.echo(f"{rec.name:<24} tenant={tenant:<12} versions={len(rec.versions):<3} "
-                   f"latest={latest:<28} {aliases}")  # fmt: skip
+        typer.echo(
+            f"{rec.name:<24} tenant={tenant:<12} versions={len(rec.versions):<3} "
+            f"latest={latest:<28} {aliases}"
+        )
 
 
 @adapters_app.command("show")

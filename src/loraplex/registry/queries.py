@@ -20,12 +20,22 @@ def version_record(row: Row[Any], fallback: bool = False) -> VersionRecord:
     """A ``VersionRecord`` from a ``versions`` row."""
     m = row._mapping
     return VersionRecord(
-        name=m["name"], number=m["number"], sha256=m["sha256"], size=m["size"], rank=m["rank"],
-        alpha=m["alpha"], target_modules=list(m["target_modules"]),
-        base_fingerprint=m["base_fingerprint"], files=dict(m["files"]), tenant=m["tenant"],
-        description=m["description"], manifest=m["manifest"], created_at=utc(m["created_at"]),
-        created_by=m["created_by"], fallback_to_base=fallback,
-    )  # fmt: skip
+        name=m["name"],
+        number=m["number"],
+        sha256=m["sha256"],
+        size=m["size"],
+        rank=m["rank"],
+        alpha=m["alpha"],
+        target_modules=list(m["target_modules"]),
+        base_fingerprint=m["base_fingerprint"],
+        files=dict(m["files"]),
+        tenant=m["tenant"],
+        description=m["description"],
+        manifest=m["manifest"],
+        created_at=utc(m["created_at"]),
+        created_by=m["created_by"],
+        fallback_to_base=fallback,
+    )
 
 
 def resolve(conn: Connection, ref: AdapterRef, model: str) -> VersionRecord:
@@ -77,15 +87,29 @@ def adapters(conn: Connection, names: list[str] | None, full: bool) -> list[Adap
         table = s.alias_events
         for row in conn.execute(select(table).where(where(table)).order_by(table.c.id)):
             events[row.name].append(
-                AliasEvent(row.alias, row.action, row.from_number, row.to_number, row.undone,
-                           row.forced, utc(row.at), row.by)
-            )  # fmt: skip
+                AliasEvent(
+                    row.alias,
+                    row.action,
+                    row.from_number,
+                    row.to_number,
+                    row.undone,
+                    row.forced,
+                    utc(row.at),
+                    row.by,
+                )
+            )
         table = s.eval_results
         for row in conn.execute(select(table).where(where(table)).order_by(table.c.id)):
             evals[row.name].append(
-                EvalRecord(row.number, row.suite, row.passed, dict(row.metrics),
-                           utc(row.created_at), row.created_by)
-            )  # fmt: skip
+                EvalRecord(
+                    row.number,
+                    row.suite,
+                    row.passed,
+                    dict(row.metrics),
+                    utc(row.created_at),
+                    row.created_by,
+                )
+            )
     return [
         AdapterRecord(
             name=n,
@@ -99,6 +123,6 @@ def adapters(conn: Connection, names: list[str] | None, full: bool) -> list[Adap
             aliases=aliases[n],
             events=events[n],
             evals=evals[n],
-        )  # fmt: skip
+        )
         for n, h in heads.items()
     ]

@@ -37,7 +37,7 @@ class NewVersion:
     tenant: str | None = None
     description: str | None = None
     manifest: dict[str, Any] | None = None
-    fallback_to_base: bool = False
+    fallback_to_base: bool | None = None  # None: keep the name's policy (False for a new name)
 
 
 @dataclass(frozen=True)

@@ -128,9 +128,13 @@ class Registry:
         return PushResult(record, created)
 
     def promote(
-        self, version: str, alias: str = DEFAULT_ALIAS, *, force: bool = False,
+        self,
+        version: str,
+        alias: str = DEFAULT_ALIAS,
+        *,
+        force: bool = False,
         actor: str | None = None,
-    ) -> tuple[str | None, str]:  # fmt: skip
+    ) -> tuple[str | None, str]:
         """Point ``alias`` at ``N@vK``; returns (previous key or None, new key).
 
         ``force`` is recorded; the eval gate (a later issue) refuses unforced promotes of
@@ -158,9 +162,13 @@ class Registry:
         return self.catalog.delete(ref.name, ref.number or 0)
 
     def record_eval(
-        self, version: str, suite: str, passed: bool | None, metrics: dict[str, Any],
+        self,
+        version: str,
+        suite: str,
+        passed: bool | None,
+        metrics: dict[str, Any],
         actor: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Attach an eval result to ``N@vK``."""
         ref = parse_version_key(version)
         self.catalog.record_eval(

@@ -3,8 +3,9 @@
 Each ``resolve`` looks the alias up in the catalog again, so a promote or rollback is seen
 by every server at once, with no restart; the version's files come from the local LRU cache,
 fetched and sha256-verified on first use. A version recorded against another base model is
-refused (409) before it reaches the engine. ``resolve`` does blocking I/O (database, maybe a
-download): call it from a worker thread in async code.
+refused (409) before it reaches the engine, and so is one whose rank exceeds this server's
+maximum (the registry may have been filled by a machine with a higher limit). ``resolve``
+does blocking I/O (database, maybe a download): call it from a worker thread in async code.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ if TYPE_CHECKING:
 class RegistryAdapterSource:
     """Adapters served from the registry, by ``N``, ``N:alias`` or ``N@vK``."""
 
-    def __init__(self, registry: Registry, base_fingerprint: str | None = None) -> None:
+    def __init__(
+        self, registry: Registry, base_fingerprint: str | None = None, max_rank: int | None = None
+    ) -> None:
         self.registry = registry
         self.base_fingerprint = base_fingerprint
+        self.max_rank = max_rank
 
     def resolve(self, model: str) -> ResolvedAdapter:
         """The version ``model`` names now, with a local folder holding its files."""
@@ -35,6 +39,11 @@ class RegistryAdapterSource:
                 f"{version.key} was validated against base model "
                 f"{version.base_fingerprint[:12]}, this server runs {self.base_fingerprint[:12]}; "
                 "push the adapter to a registry for this base."
+            )
+        if self.max_rank is not None and version.rank > self.max_rank:
+            raise IncompatibleAdapter(
+                f"{version.key} has LoRA rank {version.rank}, above this server's maximum "
+                f"{self.max_rank} (LORAPLEX_MAX_LORA_RANK)."
             )
         return ResolvedAdapter(
             name=version.name,
@@ -57,4 +66,4 @@ def registry_source(settings: Settings, base: BaseModelInfo) -> RegistryAdapterS
     """Source factory for the server app: the configured registry, checked against ``base``."""
     from loraplex.registry.factory import open_registry
 
-    return RegistryAdapterSource(open_registry(settings), base.fingerprint)
+    return RegistryAdapterSource(open_registry(settings), base.fingerprint, settings.max_lora_rank)

@@ -55,7 +55,7 @@ class CheckedAdapter:
 
     files: dict[str, Path]
     size: int
-    rank: int
+    rank: int  # the largest LoRA rank in the adapter (r, or a larger rank_pattern entry)
     alpha: float
     target_modules: list[str]
     manifest: dict[str, Any] | None = None
@@ -69,11 +69,11 @@ def validate_adapter(folder: Path, name: str, base: BaseSpec) -> CheckedAdapter:
     size = check_size(files, name, base.max_bytes)
     config = _read_json(files[CONFIG])
     manifest = _read_json(files[MANIFEST]) if MANIFEST in files else None
-    rank, alpha = _check_config(config, base)
+    rank, alpha, top = _check_config(config, base)
     if manifest is not None:
         _check_manifest(manifest, base)
     modules = _check_tensors(files[WEIGHTS], config, rank, base)
-    return CheckedAdapter(files, size, rank, alpha, modules, manifest, config)
+    return CheckedAdapter(files, size, top, alpha, modules, manifest, config)
 
 
 def check_size(files: dict[str, Path], name: str, max_bytes: int) -> int:
@@ -117,8 +117,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_config(config: dict[str, Any], base: BaseSpec) -> tuple[int, float]:
-    """PEFT LoRA type, supported features, rank within the server's maximum."""
+def _check_config(config: dict[str, Any], base: BaseSpec) -> tuple[int, float, int]:
+    """PEFT LoRA type, supported features, rank within the server's maximum.
+
+    Returns ``(r, lora_alpha, largest rank including rank_pattern)``."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InvalidAdapter(
@@ -143,7 +145,7 @@ def _check_config(config: dict[str, Any], base: BaseSpec) -> tuple[int, float]:
             f"Adapter rank {top} exceeds the server's maximum LoRA rank {base.max_rank} "
             "(LORAPLEX_MAX_LORA_RANK); retrain with a smaller r or raise the limit."
         )
-    return rank, float(alpha)
+    return rank, float(alpha), top
 
 
 def _check_manifest(manifest: dict[str, Any], base: BaseSpec) -> None:

@@ -62,7 +62,7 @@ class FolderAdapterSource:
 
     def resolve(self, model: str) -> ResolvedAdapter:
         name = model.split("@", 1)[0].split(":", 1)[0]
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise NotFound(f"The model '{model}' does not exist.")
         folder = self.root / name
         weights = folder / WEIGHTS_FILE
@@ -79,7 +79,7 @@ class FolderAdapterSource:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if NAME_PATTERN.match(p.name) and (p / WEIGHTS_FILE).is_file()
+            if NAME_PATTERN.fullmatch(p.name) and (p / WEIGHTS_FILE).is_file()
         )
 
     def check(self) -> None:

@@ -37,9 +37,12 @@ def vllm_engine_factory(settings: Settings, model_dir: Path) -> Engine:
 
 
 def default_source(settings: Settings, base: BaseModelInfo) -> AdapterSource:
-    """The adapter source in effect: the local adapters folder."""
-    del base
-    return FolderAdapterSource(settings.resolved_adapters_dir)
+    """A plain adapters folder when ``adapters_dir`` is set, else the registry."""
+    if settings.adapters_dir is not None:
+        return FolderAdapterSource(settings.adapters_dir)
+    from loraplex.registry.source import registry_source
+
+    return registry_source(settings, base)
 
 
 def create_app(

@@ -6,6 +6,7 @@ be read (503 with the reason otherwise). ``/metrics``: Prometheus text.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -31,7 +32,7 @@ async def ready(request: Request) -> dict[str, Any]:
         raise Unavailable(getattr(state, "startup_error", None) or "The engine is starting.")
     await service.engine.check_health()
     try:
-        service.source.check()
+        await asyncio.to_thread(service.source.check)
     except Exception as exc:
         raise Unavailable(f"The adapter store cannot be read: {exc}") from exc
     return {"status": "ready", "model": service.base_name}

@@ -33,6 +33,7 @@ class RunningServer:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    startup_seconds: float = 0.0
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server's log, for error messages."""
@@ -89,8 +90,10 @@ def running_server(
             start_new_session=True,
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    started = time.monotonic()
     try:
         wait_ready(server, ready_path, timeout)
+        server.startup_seconds = time.monotonic() - started
         yield server
     finally:
         stop(server)

@@ -213,7 +213,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def models(request: Request) -> dict[str, Any]:
     """The base model and the adapters that can be served."""
     service = _service(request)
-    names = [service.base_name, *service.source.names()]
+    names = [service.base_name, *await asyncio.to_thread(service.source.names)]
     data = [
         {
             "id": name,

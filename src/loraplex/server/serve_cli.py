@@ -38,6 +38,10 @@ def serve_command(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("loraplex.server")
-    if settings.auth == "off":
-        log.warning("authentication is OFF: every caller may use every adapter (local use only)")
+    if settings.auth == "on":
+        raise typer.BadParameter(
+            "auth=on needs tenant keys, which this version does not implement yet; "
+            "serve with --auth off (LORAPLEX_AUTH=off) on a trusted network only."
+        )
+    log.warning("authentication is OFF: every caller may use every adapter (local use only)")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -7,6 +7,7 @@ the adapter's policy allows it, and is labelled.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -60,7 +61,7 @@ class Service:
         """Resolve ``model`` and make its adapter resident (404 if unknown)."""
         if model == self.base_name:
             return Target(None, self.base_name)
-        adapter = self.source.resolve(model)
+        adapter = await asyncio.to_thread(self.source.resolve, model)
         started = time.perf_counter()
         try:
             hit = await self.engine.load(adapter)

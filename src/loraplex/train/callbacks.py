@@ -37,8 +37,10 @@ class ProgressCallback(TrainerCallback):
         self.task: Any = None
         self.loss = "-"
         self.started = 0.0
+        self.start_epoch = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start_epoch = float(getattr(state, "epoch", 0.0) or 0.0)
         if not self.enabled:
             return
         self.started = time.monotonic()
@@ -73,12 +75,16 @@ class ProgressCallback(TrainerCallback):
             self._plain_line(state, logs)
 
     def _plain_line(self, state: Any, logs: dict[str, float]) -> None:
+        figures = [f"{k} {v:.4f}" for k, v in logs.items() if k in ("loss", "eval_loss")]
+        if not self.started:
+            print(
+                f"{self.label} before training: {'  '.join(figures)}", file=sys.stderr, flush=True
+            )
+            return
         done, total = state.global_step, max(state.max_steps, 1)
         elapsed = time.monotonic() - self.started
         eta = elapsed / max(done, 1) * (total - done)
-        parts = [f"{self.label} step {done}/{total}"]
-        parts += [f"{k} {v:.4f}" for k, v in logs.items() if k in ("loss", "eval_loss")]
-        parts.append(f"ETA {eta:.0f}s")
+        parts = [f"{self.label} step {done}/{total}", *figures, f"ETA {eta:.0f}s"]
         print("  ".join(parts), file=sys.stderr, flush=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

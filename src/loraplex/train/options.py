@@ -53,7 +53,8 @@ class TrainOptions:
     resume: bool = False
     force: bool = False
     show_progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments (benchmarks)
+    callbacks: list[Any] = field(default_factory=list)  # more TrainerCallbacks (benchmarks)
 
     def check(self) -> None:
         """Raise ``InvalidRequest`` naming the first option that cannot work."""

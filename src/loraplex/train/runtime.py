@@ -17,17 +17,20 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InvalidRequest, LoraplexError
 from loraplex.train import memory
 from loraplex.train.callbacks import InterruptCallback, ProgressCallback
-from loraplex.train.encode import Encoded, pad_batch
+from loraplex.train.encode import IGNORE_INDEX, Encoded, pad_batch
 from loraplex.train.options import TrainOptions
 
 CUDA_MAX_BATCH, CUDA_MAX_TOKENS = 64, 65536
 CPU_MAX_BATCH, CPU_MAX_TOKENS = 8, 8192
+# Decoders whose logits are exactly lm_head(hidden): the loss may skip masked positions.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 
 
 class OutOfMemory(LoraplexError):
@@ -69,24 +72,29 @@ class Callbacks:
     interrupt: InterruptCallback
 
 
-def load_base(path: Path, device: str) -> Env:
-    """Load tokenizer and model: bf16 on a CUDA device that supports it, fp32 otherwise."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path) -> Any:
+    """The base model's tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_base(path: Path, device: str, tokenizer: Any) -> Env:
+    """Load the model: bf16 on a CUDA device that supports it, fp32 otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidRequest("--device cuda: no CUDA device is visible; use --device cpu.")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    placement = {"device_map": {"": "cuda"}} if device == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     model.config.use_cache = False
-    if device == "cuda":
-        model = model.to("cuda")
     return Env(model, tokenizer, device, "bf16" if bf16 else "fp32")
 
 
@@ -158,6 +166,70 @@ class _Examples:
         return self.items[index]
 
 
+LOSS_KEYS = ("loss_index", "loss_targets")
+
+
+def collate(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Tensors of a padded batch, plus where the loss counts (computed here, on the CPU).
+
+    ``loss_index`` holds the flat positions (row * length + column) whose next token is a
+    label, ``loss_targets`` those labels; the attention mask is left out when nothing is
+    padded, so attention runs as plain causal attention.
+    """
+    import torch
+
+    batch = {k: torch.tensor(v) for k, v in pad_batch(items, pad_id).items()}
+    labels = batch["labels"]
+    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    batch["loss_index"] = rows * labels.shape[1] + cols
+    batch["loss_targets"] = labels[rows, cols + 1]
+    if bool(batch["attention_mask"].all()):
+        del batch["attention_mask"]
+    return batch
+
+
+def answer_loss(causal_lm: Any, inputs: dict[str, Any], num_items: Any) -> Any:
+    """Cross-entropy over answer positions only; ``lm_head`` never sees prompt positions.
+
+    Equal to the model's own shifted loss (sum over labelled tokens / ``num_items``), but
+    the vocabulary projection and softmax run only where a label counts: cheaper in time,
+    and in memory where the vocabulary is large. Needs ``collate``'s ``loss_*`` tensors.
+    """
+    import torch.nn.functional as F
+
+    hidden = causal_lm.get_decoder()(
+        input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+    ).last_hidden_state
+    picked = hidden.flatten(0, 1).index_select(0, inputs["loss_index"])
+    logits = causal_lm.get_output_embeddings()(picked).float()
+    total = F.cross_entropy(logits, inputs["loss_targets"], reduction="sum")
+    count = num_items if num_items is not None else max(len(inputs["loss_targets"]), 1)
+    return total / count
+
+
+def _trainer_class() -> Any:
+    """``Trainer`` whose loss skips prompt positions for plain-head decoders."""
+    from transformers import Trainer
+
+    class AnswerLossTrainer(Trainer):
+        def compute_loss(  # type: ignore[override]
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:  # fmt: skip
+            unwrapped = self.accelerator.unwrap_model(model)
+            causal = (
+                unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            )
+            if causal.config.model_type not in PLAIN_HEAD_MODELS:
+                plain = {k: v for k, v in inputs.items() if k not in LOSS_KEYS}
+                return super().compute_loss(model, plain, return_outputs, num_items_in_batch)
+            with self.accelerator.autocast():  # the Trainer autocasts only model.forward
+                loss = answer_loss(causal, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return AnswerLossTrainer
+
+
 def _training_args(**kwargs: Any) -> Any:
     """``TrainingArguments`` with the keys this transformers version does not know dropped."""
     from transformers import TrainingArguments
@@ -177,7 +249,7 @@ def build_trainer(
     """A PEFT-wrapped model inside a configured ``Trainer``."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 
@@ -204,9 +276,8 @@ def build_trainer(
     pad_id = env.tokenizer.pad_token_id
     pad_id = env.tokenizer.eos_token_id if pad_id is None else pad_id
 
-    def collate(items: list[dict[str, list[int]]]) -> dict[str, Any]:
-        return {k: torch.tensor(v) for k, v in pad_batch(items, pad_id).items()}
-
+    per_epoch = -(-len(train_items) // (plan.batch_size * opts.grad_accum))
+    total_steps = opts.max_steps or max(int(per_epoch * opts.epochs), 1)
     args = _training_args(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=plan.batch_size,
@@ -221,7 +292,7 @@ def build_trainer(
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=env.precision == "bf16",
         use_cpu=env.device == "cpu",
-        logging_steps=1,
+        logging_steps=max(1, total_steps // 100),
         save_strategy="steps",
         save_steps=opts.save_steps,
         save_total_limit=2,
@@ -232,17 +303,17 @@ def build_trainer(
         data_seed=opts.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
         **opts.extra,
     )
     callbacks = Callbacks(ProgressCallback(opts.name, opts.show_progress), InterruptCallback())
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
-        data_collator=collate,
+        data_collator=partial(collate, pad_id=pad_id),
         train_dataset=_Examples(train_items),
         eval_dataset=_Examples(eval_items) if eval_items else None,
-        callbacks=[callbacks.progress, callbacks.interrupt],
+        callbacks=[callbacks.progress, callbacks.interrupt, *opts.callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(HFProgressCallback)
@@ -281,9 +352,9 @@ def run(trainer: Any, callbacks: Callbacks, resume_from: Path | None) -> dict[st
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     seconds = float(out.metrics.get("train_runtime", 0.0))
-    tokens = int(state.num_input_tokens_seen or 0)
-    resumed_tokens = int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
-    session_tokens = tokens - resumed_tokens
+    epoch_tokens = sum(len(item["input_ids"]) for item in trainer.train_dataset.items)
+    tokens = round(epoch_tokens * (state.epoch or 0.0))
+    session_tokens = round(epoch_tokens * ((state.epoch or 0.0) - callbacks.progress.start_epoch))
     if torch.cuda.is_available() and trainer.args.device.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated())
     else:

@@ -125,14 +125,14 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     settings = settings or Settings()
     base = prepare(settings.models_dir, opts.base or settings.base_model)
     output = (opts.output or settings.resolved_adapters_dir / opts.name).expanduser()
-    resume_from = _prepare_output(opts, output)
-
-    env = runtime.load_base(base.path, opts.device)
-    encoder = Encoder(env.tokenizer, runtime.stop_token_ids(base.path))
+    tokenizer = runtime.load_tokenizer(base.path)
+    encoder = Encoder(tokenizer, runtime.stop_token_ids(base.path))
     train_ds, train_items, eval_ds, eval_items = _read_data(opts, encoder)
+    resume_from = _prepare_output(opts, output)
     record = _run_record(opts, base.fingerprint, train_ds, eval_ds)
     ckpt_dir = output / CHECKPOINTS
     saved = _check_resume(ckpt_dir, record) if resume_from else None
+    env = runtime.load_base(base.path, opts.device, tokenizer)
 
     longest = max(len(item.input_ids) for item in train_items + eval_items)
     plan = runtime.plan_batch(env, opts, longest, saved)

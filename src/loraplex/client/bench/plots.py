@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from loraplex.client.bench.runner import RunResult
+from loraplex.errors import InvalidRequest
 
 
 def _cdf(ax: Any, values: list[float], label: str) -> None:
@@ -23,7 +24,10 @@ def _cdf(ax: Any, values: list[float], label: str) -> None:
 
 def write_plots(result: RunResult, report: dict[str, Any], out_json: Path) -> list[Path]:
     """Write ``<stem>_latency_cdf.png`` and ``<stem>_throughput.png``; return their paths."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise InvalidRequest("--plot needs matplotlib: pip install matplotlib") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

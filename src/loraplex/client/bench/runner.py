@@ -65,8 +65,11 @@ class BenchConfig:
             raise InvalidRequest("--duration must be > 0.")
         if self.max_tokens < 1:
             raise InvalidRequest("--max-tokens must be at least 1.")
-        if self.api_keys and len(self.api_keys) not in (1, self.tenants):
-            raise InvalidRequest("Give one API key for all tenants or one per tenant.")
+        if self.api_keys and len(self.api_keys) > 1:
+            if self.tenants == 1:
+                self.tenants = len(self.api_keys)
+            elif self.tenants != len(self.api_keys):
+                raise InvalidRequest("Give one API key for all tenants or one per tenant.")
 
     @property
     def mode(self) -> str:
@@ -107,15 +110,39 @@ class RunResult:
     metrics_after: str | None
 
 
-async def _resolve_models(client: AsyncClient, cfg: BenchConfig) -> tuple[list[str], str | None]:
-    """Adapter names to use and the base model name."""
-    listing: dict[str, Any] | None = None
-    base = cfg.base_model
-    names = cfg.adapter_names
+def _auth(key: str | None) -> dict[str, str] | None:
+    return {"authorization": f"Bearer {key}"} if key else None
+
+
+async def _listings(client: AsyncClient, keys: list[str] | None) -> list[dict[str, Any]]:
+    """``GET /v1/models`` as each tenant sees it (one listing without keys)."""
+    return [await client.models(headers=_auth(key)) for key in (keys or [None])]
+
+
+def _round_robin(per_tenant: list[list[str]]) -> tuple[list[str], list[int]]:
+    """Adapters interleaved across tenants (first of each, then second...), with owners."""
+    names: list[str] = []
+    owners: list[int] = []
+    for row in range(max((len(n) for n in per_tenant), default=0)):
+        for tenant, listed in enumerate(per_tenant):
+            if row < len(listed) and listed[row] not in names:
+                names.append(listed[row])
+                owners.append(tenant)
+    return names, owners
+
+
+async def _resolve_models(
+    client: AsyncClient, cfg: BenchConfig
+) -> tuple[list[str], str | None, list[int] | None]:
+    """Adapter names to use, the base model name, and each adapter's tenant (if known)."""
+    base, names, owners = cfg.base_model, cfg.adapter_names, None
     if names is None or (base is None and cfg.adapters == 0):
-        listing = await client.models()
-        base = base or base_model_from_models(listing)
-        names = names if names is not None else adapter_names_from_models(listing)
+        listings = await _listings(client, cfg.api_keys)
+        base = base or base_model_from_models(listings[0])
+        if names is None:
+            names, owners = _round_robin([adapter_names_from_models(x) for x in listings])
+            if len(listings) == 1:
+                owners = None
     wanted = len(names) if cfg.adapters is None else cfg.adapters
     if wanted < 0:
         raise InvalidRequest("--adapters must be >= 0.")
@@ -127,7 +154,7 @@ async def _resolve_models(client: AsyncClient, cfg: BenchConfig) -> tuple[list[s
         )
     if wanted == 0 and not base:
         raise InvalidRequest("Cannot tell the base model's name: pass --model.")
-    return list(names[:wanted]), base
+    return list(names[:wanted]), base, owners[:wanted] if owners else None
 
 
 async def _scrape(client: AsyncClient) -> str | None:
@@ -158,8 +185,7 @@ class Runner:
         keys = self.cfg.api_keys
         if not keys:
             return None
-        key = keys[0] if len(keys) == 1 else keys[int(tenant.rsplit("-", 1)[1])]
-        return {"authorization": f"Bearer {key}"}
+        return _auth(keys[0] if len(keys) == 1 else keys[int(tenant.rsplit("-", 1)[1])])
 
     async def one(self, plan: PlannedRequest) -> Sample:
         """Send one streamed request and time it."""
@@ -228,7 +254,7 @@ class Runner:
         """Warm up, then run the measured part; always closes the connection pool."""
         cfg = self.cfg
         try:
-            adapters, base = await _resolve_models(self.client, cfg)
+            adapters, base, owners = await _resolve_models(self.client, cfg)
             workload = Workload(
                 adapters=adapters,
                 base_model=base,
@@ -236,6 +262,7 @@ class Runner:
                 tenants=cfg.tenants,
                 prompts=load_prompts(cfg.prompts, cfg.endpoint),
                 seed=cfg.seed,
+                owners=owners,
             )
             if cfg.warmup:
                 self._t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """What each benchmark request asks for: model (Zipf over adapters), tenant, prompt.
 
 Adapter ranks follow Zipf(s): the i-th adapter (1-based) is picked with probability
-proportional to ``1 / i**s`` (``s = 0`` is uniform). Adapter i belongs to tenant
-``i mod T``; with no adapters every request goes to the base model from a random tenant.
+proportional to ``1 / i**s`` (``s = 0`` is uniform). Adapter i belongs to tenant ``i mod T``
+unless owners are given (from each tenant key's ``/v1/models``); with no adapters every
+request goes to the base model from a random tenant.
 Prompts come from a file (text: one per line; JSONL: ``{"prompt": ...}`` or
 ``{"messages": [...]}``) or a small built-in set. Pure logic, seeded; no I/O but reading
 the prompts file.
@@ -111,6 +112,7 @@ class Workload:
         tenants: int,
         prompts: list[Any],
         seed: int = 0,
+        owners: list[int] | None = None,
     ) -> None:
         if tenants < 1:
             raise InvalidRequest("--tenants must be at least 1.")
@@ -120,11 +122,18 @@ class Workload:
             raise InvalidRequest("No prompts to send.")
         self.adapters, self.base_model, self.tenants = adapters, base_model, tenants
         self.prompts = prompts
+        if owners is not None and (
+            len(owners) != len(adapters) or max(owners, default=0) >= tenants
+        ):
+            raise InvalidRequest("Each adapter needs an owner among the tenants.")
+        self.owners = owners
         self.weights = zipf_weights(len(adapters), zipf_s) if adapters else None
         self.rng = np.random.default_rng(seed)
 
     def tenant_of(self, adapter_rank: int) -> str:
         """The tenant owning the adapter at 0-based ``adapter_rank``."""
+        if self.owners is not None:
+            return f"tenant-{self.owners[adapter_rank]}"
         return f"tenant-{adapter_rank % self.tenants}"
 
     def next(self, index: int) -> PlannedRequest:

@@ -1,0 +1,162 @@
+"""Fast CPU LoRA (loraplex's vLLM plugin) vs vLLM's stock CPU LoRA ops vs the base model.
+
+Starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) three
+ways, one at a time, same engine settings:
+
+- base: no ``--enable-lora``;
+- stock: ``--enable-lora`` with ``LORAPLEX_FAST_LORA=off`` (vLLM's torch ops, eager);
+- fast: ``--enable-lora`` with ``LORAPLEX_FAST_LORA=on`` (loraplex's ops, compiled model);
+
+and drives each with vLLM's own benchmark client (``vllm.benchmarks.serve``, backend openai,
+random dataset, 128 input / 64 output tokens, ``--ignore-eos``, max concurrency 8), for the
+base model and for 1 and 8 adapters (``--lora-assignment round-robin``). Prints throughput,
+median TTFT and ITL, and their ratios to base measured in the same run (the machine is
+shared and noisy: compare ratios, not absolute numbers). Writes ``bench/results/fast_lora.json``.
+
+    .venv/bin/python bench/fast_lora.py                 # 64 prompts per run, ~10 min on 2 cores
+    .venv/bin/python bench/fast_lora.py --prompts 32 --skip-stock
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    SCRATCH,
+    SERVED_NAME,
+    adapter_paths,
+    base_model_dir,
+    make_adapters,
+    ratio,
+    write_result,
+)
+
+from loraplex.server.launcher import free_port, running_server  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def server_command(base: Path, port: int, args, adapters: list[tuple[str, Path]]) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(base),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        "16",
+        "--seed",
+        "0",
+        "--disable-log-stats",
+    ]
+    if adapters:
+        command += ["--enable-lora", "--max-loras", "8", "--max-lora-rank", str(args.rank)]
+        command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
+    return command
+
+
+def run_client(url: str, base: Path, args, loras: list[str], out: Path) -> dict[str, Any]:
+    """One ``vllm bench serve`` run (through its module: the console script fails here)."""
+    argv = [
+        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+        "--model", SERVED_NAME, "--tokenizer", str(base),
+        "--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "64",
+        "--num-prompts", str(args.prompts), "--max-concurrency", "8", "--ignore-eos",
+        "--seed", "0", "--disable-tqdm", "--percentile-metrics", "ttft,itl,e2el",
+        "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+    ]  # fmt: skip
+    if loras:
+        argv += ["--lora-modules", *loras, "--lora-assignment", "round-robin"]
+    code = (
+        "import sys\n"
+        "from vllm.benchmarks.serve import add_cli_args, main\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "parser = FlexibleArgumentParser()\n"
+        "add_cli_args(parser)\n"
+        "main(parser.parse_args(sys.argv[1:]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    return {
+        "req_s": round(data["request_throughput"], 3),
+        "ttft_ms": round(data["median_ttft_ms"], 1),
+        "itl_ms": round(data["median_itl_ms"], 1),
+        "failed": data.get("failed", 0),
+    }
+
+
+def serve_and_measure(name, base, args, env, adapters, workloads) -> dict[str, Any]:
+    port = free_port()
+    log = SCRATCH / f"fast_lora-{name}.log"
+    command = server_command(base, port, args, adapters)
+    results = {}
+    with running_server(command, port, log, env=env, ready_path="/health", timeout=1200) as srv:
+        results["startup_s"] = round(srv.startup_seconds or 0, 1)
+        for workload, loras in workloads.items():
+            out = SCRATCH / f"fast_lora-{name}-{workload}.json"
+            results[workload] = run_client(srv.url, base, args, loras, out)
+            print(name, workload, results[workload], flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per run")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--skip-stock", action="store_true", help="skip vLLM's stock LoRA ops")
+    args = parser.parse_args()
+
+    base = base_model_dir()
+    adapters = adapter_paths(make_adapters(base, 8, args.rank, TARGETS), 8)
+    names = [name for name, _ in adapters]
+    workloads = {"1 adapter": names[:1], "8 adapters": names}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    runs = {"base": serve_and_measure("base", base, args, env, [], {"base": []})}
+    for mode in ["fast"] if args.skip_stock else ["fast", "stock"]:
+        mode_env = {**env, "LORAPLEX_FAST_LORA": "on" if mode == "fast" else "off"}
+        runs[mode] = serve_and_measure(mode, base, args, mode_env, adapters, workloads)
+
+    ref = runs["base"]["base"]
+    table = []
+    print(f"\n{'run':24} {'req/s':>7} {'TTFT ms':>8} {'ITL ms':>7}   x base: req/s TTFT ITL")
+    for mode, results in runs.items():
+        for workload, m in results.items():
+            if workload == "startup_s":
+                continue
+            row = {
+                "run": f"{mode} / {workload}",
+                **m,
+                "req_s_ratio": ratio(m["req_s"], ref["req_s"]),
+                "ttft_ratio": ratio(m["ttft_ms"], ref["ttft_ms"]),
+                "itl_ratio": ratio(m["itl_ms"], ref["itl_ms"]),
+            }
+            table.append(row)
+            print(
+                f"{row['run']:24} {m['req_s']:7.2f} {m['ttft_ms']:8.0f} {m['itl_ms']:7.1f}"
+                f"   {row['req_s_ratio']:.2f}x {row['ttft_ratio']:.2f}x {row['itl_ratio']:.2f}x"
+            )
+    settings = {"prompts": args.prompts, "dtype": args.dtype, "rank": args.rank}
+    path = write_result("fast_lora", {"settings": settings, "runs": runs, "table": table})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

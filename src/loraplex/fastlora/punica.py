@@ -1,0 +1,170 @@
+"""vLLM punica wrapper for CPU that runs loraplex's fast LoRA ops.
+
+It keeps vLLM's ``PunicaWrapperCPU`` for bookkeeping (index tensors, the full-linear path) and
+replaces every LoRA matmul: one ``LoraPlan`` per step for the token mapping and one for the
+sampler mapping (used by the lm_head LoRA), then ``ops`` per layer. vLLM always marks CPU
+steps as prefill, so the plan, not ``is_prefill``, decides how tokens are grouped.
+
+Imported only inside vLLM processes, through ``FastLoraCpuPlatform.get_punica_wrapper``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch.library import Library
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from loraplex.fastlora import ops
+from loraplex.fastlora.plan import LoraPlan
+
+_WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
+_KEYS = itertools.count(1)
+
+
+class FastPunicaWrapperCPU(PunicaWrapperCPU):
+    """PunicaWrapperCPU whose LoRA matmuls read adapter weights in place."""
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self._token_plan = LoraPlan(0, [], None)
+        self._sampler_plan: LoraPlan | None = None
+        self._b_t = ops.TransposedB()
+        self._key = next(_KEYS)
+        _WRAPPERS[self._key] = self
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self._token_plan = LoraPlan.build(self.token_lora_indices)
+        self._sampler_plan = None
+
+    def _token(self, num_rows: int) -> LoraPlan:
+        return _checked(self._token_plan, num_rows, "tokens")
+
+    def _sampler(self, num_rows: int) -> LoraPlan:
+        if self._sampler_plan is None:
+            self._sampler_plan = LoraPlan.build(self.sampler_indices)
+        return _checked(self._sampler_plan, num_rows, "sampled rows")
+
+    def add_shrink(self, y, x, lora_a_stacked, scale: float, **kwargs: Any) -> None:
+        x = x.view(-1, x.shape[-1])
+        for out, lora_a in zip(y, lora_a_stacked, strict=True):
+            torch.ops.loraplex.lora_shrink(
+                out.view(-1, out.shape[-1]), x, lora_a, float(scale), self._key
+            )
+
+    def add_expand(
+        self,
+        y: torch.Tensor,
+        x,
+        lora_b_stacked,
+        output_slices,
+        offset_start: int = 0,
+        add_inputs=True,
+        **kwargs: Any,
+    ) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        offset = offset_start
+        for h, lora_b, size in zip(x, lora_b_stacked, output_slices, strict=True):
+            torch.ops.loraplex.lora_expand(y2, h, lora_b, offset, size, bool(add_inputs), self._key)
+            offset += size
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs):
+        torch.ops.loraplex.lora_expand(
+            y, x, lora_b_stacked, 0, y.shape[-1], bool(add_inputs), self._key
+        )
+
+    def add_lora_linear(
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kw
+    ) -> None:
+        # One opaque op per layer: under torch.compile the plan must be read when the step
+        # runs, never baked into the traced graph.
+        torch.ops.loraplex.lora_linear(
+            y.view(-1, y.shape[-1]),
+            x.view(-1, x.shape[-1]),
+            list(lora_a_stacked),
+            list(lora_b_stacked),
+            float(scale),
+            list(output_slices),
+            self._key,
+        )
+
+    def run_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
+        """The body of ``loraplex::lora_linear``: every slice of one linear layer."""
+        plan = self._token(x.shape[0])
+        if plan.empty:
+            return
+        offset = 0
+        for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            ops.lora_linear(plan, y, x, lora_a, lora_b, scale, offset, size, self._b_t)
+            offset += size
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        plan = self._sampler(x2.shape[0])
+        if plan.empty:
+            return
+        size = lora_b_stacked.shape[-2]
+        ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._b_t)
+
+
+def _checked(plan: LoraPlan, num_rows: int, what: str) -> LoraPlan:
+    if num_rows != plan.num_tokens:
+        raise ValueError(
+            f"LoRA input has {num_rows} rows but the step maps {plan.num_tokens} {what}"
+        )
+    return plan
+
+
+def _lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    output_slices: list[int],
+    wrapper: int,
+) -> None:
+    _WRAPPERS[wrapper].run_linear(y, x, lora_a, lora_b, scale, output_slices)
+
+
+def _lora_shrink(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, scale: float, wrapper: int
+) -> None:
+    ops.shrink(_WRAPPERS[wrapper]._token(x.shape[0]), out, x, lora_a, scale)
+
+
+def _lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    offset: int,
+    size: int,
+    add_inputs: bool,
+    wrapper: int,
+) -> None:
+    ops.expand(_WRAPPERS[wrapper]._token(y.shape[0]), y, h, lora_b, offset, size, add_inputs)
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+_LIB = Library("loraplex", "FRAGMENT")
+for _name, _impl, _mutated in [
+    ("lora_linear", _lora_linear, "y"),
+    ("lora_shrink", _lora_shrink, "out"),
+    ("lora_expand", _lora_expand, "y"),
+]:
+    direct_register_custom_op(
+        _name,
+        _impl,
+        mutates_args=[_mutated],
+        fake_impl=_nothing,
+        target_lib=_LIB,
+        dispatch_key="CPU",
+    )

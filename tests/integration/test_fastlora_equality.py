@@ -1,0 +1,152 @@
+"""Fast CPU LoRA in a real vLLM engine equals transformers + PEFT token for token (fp32).
+
+One engine (in a subprocess: vLLM spawns workers) gets a mixed batch: three prompts, each
+with no adapter, adapter a0 (rank 16) and adapter a1 (rank 8, padded into rank-16 slots).
+``max_loras=2`` so every slot is taken: base tokens sit next to tokens of the last slot,
+which is where vLLM's stock CPU ops go wrong (they read slot -1 as the last slot). The long
+prompt is prefilled in direct segments, the short ones and every decode step go through the
+packed path. A second engine with ``LORAPLEX_FAST_LORA=off`` must start on vLLM's stock ops.
+
+Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON OUT_JSON``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NEW_TOKENS = 20
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "The history of the printing press is long. " * 8 + "Summarise it in one sentence:",
+]
+ADAPTERS = {"a0": 16, "a1": 8}
+
+
+def engine_main(model: str, adapters_json: str, out_json: str) -> None:
+    """Generate every (prompt, adapter) pair in one batch with vLLM; write token ids."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    adapters = json.loads(adapters_json)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=512,
+        enable_lora=True,
+        max_loras=len(adapters),
+        max_lora_rank=16,
+        max_num_seqs=16,
+        seed=0,
+    )
+    tokenizer = llm.get_tokenizer()
+    jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]
+    requests = {
+        name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())
+    }
+    outputs = llm.generate(
+        [{"prompt_token_ids": tokenizer(p).input_ids} for p, _ in jobs],
+        SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
+        lora_request=[requests[name] if name else None for _, name in jobs],
+        use_tqdm=False,
+    )
+    result = [
+        {"prompt": p, "adapter": name, "tokens": list(out.outputs[0].token_ids)}
+        for (p, name), out in zip(jobs, outputs, strict=True)
+    ]
+    Path(out_json).write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, base_model_dir) -> dict[str, str]:
+    from loraplex.fastlora.adapters import make_random_adapters
+
+    out = tmp_path_factory.mktemp("fastlora-adapters")
+    paths = {}
+    for seed, (name, rank) in enumerate(ADAPTERS.items()):
+        (path,) = make_random_adapters(base_model_dir, out / name, 1, rank=rank, seed=seed + 1)
+        paths[name] = str(path)
+    return paths
+
+
+def peft_reference(base_model_dir: Path, adapters: dict[str, str]) -> dict[tuple, list[int]]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    expected = {}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt).input_ids
+        for name in [None, *names]:
+            if name is None:
+                with model.disable_adapter():
+                    expected[(prompt, name)] = greedy(model, ids)
+            else:
+                model.set_adapter(name)
+                expected[(prompt, name)] = greedy(model, ids)
+    return expected
+
+
+def greedy(model, ids: list[int]) -> list[int]:
+    """NEW_TOKENS greedy tokens, EOS included like vLLM's ``ignore_eos`` (no min-length rule)."""
+    import torch
+
+    tokens = list(ids)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            logits = model(input_ids=torch.tensor([tokens])).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(ids) :]
+
+
+def run_engine(base_model_dir, adapters, tmp_path, fast: str) -> tuple[list[dict], str]:
+    out = tmp_path / f"out-{fast}.json"
+    env = dict(os.environ, LORAPLEX_FAST_LORA=fast, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_TARGET_DEVICE", None)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(base_model_dir), json.dumps(adapters), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return json.loads(out.read_text()), log
+
+
+@pytest.mark.integration
+def test_fast_lora_equals_peft_in_a_mixed_batch(base_model_dir, adapters, tmp_path):
+    got, log = run_engine(base_model_dir, adapters, tmp_path, "on")
+    assert "Using FastPunicaWrapperCPU" in log
+    expected = peft_reference(base_model_dir, adapters)
+    for row in got:
+        key = (row["prompt"], row["adapter"])
+        assert row["tokens"] == expected[key], key
+    for prompt in PROMPTS:
+        assert expected[(prompt, "a0")] != expected[(prompt, None)], "adapter changes nothing"
+
+
+@pytest.mark.integration
+def test_engine_starts_with_fast_lora_off(base_model_dir, adapters, tmp_path):
+    got, log = run_engine(base_model_dir, adapters, tmp_path, "off")
+    assert "Using PunicaWrapperCPU" in log
+    assert "FastPunicaWrapperCPU" not in log
+    assert len(got) == len(PROMPTS) * (1 + len(ADAPTERS))
+
+
+if __name__ == "__main__":
+    engine_main(*sys.argv[1:4])

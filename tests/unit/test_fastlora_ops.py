@@ -1,0 +1,159 @@
+"""Fast CPU LoRA ops against a per-token einsum reference (random shapes, ranks, slices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.fastlora import ops
+from loraplex.fastlora.plan import LoraPlan
+
+SLICES = {"single": (48,), "qkv": (64, 16, 16), "gate_up": (96, 96)}
+
+
+def reference(y, x, a_list, b_list, indices, scale, slices):
+    """vLLM's torch-op semantics (einsum on gathered weights), with slot -1 left untouched."""
+    out = y.clone()
+    used = indices >= 0
+    offset = 0
+    for a, b, size in zip(a_list, b_list, slices, strict=True):
+        sel = indices[used]
+        h = torch.einsum("bi,boi->bo", x[used], a[sel, 0]) * scale
+        delta = torch.einsum("bi,boi->bo", h, b[sel, 0, :size])
+        out[used, offset : offset + size] += delta
+        offset += size
+    return out
+
+
+def weights(slots, rank, d_in, slices, gen, adapter_rank=None):
+    adapter_rank = adapter_rank or rank
+    a_list, b_list = [], []
+    for size in slices:
+        a = torch.zeros(slots, 1, rank, d_in)
+        b = torch.zeros(slots, 1, size, rank)
+        a[:, :, :adapter_rank] = torch.randn(slots, 1, adapter_rank, d_in, generator=gen)
+        b[..., :adapter_rank] = torch.randn(slots, 1, size, adapter_rank, generator=gen)
+        a_list.append(a)
+        b_list.append(b)
+    return a_list, b_list
+
+
+def patterns(slots, gen):
+    """Token-to-slot mappings: prefill runs, decode, mixed, all base, one adapter."""
+    long_runs = torch.cat([torch.full((n,), s) for n, s in [(40, 0), (3, -1), (25, slots - 1)]])
+    decode = torch.randint(-1, slots, (9,), generator=gen)
+    mixed = torch.cat(
+        [
+            torch.full((30,), 1 % slots),
+            torch.tensor([0, -1, slots - 1, 0]),
+            torch.full((20,), -1),
+            torch.full((17,), 0),
+            torch.tensor([slots - 1, -1]),
+        ]
+    )
+    return {
+        "prefill": long_runs,
+        "decode": decode,
+        "mixed": mixed,
+        "base": torch.full((12,), -1),
+        "one": torch.full((7,), slots - 1),
+        "random": torch.randint(-1, slots, (70,), generator=gen),
+    }
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("layout", sorted(SLICES))
+def test_lora_linear_matches_reference(rank, layout):
+    gen = torch.Generator().manual_seed(rank)
+    slots, d_in, slices = 4, 32, SLICES[layout]
+    a_list, b_list = weights(slots, rank, d_in, slices, gen)
+    for name, indices in patterns(slots, gen).items():
+        x = torch.randn(indices.numel(), d_in, generator=gen)
+        y = torch.randn(indices.numel(), sum(slices), generator=gen)
+        expected = reference(y, x, a_list, b_list, indices, 0.5, slices)
+        plan = LoraPlan.build(indices)
+        cache = ops.TransposedB()
+        offset = 0
+        for a, b, size in zip(a_list, b_list, slices, strict=True):
+            ops.lora_linear(plan, y, x, a, b, 0.5, offset, size, cache)
+            offset += size
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("layout", sorted(SLICES))
+def test_shrink_then_expand_matches_reference(rank, layout):
+    gen = torch.Generator().manual_seed(100 + rank)
+    slots, d_in, slices = 3, 24, SLICES[layout]
+    a_list, b_list = weights(slots, rank, d_in, slices, gen)
+    for name, indices in patterns(slots, gen).items():
+        x = torch.randn(indices.numel(), d_in, generator=gen)
+        y = torch.randn(indices.numel(), sum(slices), generator=gen)
+        expected = reference(y, x, a_list, b_list, indices, 2.0, slices)
+        plan = LoraPlan.build(indices)
+        offset = 0
+        for a, b, size in zip(a_list, b_list, slices, strict=True):
+            buffer = torch.full((indices.numel(), rank), float("nan"))
+            ops.shrink(plan, buffer, x, a, 2.0)
+            assert not buffer.isnan().any(), name
+            ops.expand(plan, y, buffer, b, offset, size, add_inputs=True)
+            offset += size
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_expand_without_add_inputs_overwrites_and_zeroes_base_rows():
+    gen = torch.Generator().manual_seed(7)
+    b = torch.randn(2, 1, 10, 8, generator=gen)
+    h = torch.randn(5, 8, generator=gen)
+    indices = torch.tensor([0, -1, 1, 1, -1])
+    y = torch.randn(5, 10, generator=gen)
+    ops.expand(LoraPlan.build(indices), y, h, b, 0, 10, add_inputs=False)
+    for row, slot in enumerate(indices.tolist()):
+        want = torch.zeros(10) if slot < 0 else h[row] @ b[slot, 0].t()
+        torch.testing.assert_close(y[row], want)
+
+
+def test_padding_lower_adapter_rank_and_wider_b_than_output():
+    """Adapters of rank 8 in rank-16 slots; B wider than y (vocab padding) is cut to y."""
+    gen = torch.Generator().manual_seed(3)
+    a_list, b_list = weights(4, 16, 20, (40,), gen, adapter_rank=8)
+    indices = torch.tensor([2, 2, -1, 0, 3, 3, 3, 1])
+    x = torch.randn(8, 20, generator=gen)
+    y = torch.randn(8, 33, generator=gen)
+    expected = y.clone()
+    expected += reference(torch.zeros(8, 40), x, a_list, b_list, indices, 1.0, (40,))[:, :33]
+    ops.lora_linear(
+        LoraPlan.build(indices), y, x, a_list[0], b_list[0], 1.0, 0, 40, ops.TransposedB()
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_close_to_float32_reference():
+    gen = torch.Generator().manual_seed(11)
+    a_list, b_list = weights(4, 16, 64, (64, 16, 16), gen)
+    a_list = [a * 0.1 for a in a_list]
+    indices = torch.randint(-1, 4, (40,), generator=gen)
+    x = torch.randn(40, 64, generator=gen)
+    y = torch.zeros(40, 96)
+    expected = reference(y, x, a_list, b_list, indices, 1.0, (64, 16, 16))
+    y16 = y.to(torch.bfloat16)
+    cache, offset = ops.TransposedB(), 0
+    plan = LoraPlan.build(indices)
+    for a, b, size in zip(a_list, b_list, (64, 16, 16), strict=True):
+        ops.lora_linear(
+            plan, y16, x.bfloat16(), a.bfloat16(), b.bfloat16(), 1.0, offset, size, cache
+        )
+        offset += size
+    torch.testing.assert_close(y16.float(), expected, rtol=0.05, atol=0.1)
+
+
+def test_transposed_b_follows_weight_updates():
+    """vLLM writes a new adapter into a slot in place: the cached copy must follow."""
+    cache = ops.TransposedB()
+    b = torch.zeros(3, 1, 6, 4)
+    first = cache.get(b)
+    assert cache.get(b) is first
+    b[1, 0, :6, :2].copy_(torch.ones(6, 2))
+    second = cache.get(b)
+    assert second is not first
+    torch.testing.assert_close(second[1], b[1, 0].t())

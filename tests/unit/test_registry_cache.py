@@ -1,0 +1,108 @@
+"""Local blob store and the LRU disk cache: content addressing, verification, eviction."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from loraplex.errors import InvalidAdapter, NotFound, Unavailable
+from loraplex.registry.blobs import LocalBlobStore, blob_key, open_blob_store
+from loraplex.registry.cache import BlobCache
+
+
+def _blob(store: LocalBlobStore, tmp_path: Path, content: bytes) -> str:
+    digest = hashlib.sha256(content).hexdigest()
+    source = tmp_path / f"src-{digest[:8]}"
+    source.write_bytes(content)
+    store.put(digest, source)
+    return digest
+
+
+def test_local_store_is_content_addressed(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = _blob(store, tmp_path, b"hello")
+    assert (tmp_path / "blobs" / "sha256" / digest[:2] / digest).read_bytes() == b"hello"
+    assert store.exists(digest)
+    store.put(digest, tmp_path / f"src-{digest[:8]}")  # idempotent
+    store.delete(digest)
+    assert not store.exists(digest)
+    with pytest.raises(NotFound, match="missing"):
+        store.get(digest, tmp_path / "out")
+
+
+def test_put_refuses_content_that_does_not_match_its_key(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    source = tmp_path / "f"
+    source.write_bytes(b"actual")
+    with pytest.raises(Unavailable, match="arrived with sha256"):
+        store.put(hashlib.sha256(b"claimed").hexdigest(), source)
+    assert not any(p.is_file() for p in (tmp_path / "blobs").rglob("*"))
+
+
+@pytest.mark.parametrize("digest", ["../../etc/passwd", "AB" * 32, "a" * 63, ""])
+def test_blob_keys_are_only_hex_digests(digest: str) -> None:
+    with pytest.raises(InvalidAdapter, match="not a sha256 hex digest"):
+        blob_key(digest)
+
+
+def test_open_blob_store_from_path_and_file_url(tmp_path: Path) -> None:
+    assert isinstance(open_blob_store(str(tmp_path / "a")), LocalBlobStore)
+    assert open_blob_store(f"file://{tmp_path / 'b'}").root == tmp_path / "b"
+
+
+def test_cache_fetches_verifies_and_reuses(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    files = {
+        "adapter_config.json": _blob(store, tmp_path, b"{}"),
+        "adapter_model.safetensors": _blob(store, tmp_path, b"w" * 100),
+    }
+    cache = BlobCache(tmp_path / "cache", store, 10_000)
+    folder = cache.folder("c" * 64, files)
+    assert (folder / "adapter_model.safetensors").read_bytes() == b"w" * 100
+    store.delete(files["adapter_model.safetensors"])
+    assert cache.folder("c" * 64, files) == folder  # served from cache, store not needed
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+
+def test_a_blob_missing_from_the_store_is_unavailable_not_unknown(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    cache = BlobCache(tmp_path / "cache", store, 10_000)
+    with pytest.raises(Unavailable, match="blob store is incomplete"):
+        cache.folder("f" * 64, {"adapter_model.safetensors": "0" * 64})
+
+
+def test_cache_refuses_a_corrupt_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = _blob(store, tmp_path, b"good weights")
+    (tmp_path / "blobs" / blob_key(digest)).write_bytes(b"evil weights")
+    cache = BlobCache(tmp_path / "cache", store, 10_000)
+    with pytest.raises(Unavailable, match="failed its sha256 check on arrival"):
+        cache.folder("d" * 64, {"adapter_model.safetensors": digest})
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    cache = BlobCache(tmp_path / "cache", store, 250)
+    keys = []
+    for i in range(3):
+        key = f"{i}" * 64
+        keys.append(key)
+        cache.folder(key, {"adapter_model.safetensors": _blob(store, tmp_path, bytes([i]) * 100)})
+        os.utime(tmp_path / "cache" / key, (1000 + i, 1000 + i))
+    # three 100-byte entries exceed 250: the oldest (0) went when the third arrived
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == keys[1:]
+    os.utime(tmp_path / "cache" / keys[1], (5000, 5000))  # 1 is now the most recent
+    cache.folder("9" * 64, {"adapter_model.safetensors": _blob(store, tmp_path, b"z" * 100)})
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([keys[1], "9" * 64])
+    assert cache.size() == 200
+
+
+def test_an_entry_larger_than_the_cache_is_still_served(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    cache = BlobCache(tmp_path / "cache", store, 10)
+    folder = cache.folder("e" * 64, {"w": _blob(store, tmp_path, b"x" * 100)})
+    assert (folder / "w").is_file()

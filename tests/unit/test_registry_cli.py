@@ -1,0 +1,118 @@
+"""``loraplex adapters ...`` end to end through the real CLI entry point (SQLite, local blobs)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import save_file
+
+from loraplex.cli import main
+from loraplex.registry.basedims import BaseDims
+from loraplex.registry.synthetic import write_random_adapter
+
+DIMS = BaseDims(64, 96, 4, 2, 16, 2)
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny fake base model folder and an empty LORAPLEX_HOME."""
+    import numpy as np
+
+    base = tmp_path / "base"
+    base.mkdir()
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_hidden_layers": 2,
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    save_file({"w": np.zeros(4, np.float32)}, base / "model.safetensors")
+    for key in ("REGISTRY_URL", "BLOB_URL", "S3_ENDPOINT_URL"):
+        monkeypatch.delenv(f"LORAPLEX_{key}", raising=False)
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(base))
+    monkeypatch.setenv("LORAPLEX_USER", "tester")
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``loraplex ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["loraplex", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_push_promote_rollback_show_delete(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = write_random_adapter(env / "a", DIMS, seed=1)
+    b = write_random_adapter(env / "b", DIMS, seed=2)
+    code, out, _ = run(capsys, "adapters", "push", str(a), "--name", "sales", "--tenant", "acme")
+    assert code == 0 and re.fullmatch(r"sales@v1 [0-9a-f]{64}\n", out)
+    sha = out.split()[1]
+    code, out, err = run(capsys, "adapters", "push", str(a), "--name", "sales")
+    assert (code, out) == (0, f"sales@v1 {sha}\n") and "identical content" in err
+    code, out, _ = run(
+        capsys, "adapters", "push", str(b), "--name", "sales", "--description", "v2 data"
+    )
+    assert out.startswith("sales@v2 ")
+    code, out, _ = run(capsys, "adapters", "promote", "sales@v2", "--alias", "stable", "--force")
+    assert out == "sales:stable -> sales@v2 (was sales@v1)\n"
+    code, out, _ = run(capsys, "adapters", "rollback", "sales")
+    assert out == "sales:stable -> sales@v1 (was sales@v2)\n"
+    code, out, _ = run(capsys, "adapters", "show", "sales")
+    assert "aliases: stable -> v1" in out and "by tester" in out and "forced" in out
+    code, out, _ = run(capsys, "adapters", "show", "sales", "--json")
+    data = json.loads(out)
+    assert data["aliases"] == {"stable": "sales@v1"} and data["tenant"] == "acme"
+    assert [v["version"] for v in data["versions"]] == ["sales@v1", "sales@v2"]
+    code, out, _ = run(capsys, "adapters", "list", "--json")
+    assert [r["name"] for r in json.loads(out)] == ["sales"]
+    code, out, _ = run(capsys, "adapters", "list")
+    assert out.startswith("sales ") and "stable=v1" in out
+    code, out, err = run(capsys, "adapters", "delete", "sales@v1")
+    assert code == 2 and "error: sales@v1 is what alias stable points at" in err
+    code, out, _ = run(capsys, "adapters", "delete", "sales@v2")
+    assert (code, out) == (0, "deleted sales@v2\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["push", "{a}", "--name", "../evil"], "Invalid adapter name '../evil'"),
+        (["push", "{env}/missing", "--name", "x"], "is not a folder"),
+        (["promote", "ghost@v1"], "Adapter 'ghost' does not exist"),
+        (["promote", "ghost"], "names no version"),
+        (["rollback", "ghost"], "Adapter 'ghost' does not exist"),
+        (["show", "ghost"], "Adapter 'ghost' does not exist"),
+        (["delete", "ghost@v3"], "Adapter 'ghost' does not exist"),
+    ],
+)
+def test_errors_are_one_line(
+    env: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    a = write_random_adapter(env / "a", DIMS)
+    code, out, err = run(capsys, "adapters", *[x.format(a=a, env=env) for x in args])
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_push_without_prepared_base(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(env / "nowhere"))
+    code, _, err = run(capsys, "adapters", "push", str(env), "--name", "x")
+    assert code == 2 and "run `loraplex model prepare` first" in err
