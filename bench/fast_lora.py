@@ -14,15 +14,19 @@ median TTFT and ITL, and their ratios to base measured in the same run (the mach
 shared and noisy: compare ratios, not absolute numbers). Writes ``bench/results/fast_lora.json``.
 
     .venv/bin/python bench/fast_lora.py                 # 64 prompts per run, ~10 min on 2 cores
-    .venv/bin/python bench/fast_lora.py --prompts 32 --skip-stock
+    .venv/bin/python bench/fast_lora.py --prompts 32 --skip-stock --eager
+    .venv/bin/python bench/fast_lora.py --profile      # + py-spy shares of the worker's step
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,9 @@ from loraplex.server.launcher import free_port, running_server  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def server_command(base: Path, port: int, args, adapters: list[tuple[str, Path]]) -> list[str]:
+def server_command(
+    base: Path, port: int, args, adapters: list[tuple[str, Path]], extra: list[str]
+) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -69,7 +75,7 @@ def server_command(base: Path, port: int, args, adapters: list[tuple[str, Path]]
     if adapters:
         command += ["--enable-lora", "--max-loras", "8", "--max-lora-rank", str(args.rank)]
         command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
-    return command
+    return command + extra
 
 
 def run_client(url: str, base: Path, args, loras: list[str], out: Path) -> dict[str, Any]:
@@ -102,18 +108,65 @@ def run_client(url: str, base: Path, args, loras: list[str], out: Path) -> dict[
     }
 
 
-def serve_and_measure(name, base, args, env, adapters, workloads) -> dict[str, Any]:
+def serve_and_measure(name, base, args, env, adapters, workloads, extra=()) -> dict[str, Any]:
     port = free_port()
     log = SCRATCH / f"fast_lora-{name}.log"
-    command = server_command(base, port, args, adapters)
+    command = server_command(base, port, args, adapters, list(extra))
     results = {}
     with running_server(command, port, log, env=env, ready_path="/health", timeout=1200) as srv:
         results["startup_s"] = round(srv.startup_seconds or 0, 1)
         for workload, loras in workloads.items():
             out = SCRATCH / f"fast_lora-{name}-{workload}.json"
-            results[workload] = run_client(srv.url, base, args, loras, out)
+            stem = f"fast_lora-{name}-{workload.replace(' ', '_')}"
+            with profiled(srv.process.pid, SCRATCH / f"{stem}.pyspy", args.profile) as profile:
+                results[workload] = run_client(srv.url, base, args, loras, out)
+            if profile.exists():
+                results[workload]["profile"] = time_shares(profile)
             print(name, workload, results[workload], flush=True)
     return results
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path, enabled: bool) -> Iterator[Path]:
+    """py-spy samples the server and its workers while the block runs (when enabled)."""
+    out.unlink(missing_ok=True)
+    if not enabled:
+        yield out
+        return
+    spy = Path(sys.executable).with_name("py-spy")
+    command = [str(spy), "record", "--pid", str(pid), "--subprocesses", "--rate", "50"]
+    command += ["--format", "raw", "--output", str(out), "--nonblocking"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield out
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+
+
+#: Where a worker's model step spends its time: first matching frame text wins, per sample.
+SHARES = [
+    ("lora ops (loraplex)", "loraplex/fastlora"),
+    ("lora ops (vLLM stock)", "lora/ops/torch_ops"),
+    ("base linear (oneDNN)", "onednn_mm"),
+    ("attention", "attention"),
+]
+
+
+def time_shares(raw: Path) -> dict[str, float]:
+    """Share of the worker's ``execute_model`` samples by part (see SHARES)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "execute_model" not in stack or not n.isdigit():
+            continue
+        total += int(n)
+        in_model = "_model_forward" in stack
+        part = next((k for k, key in SHARES if key in stack), None)
+        part = part or ("rest of model forward" if in_model else "step outside the model")
+        counts[part] = counts.get(part, 0) + int(n)
+    return {k: round(v / total, 3) for k, v in sorted(counts.items())} if total else {}
 
 
 def main() -> None:
@@ -122,6 +175,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--skip-stock", action="store_true", help="skip vLLM's stock LoRA ops")
+    parser.add_argument(
+        "--eager", action="store_true", help="also run fast ops with --enforce-eager (no compile)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the servers: where the step time goes"
+    )
     args = parser.parse_args()
 
     base = base_model_dir()
@@ -130,9 +189,14 @@ def main() -> None:
     workloads = {"1 adapter": names[:1], "8 adapters": names}
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     runs = {"base": serve_and_measure("base", base, args, env, [], {"base": []})}
-    for mode in ["fast"] if args.skip_stock else ["fast", "stock"]:
-        mode_env = {**env, "LORAPLEX_FAST_LORA": "on" if mode == "fast" else "off"}
-        runs[mode] = serve_and_measure(mode, base, args, mode_env, adapters, workloads)
+    modes = {"fast": ("on", [])}
+    if args.eager:
+        modes["fast-eager"] = ("on", ["--enforce-eager"])
+    if not args.skip_stock:
+        modes["stock"] = ("off", [])
+    for mode, (switch, extra) in modes.items():
+        mode_env = {**env, "LORAPLEX_FAST_LORA": switch}
+        runs[mode] = serve_and_measure(mode, base, args, mode_env, adapters, workloads, extra)
 
     ref = runs["base"]["base"]
     table = []

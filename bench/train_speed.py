@@ -4,13 +4,14 @@ For each model shape (``small``: SmolLM2-135M's config; ``8b``: Llama-3.1-8B's) 
 a base folder with random bf16 weights and a word-level tokenizer (speed does not depend on
 weight values), writes synthetic data whose examples are exactly ``--seq-len`` tokens, and
 runs ``loraplex.train.train`` for ``--steps`` optimizer steps with the batch size and
-checkpointing it chooses from the device's memory (or the ones given). Tokens/s is measured
+checkpointing it chooses from the device's memory (variant ``auto``) or with checkpointing on
+at the batch of the given references (``checkpointed``). Tokens/s is measured
 over the steps after ``--warmup``. With ``--reference`` a plain PEFT loop (r=16 on all
 projections, same batch and checkpointing, loss on all tokens) runs in the same process, and
 the ratio is printed. Results go to ``bench/results/train_speed.json``.
 
-    python bench/train_speed.py --shapes small,8b --reference   # on a GPU machine
-    python bench/train_speed.py --shapes tiny --steps 4         # smoke test on CPU
+    python bench/train_speed.py --shapes small,8b --variants auto,checkpointed --reference
+    python bench/train_speed.py --shapes tiny --steps 5 --warmup 2   # smoke test on CPU
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ REFERENCE_TOKS = {
     ("small", 1024, 32, False): 85167,
 }
 TARGETS = {"8b": 8000, "small": 80000}
+CHECKPOINTED_BATCH = {"small": 8, "8b": 2, "tiny": 4}  # the given checkpointed references
 DEFAULT_SEQ = {"tiny": 128, "small": 1024, "8b": 2048}
 
 
@@ -148,6 +150,7 @@ def reference_run(base: Path, batch: int, ckpt: bool, args: argparse.Namespace) 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": device})
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode: no dropout, no checkpointing
     if ckpt:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -184,13 +187,77 @@ def reference_run(base: Path, batch: int, ckpt: bool, args: argparse.Namespace) 
     return out
 
 
+def variants(cli: argparse.Namespace, shape: str) -> list[tuple[str, int | None, bool | None]]:
+    """(label, batch size, checkpointing) runs for one shape; None = loraplex chooses."""
+    runs: list[tuple[str, int | None, bool | None]] = []
+    for name in cli.variants.split(","):
+        if name == "auto":
+            runs.append(("auto", cli.batch_size, cli.checkpointing))
+        elif name == "checkpointed":
+            runs.append(("checkpointed", CHECKPOINTED_BATCH.get(shape, 2), True))
+        else:
+            raise SystemExit(f"unknown variant {name!r}; use auto, checkpointed")
+    return runs
+
+
+def run_shape(shape: str, cli: argparse.Namespace) -> list[dict]:
+    """Build one shape's base and data once, then run each variant (and its reference)."""
+    args = argparse.Namespace(**vars(cli))
+    args.seq_len = cli.seq_len or DEFAULT_SEQ[shape]
+    out = []
+    with tempfile.TemporaryDirectory(prefix=f"train-speed-{shape}-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        build_base(shape, work / "base", args.seq_len)
+        built = round(time.perf_counter() - started, 1)
+        lines = 64 * args.steps if shape != "8b" else 8 * args.steps
+        write_data(work / "data.jsonl", lines, args.seq_len, SHAPES[shape]["vocab_size"])
+        for label, batch, ckpt in variants(cli, shape):
+            args.batch_size, args.checkpointing = batch, ckpt
+            run = {"shape": shape, "variant": label, "seq_len": args.seq_len,
+                   "build_seconds": built}  # fmt: skip
+            mine = run["loraplex"] = loraplex_run(shape, work / "base", work / "data.jsonl",
+                                                  work, args)  # fmt: skip
+            key = (shape, args.seq_len, mine["batch_size"], mine["gradient_checkpointing"])
+            run["given_reference_tokens_per_second"] = REFERENCE_TOKS.get(key)
+            run["target_tokens_per_second"] = TARGETS.get(shape) if label == "auto" else None
+            if cli.reference:
+                ref = run["reference"] = reference_run(
+                    work / "base", mine["batch_size"], mine["gradient_checkpointing"], args
+                )
+                run["ratio_vs_reference"] = round(
+                    mine["tokens_per_second"] / ref["tokens_per_second"], 3
+                )
+            print(json.dumps(run), flush=True)
+            out.append(run)
+    return out
+
+
+def print_table(runs: list[dict]) -> None:
+    """One line per run: what loraplex chose, its speed and memory, the plain loop's."""
+    print(f"{'shape':<6} {'variant':<12} {'seq':>5} {'batch':>5} {'ckpt':>5} {'tok/s':>9} "
+          f"{'peak GiB':>9} {'target':>7} {'given ref':>9} {'plain PEFT':>10} {'ref GiB':>8} "
+          f"{'ratio':>6}")  # fmt: skip
+    for run in runs:
+        mine, ref = run["loraplex"], run.get("reference") or {}
+        print(f"{run['shape']:<6} {run['variant']:<12} {run['seq_len']:>5} "
+              f"{mine['batch_size']:>5} {str(mine['gradient_checkpointing']):>5} "
+              f"{mine['tokens_per_second']:>9.0f} {str(mine['peak_memory_gib']):>9} "
+              f"{str(run['target_tokens_per_second'] or '-'):>7} "
+              f"{str(run['given_reference_tokens_per_second'] or '-'):>9} "
+              f"{str(ref.get('tokens_per_second', '-')):>10} "
+              f"{str(ref.get('peak_memory_gib', '-')):>8} "
+              f"{str(run.get('ratio_vs_reference', '-')):>6}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="small,8b", help="comma list of tiny, small, 8b")
+    parser.add_argument("--variants", default="auto", help="comma list of auto, checkpointed")
     parser.add_argument("--seq-len", type=int, default=None, help="default: 1024 small, 2048 8b")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: loraplex chooses")
+    parser.add_argument("--batch-size", type=int, default=None, help="auto variant's batch size")
     parser.add_argument("--checkpointing", choices=["on", "off"], default=None)
     parser.add_argument("--reference", action="store_true", help="also run a plain PEFT loop")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_speed.json")
@@ -198,44 +265,13 @@ def main() -> None:
     cli.checkpointing = None if cli.checkpointing is None else cli.checkpointing == "on"
     import torch
 
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                               else "cpu", "torch": torch.__version__, "runs": []}  # fmt: skip
-    for shape in cli.shapes.split(","):
-        args = argparse.Namespace(**vars(cli))
-        args.seq_len = cli.seq_len or DEFAULT_SEQ[shape]
-        with tempfile.TemporaryDirectory(prefix=f"train-speed-{shape}-") as tmp:
-            work = Path(tmp)
-            started = time.perf_counter()
-            build_base(shape, work / "base", args.seq_len)
-            built = time.perf_counter() - started
-            lines = 64 * args.steps if shape != "8b" else 8 * args.steps
-            write_data(work / "data.jsonl", lines, args.seq_len, SHAPES[shape]["vocab_size"])
-            run = {"shape": shape, "seq_len": args.seq_len, "build_seconds": round(built, 1)}
-            run["loraplex"] = loraplex_run(shape, work / "base", work / "data.jsonl", work, args)
-            chosen = run["loraplex"]
-            key = (shape, args.seq_len, chosen["batch_size"], chosen["gradient_checkpointing"])
-            run["given_reference_tokens_per_second"] = REFERENCE_TOKS.get(key)
-            run["target_tokens_per_second"] = TARGETS.get(shape)
-            if cli.reference:
-                ref = reference_run(work / "base", chosen["batch_size"],
-                                    chosen["gradient_checkpointing"], args)  # fmt: skip
-                run["reference"] = ref
-                run["ratio_vs_reference"] = round(
-                    chosen["tokens_per_second"] / ref["tokens_per_second"], 3
-                )
-        results["runs"].append(run)
-        print(json.dumps(run), flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    runs = [run for shape in cli.shapes.split(",") for run in run_shape(shape, cli)]
+    results = {"device": device, "torch": torch.__version__, "steps": cli.steps,
+               "warmup": cli.warmup, "runs": runs}  # fmt: skip
     cli.out.parent.mkdir(parents=True, exist_ok=True)
     cli.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'shape':<6} {'seq':>5} {'batch':>5} {'ckpt':>5} {'tok/s':>9} {'peak GiB':>9} "
-          f"{'target':>7} {'plain PEFT':>10} {'ratio':>6}")  # fmt: skip
-    for run in results["runs"]:
-        mine, ref = run["loraplex"], run.get("reference") or {}
-        print(f"{run['shape']:<6} {run['seq_len']:>5} {mine['batch_size']:>5} "
-              f"{str(mine['gradient_checkpointing']):>5} {mine['tokens_per_second']:>9.0f} "
-              f"{str(mine['peak_memory_gib']):>9} {str(run['target_tokens_per_second']):>7} "
-              f"{str(ref.get('tokens_per_second', '-')):>10} "
-              f"{str(run.get('ratio_vs_reference', '-')):>6}")  # fmt: skip
+    print_table(runs)
 
 
 if __name__ == "__main__":

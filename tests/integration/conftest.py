@@ -5,7 +5,8 @@ Fixtures:
 - ``base_model_dir``: the prepared bundled model folder.
 - ``demo_adapters``: {"pirate": path, "shout": path}, trained by ``loraplex.train.demo``.
 - ``adapters_dir``: a folder holding the demo adapters plus ``random1``/``random2``.
-- ``server``: a running server over ``adapters_dir``; ``.url``, ``.base``, ``.log_tail()``.
+- ``server``: a running server over ``adapters_dir``; ``.url``, ``.base``, ``.admin_key``,
+  ``.startup_seconds``, ``.log_tail()``.
 - ``make_random_adapter(path, seed, rank=8)``: a PEFT adapter with random non-zero weights.
 """
 
@@ -26,6 +27,7 @@ from loraplex.server.launcher import RunningServer, free_port, running_server
 
 BASE_NAME = "smollm2-135m"
 DEMO_NAMES = ("pirate", "shout")
+ADMIN_KEY = "test-admin-key"
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +97,12 @@ def server(
         "LORAPLEX_KV_CACHE_GIB": "1",
         "LORAPLEX_MAX_LORA_RANK": "16",
         "LORAPLEX_AUTH": "off",
+        "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
         "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
     command = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port)]
     with running_server(command, port, home / "server.log", env=env) as running:
         running.base = BASE_NAME  # type: ignore[attr-defined]
+        running.admin_key = ADMIN_KEY  # type: ignore[attr-defined]
         yield running

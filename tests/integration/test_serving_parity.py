@@ -10,7 +10,11 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.integration
-PROMPTS = ["What is the capital of France?", "Name a fruit that is yellow."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name a fruit that is yellow.",
+    "Write one sentence about the sea.",
+]
 NEW_TOKENS = 20
 
 
@@ -47,11 +51,13 @@ def reference_chat(base_model_dir, adapter_dir, question: str) -> str:
 
 @pytest.mark.parametrize("adapter", ["pirate", "random1"])
 def test_adapter_matches_transformers_peft(server, base_model_dir, adapters_dir, adapter) -> None:
+    differs = 0
     for question in PROMPTS:
         served = served_chat(server.url, adapter, question)
-        expected = reference_chat(base_model_dir, adapters_dir / adapter, question)
-        assert served == expected
-        assert served != served_chat(server.url, server.base, question)
+        assert served == reference_chat(base_model_dir, adapters_dir / adapter, question)
+        differs += served != served_chat(server.url, server.base, question)
+    # The trained demo changes every answer; small random weights change at least one.
+    assert differs == len(PROMPTS) if adapter == "pirate" else differs >= 1
 
 
 def test_base_matches_transformers(server, base_model_dir) -> None:

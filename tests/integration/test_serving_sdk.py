@@ -51,7 +51,7 @@ def test_completion_streamed_equals_non_streamed(client: OpenAI, model: str) -> 
     prompt = "The three primary colors are"
     whole = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
     text = whole.choices[0].text
-    assert text and whole.usage.completion_tokens == 12
+    assert text and 0 < whole.usage.completion_tokens <= 12
     stream = client.completions.create(
         model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True
     )

@@ -161,14 +161,21 @@ def test_adapter_folder_and_manifest(wrap: dict, base_model_dir: Path) -> None:
     assert "loss" in wrap["stderr"] and "ETA" in wrap["stderr"]
 
 
-def test_push_registers_an_unpromoted_version(wrap: dict) -> None:
+def test_push_registers_a_new_version_without_promoting_it(wrap: dict, tmp_path: Path) -> None:
     key, sha = wrap["stdout"].splitlines()[1].split()
     assert key == "wrap@v1" and len(sha) == 64
+    data = write_jsonl(tmp_path / "d.jsonl", TRAIN_WORDS[:8])
+    args = ["train", "--data", str(data), "--name", "wrap", "--output", str(tmp_path / "v2"),
+            "--push", "--max-steps", "1", "--batch-size", "4", "--seed", "1"]  # fmt: skip
+    done = loraplex(args, wrap["env"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[1].split()[0] == "wrap@v2"
     shown = loraplex(["adapters", "show", "wrap", "--json"], wrap["env"])
     assert shown.returncode == 0, shown.stderr
     record = json.loads(shown.stdout)
-    assert record["aliases"] == {}
-    assert [v["number"] for v in record["versions"]] == [1]
+    # the registry points "stable" at a name's first version; a later push moves nothing
+    assert record["aliases"] == {"stable": "wrap@v1"}
+    assert [v["number"] for v in record["versions"]] == [1, 2]
 
 
 def completion(url: str, model: str, text: str) -> str:

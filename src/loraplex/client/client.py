@@ -125,6 +125,7 @@ class Client(_BaseClient):
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 error: LoraplexError = self._transport_error(exc)
+                error.__cause__ = exc
                 delay = self.retry.delay(attempt) if self._connect_failed(exc) else None
             else:
                 if response.status_code < 400:

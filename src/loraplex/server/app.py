@@ -17,7 +17,7 @@ from loraplex.basemodel import BaseModelInfo, prepare
 from loraplex.config import Settings
 from loraplex.engine.types import Engine
 from loraplex.errors import TooLarge
-from loraplex.server import health, openai_routes
+from loraplex.server import admin_routes, health, openai_routes
 from loraplex.server.adapters import AdapterSource, FolderAdapterSource
 from loraplex.server.errors import error_response, install_error_handlers
 from loraplex.server.metrics import Metrics
@@ -99,4 +99,5 @@ def create_app(
 
     app.include_router(openai_routes.router)
     app.include_router(health.router)
+    app.include_router(admin_routes.router)
     return app

@@ -136,8 +136,13 @@ async def _resolve_models(
 ) -> tuple[list[str], str | None, list[int] | None]:
     """Adapter names to use, the base model name, and each adapter's tenant (if known)."""
     base, names, owners = cfg.base_model, cfg.adapter_names, None
-    if names is None or (base is None and cfg.adapters == 0):
-        listings = await _listings(client, cfg.api_keys)
+    if names is None or base is None:
+        try:
+            listings = await _listings(client, cfg.api_keys)
+        except LoraplexError:
+            if names is None or cfg.adapters == 0:
+                raise
+            listings = [{}]
         base = base or base_model_from_models(listings[0])
         if names is None:
             names, owners = _round_robin([adapter_names_from_models(x) for x in listings])

@@ -1,0 +1,144 @@
+"""FastPunicaWrapperCPU through vLLM's own metadata path (LoRAMapping -> update_metadata).
+
+Each entry point of the wrapper is compared with a per-token reference, and, where vLLM's
+stock CPU wrapper is right (no token without an adapter), with vLLM itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+
+from loraplex.fastlora.punica import FastPunicaWrapperCPU  # noqa: E402
+
+SLOT_IDS = [7, 3, 9]  # lora ids in slots 0, 1, 2
+SLICES = (40, 12, 12)
+RANK, D_IN = 16, 32
+
+
+def wrappers(token_ids, prompt_ids):
+    made = []
+    for cls in (FastPunicaWrapperCPU, PunicaWrapperCPU):
+        wrapper = cls(64, 8, "cpu")
+        mapping = LoRAMapping(token_ids, prompt_ids, is_prefill=True)
+        wrapper.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
+        made.append(wrapper)
+    return made
+
+
+def stacked(gen, slices=SLICES):
+    a = tuple(torch.randn(3, 1, RANK, D_IN, generator=gen) * 0.3 for _ in slices)
+    b = tuple(torch.randn(3, 1, size, RANK, generator=gen) * 0.3 for size in slices)
+    return a, b
+
+
+def reference(y, x, a, b, slots, scale=1.0):
+    out = y.clone()
+    offset = 0
+    for a_s, b_s in zip(a, b, strict=True):
+        size = b_s.shape[2]
+        for row, slot in enumerate(slots):
+            if slot >= 0:
+                h = (x[row] @ a_s[slot, 0].t()) * scale
+                out[row, offset : offset + size] += h @ b_s[slot, 0].t()
+        offset += size
+    return out
+
+
+def slots_of(ids):
+    return [SLOT_IDS.index(i) if i > 0 else -1 for i in ids]
+
+
+TOKENS = {
+    "prefill+decode": [7] * 20 + [3] * 2 + [9, 7, 3] + [9] * 18,
+    "decode mixed": [7, 3, 9, 9, 7, 3, 7, 9],
+    "with base": [0, 0, 9, 7] + [0] * 17 + [9] * 3 + [3, 0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKENS))
+def test_add_lora_linear(name):
+    ids = TOKENS[name]
+    gen = torch.Generator().manual_seed(len(ids))
+    a, b = stacked(gen)
+    x = torch.randn(len(ids), D_IN, generator=gen)
+    y = torch.randn(len(ids), sum(SLICES), generator=gen)
+    fast, stock = wrappers(ids, ids)
+    expected = reference(y, x, a, b, slots_of(ids))
+    got = y.clone()
+    fast.add_lora_linear(got, x, a, b, 1.0, SLICES)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    if 0 not in ids:
+        vllm_out = y.clone()
+        stock.add_lora_linear(vllm_out, x, a, b, 1.0, SLICES)
+        torch.testing.assert_close(got, vllm_out, rtol=1e-5, atol=1e-4)
+
+
+def test_base_tokens_next_to_the_last_slot_get_no_delta():
+    """vLLM's stock CPU ops index slot -1 as the last slot; ours leave base rows alone."""
+    ids = [9, 0, 9, 0]
+    gen = torch.Generator().manual_seed(5)
+    a, b = stacked(gen)
+    x = torch.randn(4, D_IN, generator=gen)
+    y = torch.randn(4, sum(SLICES), generator=gen)
+    fast, _ = wrappers(ids, ids)
+    got = y.clone()
+    fast.add_lora_linear(got, x, a, b, 1.0, SLICES)
+    torch.testing.assert_close(got[[1, 3]], y[[1, 3]])
+    assert not torch.allclose(got[[0, 2]], y[[0, 2]])
+
+
+@pytest.mark.parametrize("name", sorted(TOKENS))
+def test_shrink_and_expand_with_buffers(name):
+    ids = TOKENS[name]
+    gen = torch.Generator().manual_seed(11)
+    a, b = stacked(gen)
+    x = torch.randn(len(ids), D_IN, generator=gen)
+    y = torch.randn(len(ids), sum(SLICES), generator=gen)
+    fast, _ = wrappers(ids, ids)
+    buffers = tuple(torch.empty(len(ids), RANK) for _ in SLICES)
+    got = y.clone()
+    fast.add_shrink(buffers, x, a, 0.5)
+    fast.add_expand(got, buffers, b, SLICES, add_inputs=True)
+    torch.testing.assert_close(got, reference(y, x, a, b, slots_of(ids), 0.5), atol=1e-4, rtol=1e-5)
+
+
+def test_logits_use_the_sampler_mapping():
+    tokens = [7] * 5 + [0] * 3 + [9] * 4
+    prompts = [7, 0, 9]
+    gen = torch.Generator().manual_seed(2)
+    a, b = stacked(gen, (50,))
+    x = torch.randn(3, D_IN, generator=gen)
+    logits = torch.randn(3, 48, generator=gen)
+    fast, _ = wrappers(tokens, prompts)
+    got = logits.clone()
+    fast.add_lora_logits(got, x, a[0], b[0], 1.0)
+    padded = torch.cat([logits, torch.zeros(3, 2)], dim=1)
+    expected = reference(padded, x, a, b, slots_of(prompts))[:, :48]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_embedding_expand():
+    ids = [3, 0, 3, 9]
+    gen = torch.Generator().manual_seed(4)
+    b = torch.randn(3, 1, 20, RANK, generator=gen)
+    h = torch.randn(4, RANK, generator=gen)
+    y = torch.randn(4, 20, generator=gen)
+    fast, _ = wrappers(ids, ids)
+    got = y.clone()
+    fast.add_lora_embedding(got, h, b)
+    for row, slot in enumerate(slots_of(ids)):
+        want = y[row] if slot < 0 else y[row] + h[row] @ b[slot, 0].t()
+        torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-4)
+
+
+def test_rows_that_do_not_match_the_mapping_are_rejected():
+    fast, _ = wrappers([7, 7, 3], [7, 3])
+    a, b = stacked(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="rows"):
+        fast.add_lora_linear(torch.zeros(5, sum(SLICES)), torch.zeros(5, D_IN), a, b, 1.0, SLICES)
