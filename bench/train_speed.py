@@ -17,6 +17,7 @@ the ratio is printed. Results go to ``bench/results/train_speed.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -121,6 +122,10 @@ def loraplex_run(shape: str, base: Path, data: Path, work: Path, args: argparse.
         force=True, show_progress=False, callbacks=[timer],
     )  # fmt: skip
     result = train(opts)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    gc.collect()  # free this run's model before the next run's peak is measured
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     hyper = result.manifest["hyperparameters"]
     steps = len(timer.marks) - 1
     seconds = timer.marks[-1] - timer.marks[0]
@@ -131,9 +136,7 @@ def loraplex_run(shape: str, base: Path, data: Path, work: Path, args: argparse.
         "precision": hyper["precision"],
         "timed_steps": steps,
         "tokens_per_second": round(tokens / seconds, 1),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if torch.cuda.is_available()
-        else None,
+        "peak_memory_gib": round(peak / 2**30, 2) if peak is not None else None,
         "manifest_peak_memory_gib": round(
             result.manifest["results"]["peak_memory_bytes"] / 2**30, 2
         ),

@@ -104,12 +104,14 @@ def greedy(model, ids: list[int]) -> list[int]:
     """NEW_TOKENS greedy tokens, EOS included like vLLM's ``ignore_eos`` (no min-length rule)."""
     import torch
 
-    tokens = list(ids)
+    new: list[int] = []
+    inputs, past = torch.tensor([ids]), None
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            logits = model(input_ids=torch.tensor([tokens])).logits
-            tokens.append(int(logits[0, -1].argmax()))
-    return tokens[len(ids) :]
+            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            new.append(int(out.logits[0, -1].argmax()))
+            inputs, past = torch.tensor([[new[-1]]]), out.past_key_values
+    return new
 
 
 def run_engine(base_model_dir, adapters, tmp_path, fast: str) -> tuple[list[dict], str]:

@@ -52,6 +52,10 @@ def test_completion_streamed_equals_non_streamed(client: OpenAI, model: str) -> 
     whole = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
     text = whole.choices[0].text
     assert text and 0 < whole.usage.completion_tokens <= 12
+    forced = client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert forced.usage.completion_tokens == 12 and forced.choices[0].finish_reason == "length"
     stream = client.completions.create(
         model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True
     )

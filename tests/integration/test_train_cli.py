@@ -100,7 +100,7 @@ def prompt(word: str) -> str:
 
 
 def answer(word: str) -> str:
-    return f"[[{word}]]"
+    return f"[[ {word} ]]"
 
 
 def write_jsonl(path: Path, words: list[str]) -> Path:

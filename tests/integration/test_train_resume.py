@@ -19,16 +19,15 @@ from loraplex.train.demo import demo_data
 
 pytestmark = pytest.mark.integration
 
-STEPS = 12
+STEPS = 8
 
 
 def command(base: Path, out: Path, *extra: str) -> list[str]:
-    data, held_out = demo_data("pirate")
+    data, _ = demo_data("pirate")
     return [sys.executable, "-m", "loraplex.cli", "train", "--data", str(data),
-            "--eval-data", str(held_out), "--name", "resumed", "--output", str(out),
-            "--base", str(base), "--max-steps", str(STEPS), "--save-steps", "2",
-            "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--seed", "7",
-            *extra]  # fmt: skip
+            "--name", "resumed", "--output", str(out), "--base", str(base),
+            "--max-steps", str(STEPS), "--save-steps", "2", "--batch-size", "2",
+            "--grad-accum", "1", "--lr", "1e-3", "--seed", "7", *extra]  # fmt: skip
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -75,5 +74,5 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path: Path, base_model_d
     ra = json.loads((straight / "loraplex.json").read_text())["results"]
     rb = json.loads((resumed / "loraplex.json").read_text())["results"]
     assert rb["steps"] == ra["steps"] == STEPS
-    assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-4)
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-4)
     assert not (resumed / ".checkpoints").exists()

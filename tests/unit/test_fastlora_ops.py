@@ -7,6 +7,7 @@ import torch
 
 from loraplex.fastlora import ops
 from loraplex.fastlora.plan import LoraPlan
+from loraplex.fastlora.weights import LoraWeights
 
 SLICES = {"single": (48,), "qkv": (64, 16, 16), "gate_up": (96, 96)}
 
@@ -61,9 +62,17 @@ def patterns(slots, gen):
     }
 
 
+@pytest.fixture(params=[False, True], ids=["torch", "onednn"])
+def use_onednn(request) -> bool:
+    """Both matmul back ends: torch.matmul, and vLLM's prepacked oneDNN GEMM (when present)."""
+    if request.param and not LoraWeights().uses_onednn:
+        pytest.skip("vLLM's oneDNN GEMM is not available here")
+    return request.param
+
+
 @pytest.mark.parametrize("rank", [8, 16, 64])
 @pytest.mark.parametrize("layout", sorted(SLICES))
-def test_lora_linear_matches_reference(rank, layout):
+def test_lora_linear_matches_reference(rank, layout, use_onednn):
     gen = torch.Generator().manual_seed(rank)
     slots, d_in, slices = 4, 32, SLICES[layout]
     a_list, b_list = weights(slots, rank, d_in, slices, gen)
@@ -72,7 +81,7 @@ def test_lora_linear_matches_reference(rank, layout):
         y = torch.randn(indices.numel(), sum(slices), generator=gen)
         expected = reference(y, x, a_list, b_list, indices, 0.5, slices)
         plan = LoraPlan.build(indices)
-        cache = ops.TransposedB()
+        cache = LoraWeights(use_onednn)
         offset = 0
         for a, b, size in zip(a_list, b_list, slices, strict=True):
             ops.lora_linear(plan, y, x, a, b, 0.5, offset, size, cache)
@@ -113,7 +122,7 @@ def test_expand_without_add_inputs_overwrites_and_zeroes_base_rows():
         torch.testing.assert_close(y[row], want)
 
 
-def test_padding_lower_adapter_rank_and_wider_b_than_output():
+def test_padding_lower_adapter_rank_and_wider_b_than_output(use_onednn):
     """Adapters of rank 8 in rank-16 slots; B wider than y (vocab padding) is cut to y."""
     gen = torch.Generator().manual_seed(3)
     a_list, b_list = weights(4, 16, 20, (40,), gen, adapter_rank=8)
@@ -123,12 +132,12 @@ def test_padding_lower_adapter_rank_and_wider_b_than_output():
     expected = y.clone()
     expected += reference(torch.zeros(8, 40), x, a_list, b_list, indices, 1.0, (40,))[:, :33]
     ops.lora_linear(
-        LoraPlan.build(indices), y, x, a_list[0], b_list[0], 1.0, 0, 40, ops.TransposedB()
+        LoraPlan.build(indices), y, x, a_list[0], b_list[0], 1.0, 0, 40, LoraWeights(use_onednn)
     )
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_bfloat16_close_to_float32_reference():
+def test_bfloat16_close_to_float32_reference(use_onednn):
     gen = torch.Generator().manual_seed(11)
     a_list, b_list = weights(4, 16, 64, (64, 16, 16), gen)
     a_list = [a * 0.1 for a in a_list]
@@ -137,7 +146,7 @@ def test_bfloat16_close_to_float32_reference():
     y = torch.zeros(40, 96)
     expected = reference(y, x, a_list, b_list, indices, 1.0, (64, 16, 16))
     y16 = y.to(torch.bfloat16)
-    cache, offset = ops.TransposedB(), 0
+    cache, offset = LoraWeights(use_onednn), 0
     plan = LoraPlan.build(indices)
     for a, b, size in zip(a_list, b_list, (64, 16, 16), strict=True):
         ops.lora_linear(
@@ -147,13 +156,19 @@ def test_bfloat16_close_to_float32_reference():
     torch.testing.assert_close(y16.float(), expected, rtol=0.05, atol=0.1)
 
 
-def test_transposed_b_follows_weight_updates():
-    """vLLM writes a new adapter into a slot in place: the cached copy must follow."""
-    cache = ops.TransposedB()
-    b = torch.zeros(3, 1, 6, 4)
-    first = cache.get(b)
-    assert cache.get(b) is first
-    b[1, 0, :6, :2].copy_(torch.ones(6, 2))
-    second = cache.get(b)
+def test_cached_layouts_follow_weight_updates(use_onednn):
+    """vLLM writes a new adapter into a slot in place: cached copies must follow."""
+    gen = torch.Generator().manual_seed(9)
+    weights = LoraWeights(use_onednn)
+    a = torch.zeros(3, 1, 4, 6)
+    b = torch.zeros(3, 1, 5, 4)
+    first = weights.b_t(b)
+    assert weights.b_t(b) is first
+    x = torch.randn(2, 6, generator=gen)
+    assert weights.matmul(x, a, False, 1, 1, 5).abs().sum() == 0
+    a[1, 0].copy_(torch.randn(4, 6, generator=gen))
+    b[1, 0, :, :2].copy_(torch.ones(5, 2))
+    torch.testing.assert_close(weights.matmul(x, a, False, 1, 1, 5), x @ a[1, 0].t())
+    second = weights.b_t(b)
     assert second is not first
     torch.testing.assert_close(second[1], b[1, 0].t())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.train.runtime import answer_loss, collate
+from loraplex.train.loss import answer_loss, collate
 
 
 @pytest.fixture(scope="module")

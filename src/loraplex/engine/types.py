@@ -23,6 +23,7 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

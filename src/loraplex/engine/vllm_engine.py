@@ -98,6 +98,7 @@ class VllmEngine:
             top_p=params.top_p,
             stop=params.stop or None,
             seed=params.seed,
+            ignore_eos=params.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         prompt = {"prompt_token_ids": prompt_ids}

@@ -1,9 +1,10 @@
 """CPU multi-LoRA ops that never copy adapter weights per token.
 
 Weights come in vLLM's stacked layout: A ``(slots, 1, rank, in)`` and B ``(slots, 1, out, rank)``
-(a 3-D layout without the 1 works too). A ``LoraPlan`` says which rows use which slot. Direct
-segments multiply by one slot's A and B in place; the packed group multiplies by the contiguous
-block of slots it uses and masks out the other slots' columns. Rows with slot -1 get no delta.
+(a 3-D layout without the 1 works too); ``weights.LoraWeights`` serves them prepacked. A
+``LoraPlan`` says which rows use which slot. Direct segments multiply by one slot's A and B;
+the packed group multiplies by the contiguous block of slots it uses and masks out the other
+slots' columns. Rows with slot -1 get no delta.
 
 ``lora_linear`` fuses shrink and expand (the hot path of every linear layer); ``shrink`` and
 ``expand`` keep vLLM's two-step interface (a ``(tokens, rank)`` buffer in between) for callers
@@ -16,31 +17,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.fastlora.plan import LoraPlan
-
-
-def _slots(stacked: torch.Tensor) -> torch.Tensor:
-    """(slots, 1, a, b) or (slots, a, b) -> (slots, a, b), a view."""
-    return stacked[:, 0] if stacked.dim() == 4 else stacked
-
-
-class TransposedB:
-    """B in ``(slots, rank, out)`` layout, so a block of slots is a ``(span*rank, out)`` view.
-
-    The copy is remade when vLLM writes new weights into a slot: that bumps the version counter
-    that the stacked tensor shares with its views.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, stacked: torch.Tensor) -> torch.Tensor:
-        key = stacked.data_ptr()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == stacked._version and hit[1] is stacked:
-            return hit[2]
-        transposed = _slots(stacked).transpose(1, 2).contiguous()
-        self._cache[key] = (stacked._version, stacked, transposed)
-        return transposed
+from loraplex.fastlora.weights import LoraWeights, slots
 
 
 def lora_linear(
@@ -52,41 +29,35 @@ def lora_linear(
     scale: float,
     offset: int,
     size: int,
-    b_t: TransposedB,
+    weights: LoraWeights,
 ) -> None:
     """``y[:, offset:offset+size] += scale * x @ A[slot].T @ B[slot].T`` for each row's slot."""
-    a3, b3 = _slots(lora_a), _slots(lora_b)
-    rank = a3.shape[1]
-    size = min(size, b3.shape[1], y.shape[1] - offset)
-    if a3.dtype != x.dtype:
-        a3, b3 = a3.to(x.dtype), b3.to(x.dtype)
+    rank = lora_a.shape[-2]
+    size = min(size, lora_b.shape[-2], y.shape[1] - offset)
     y_cols = y.narrow(1, offset, size)
     for slot, start, stop in plan.direct:
-        h = x[start:stop] @ a3[slot].t()
+        h = weights.matmul(x[start:stop], lora_a, False, slot, 1, size)
         if scale != 1.0:
             h.mul_(scale)
-        _add_product(y_cols[start:stop], h, b3[slot, :size].t())
+        _add(y_cols[start:stop], weights.matmul(h, lora_b, True, slot, 1, size))
     packed = plan.packed
     if packed is None:
         return
     lo, span = packed.lo, packed.span
-    a_block = a3[lo : lo + span].reshape(span * rank, a3.shape[2])
-    h = x[packed.rows] @ a_block.t()
+    h = weights.matmul(x[packed.rows], lora_a, False, lo, span, size)
     h.mul_(packed.mask(rank, h.dtype, scale))
-    b_block = b_t.get(lora_b)[lo : lo + span, :, :size].reshape(span * rank, size)
-    if b_block.dtype != h.dtype:
-        b_block = b_block.to(h.dtype)
+    delta = weights.matmul(h, lora_b, True, lo, span, size)
     if isinstance(packed.rows, slice):
-        _add_product(y_cols[packed.rows], h, b_block)
+        _add(y_cols[packed.rows], delta)
     else:
-        y_cols.index_add_(0, packed.rows, (h @ b_block).to(y.dtype))
+        y_cols.index_add_(0, packed.rows, delta.to(y.dtype))
 
 
 def shrink(
     plan: LoraPlan, out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, scale: float
 ) -> None:
     """``out[row, :rank] = scale * x[row] @ A[slot].T``; rows without a slot get 0."""
-    a3 = _slots(lora_a)
+    a3 = slots(lora_a)
     rank = a3.shape[1]
     if not plan.covers_all:
         out.zero_()
@@ -112,7 +83,7 @@ def expand(
     add_inputs: bool,
 ) -> None:
     """``y[row, offset:offset+size] (+)= h[row] @ B[slot].T``; rows without a slot get 0."""
-    b3 = _slots(lora_b)
+    b3 = slots(lora_b)
     rank = b3.shape[2]
     size = min(size, b3.shape[1], y.shape[1] - offset)
     y_cols = y.narrow(1, offset, size)
@@ -132,14 +103,6 @@ def expand(
         _add(y_cols[packed.rows], delta)
     else:
         y_cols.index_add_(0, packed.rows, delta.to(y.dtype))
-
-
-def _add_product(target: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-    """``target += h @ w``, in one BLAS call when the dtypes agree."""
-    if target.dtype == h.dtype:
-        target.addmm_(h, w)
-    else:
-        target.add_((h @ w).to(target.dtype))
 
 
 def _add(target: torch.Tensor, delta: torch.Tensor) -> None:

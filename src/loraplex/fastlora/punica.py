@@ -5,6 +5,10 @@ replaces every LoRA matmul: one ``LoraPlan`` per step for the token mapping and 
 sampler mapping (used by the lm_head LoRA), then ``ops`` per layer. vLLM always marks CPU
 steps as prefill, so the plan, not ``is_prefill``, decides how tokens are grouped.
 
+The layer-level entry points run as custom ops (``loraplex::lora_linear``, ``lora_shrink``,
+``lora_expand``) that look the wrapper up by an integer key, so that a torch.compile'd model
+calls them on every step instead of tracing one step's plan into its graph.
+
 Imported only inside vLLM processes, through ``FastLoraCpuPlatform.get_punica_wrapper``.
 """
 
@@ -20,6 +24,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from loraplex.fastlora import ops
 from loraplex.fastlora.plan import LoraPlan
+from loraplex.fastlora.weights import LoraWeights
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
 _KEYS = itertools.count(1)
@@ -32,7 +37,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
         self._token_plan = LoraPlan(0, [], None)
         self._sampler_plan: LoraPlan | None = None
-        self._b_t = ops.TransposedB()
+        self._weights = LoraWeights()
         self._key = next(_KEYS)
         _WRAPPERS[self._key] = self
 
@@ -99,7 +104,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
             return
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            ops.lora_linear(plan, y, x, lora_a, lora_b, scale, offset, size, self._b_t)
+            ops.lora_linear(plan, y, x, lora_a, lora_b, scale, offset, size, self._weights)
             offset += size
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):
@@ -109,7 +114,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         if plan.empty:
             return
         size = lora_b_stacked.shape[-2]
-        ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._b_t)
+        ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._weights)
 
 
 def _checked(plan: LoraPlan, num_rows: int, what: str) -> LoraPlan:

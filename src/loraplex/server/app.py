@@ -7,6 +7,7 @@ AsyncLLM created inside the lifespan (never at import, since vLLM spawns process
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ EngineFactory = Callable[[Settings, Path], Engine]
 
 def vllm_engine_factory(settings: Settings, model_dir: Path) -> Engine:
     """The production engine: vLLM AsyncLLM in this process."""
+    # Read by loraplex's vLLM platform plugin in every vLLM process; set before vLLM loads.
+    os.environ["LORAPLEX_FAST_LORA"] = settings.fast_lora
     from loraplex.engine.vllm_engine import VllmEngine
 
     return VllmEngine(settings, str(model_dir))

@@ -60,6 +60,7 @@ def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) ->
         stop=body.stop_list(),
         seed=body.seed,
         n=body.n,
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -20,6 +20,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=8)
+    ignore_eos: bool = False  # vLLM extension: generate max_tokens even past EOS (benchmarks)
     stream: bool = False
     stream_options: dict[str, bool] | None = None
     user: str | None = None

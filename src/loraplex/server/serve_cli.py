@@ -26,6 +26,7 @@ def serve_command(
     kv_cache_gib: Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="GPU share.")] = None,
     auth: Annotated[str | None, typer.Option(help="on|off: require tenant keys.")] = None,
+    fast_lora: Annotated[str | None, typer.Option(help="on|off: loraplex's CPU LoRA ops.")] = None,
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     overrides = {k: v for k, v in locals().items() if v is not None}

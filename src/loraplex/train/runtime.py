@@ -24,13 +24,9 @@ from typing import Any
 from loraplex.errors import InvalidRequest, LoraplexError
 from loraplex.train import memory
 from loraplex.train.callbacks import InterruptCallback, ProgressCallback
-from loraplex.train.encode import IGNORE_INDEX, Encoded, pad_batch
+from loraplex.train.encode import Encoded
+from loraplex.train.loss import collate, trainer_class
 from loraplex.train.options import TrainOptions
-
-CUDA_MAX_BATCH, CUDA_MAX_TOKENS = 64, 65536
-CPU_MAX_BATCH, CPU_MAX_TOKENS = 8, 8192
-# Decoders whose logits are exactly lm_head(hidden): the loss may skip masked positions.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 
 
 class OutOfMemory(LoraplexError):
@@ -109,50 +105,6 @@ def stop_token_ids(path: Path) -> list[int]:
     return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
 
 
-def plan_batch(env: Env, opts: TrainOptions, longest: int, saved: dict | None) -> memory.Plan:
-    """Batch size and checkpointing: the checkpointed run's on resume, else from memory."""
-    import torch
-
-    batch, ckpt = opts.batch_size, opts.gradient_checkpointing
-    if saved is not None:
-        batch, ckpt = saved["batch_size"], saved["gradient_checkpointing"]
-        if opts.batch_size not in (None, batch):
-            raise InvalidRequest(f"--resume: the run was started with --batch-size {batch}.")
-    if env.device == "cuda":
-        available = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()
-        limits = (CUDA_MAX_BATCH, CUDA_MAX_TOKENS)
-    else:
-        available = memory.host_available_bytes() + _param_bytes(env.model)
-        limits = (CPU_MAX_BATCH, CPU_MAX_TOKENS)
-    element = 2 if env.precision == "bf16" else 4
-    lora_params = _lora_param_estimate(env.model, opts)
-    return memory.choose(
-        memory.Shape.from_config(env.model.config),
-        fixed_bytes=_param_bytes(env.model) + 16 * lora_params,
-        seq_len=min(longest, opts.max_seq_len),
-        available_bytes=available,
-        element_bytes=element,
-        max_batch=limits[0],
-        max_tokens=limits[1],
-        batch_size=batch,
-        checkpointing=ckpt,
-    )
-
-
-def _param_bytes(model: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _lora_param_estimate(model: Any, opts: TrainOptions) -> int:
-    import torch
-
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in opts.target_modules:
-            total += opts.r * (module.in_features + module.out_features)
-    return total
-
-
 class _Examples:
     """A list of encoded examples as a map-style dataset."""
 
@@ -164,70 +116,6 @@ class _Examples:
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.items[index]
-
-
-LOSS_KEYS = ("loss_index", "loss_targets")
-
-
-def collate(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Tensors of a padded batch, plus where the loss counts (computed here, on the CPU).
-
-    ``loss_index`` holds the flat positions (row * length + column) whose next token is a
-    label, ``loss_targets`` those labels; the attention mask is left out when nothing is
-    padded, so attention runs as plain causal attention.
-    """
-    import torch
-
-    batch = {k: torch.tensor(v) for k, v in pad_batch(items, pad_id).items()}
-    labels = batch["labels"]
-    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
-    batch["loss_index"] = rows * labels.shape[1] + cols
-    batch["loss_targets"] = labels[rows, cols + 1]
-    if bool(batch["attention_mask"].all()):
-        del batch["attention_mask"]
-    return batch
-
-
-def answer_loss(causal_lm: Any, inputs: dict[str, Any], num_items: Any) -> Any:
-    """Cross-entropy over answer positions only; ``lm_head`` never sees prompt positions.
-
-    Equal to the model's own shifted loss (sum over labelled tokens / ``num_items``), but
-    the vocabulary projection and softmax run only where a label counts: cheaper in time,
-    and in memory where the vocabulary is large. Needs ``collate``'s ``loss_*`` tensors.
-    """
-    import torch.nn.functional as F
-
-    hidden = causal_lm.get_decoder()(
-        input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
-    ).last_hidden_state
-    picked = hidden.flatten(0, 1).index_select(0, inputs["loss_index"])
-    logits = causal_lm.get_output_embeddings()(picked).float()
-    total = F.cross_entropy(logits, inputs["loss_targets"], reduction="sum")
-    count = num_items if num_items is not None else max(len(inputs["loss_targets"]), 1)
-    return total / count
-
-
-def _trainer_class() -> Any:
-    """``Trainer`` whose loss skips prompt positions for plain-head decoders."""
-    from transformers import Trainer
-
-    class AnswerLossTrainer(Trainer):
-        def compute_loss(  # type: ignore[override]
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-            num_items_in_batch: Any = None,
-        ) -> Any:  # fmt: skip
-            unwrapped = self.accelerator.unwrap_model(model)
-            causal = (
-                unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            )
-            if causal.config.model_type not in PLAIN_HEAD_MODELS:
-                plain = {k: v for k, v in inputs.items() if k not in LOSS_KEYS}
-                return super().compute_loss(model, plain, return_outputs, num_items_in_batch)
-            with self.accelerator.autocast():  # the Trainer autocasts only model.forward
-                loss = answer_loss(causal, inputs, num_items_in_batch)
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-    return AnswerLossTrainer
 
 
 def _training_args(**kwargs: Any) -> Any:
@@ -307,7 +195,7 @@ def build_trainer(
         **opts.extra,
     )
     callbacks = Callbacks(ProgressCallback(opts.name, opts.show_progress), InterruptCallback())
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         model=model,
         args=args,
         data_collator=partial(collate, pad_id=pad_id),

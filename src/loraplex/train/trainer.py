@@ -6,8 +6,8 @@ LoRA, and runs the transformers ``Trainer`` with checkpoints in ``OUTPUT/.checkp
 ``--resume`` continues from the last checkpoint, after checking that data, base and
 hyperparameters are the ones it was started with. The finished folder holds
 ``adapter_config.json``, ``adapter_model.safetensors`` and ``loraplex.json`` (written last).
-Device and batch planning live in ``loraplex.train.runtime``; this module does not parse
-command lines.
+Device, model and Trainer set-up live in ``loraplex.train.runtime``, batch planning in
+``loraplex.train.memory``; this module does not parse command lines.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
 from loraplex.errors import Conflict, InvalidRequest
-from loraplex.train import manifest, runtime
+from loraplex.train import manifest, memory, runtime
 from loraplex.train.data import DataError
 from loraplex.train.encode import Encoded, Encoder, encode_file
 from loraplex.train.options import TrainOptions
@@ -135,9 +135,14 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     env = runtime.load_base(base.path, opts.device, tokenizer)
 
     longest = max(len(item.input_ids) for item in train_items + eval_items)
-    plan = runtime.plan_batch(env, opts, longest, saved)
+    plan = memory.plan_batch(env, opts, longest, saved)
     record.update(batch_size=plan.batch_size, gradient_checkpointing=plan.gradient_checkpointing)
     runtime.log(f"{opts.name}: {len(train_items)} examples, {env.describe()}, {plan.describe()}")
+    if plan.estimated_bytes > plan.available_bytes * memory.HEADROOM:
+        runtime.log(
+            "warning: this batch may not fit in memory; lower --batch-size (raise --grad-accum "
+            "to keep the effective batch), lower --max-seq-len or add --gradient-checkpointing."
+        )
 
     trainer, callbacks = runtime.build_trainer(env, opts, plan, ckpt_dir, train_items, eval_items)
     with runtime.oom_guard(opts, plan):
