@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from loraplex.errors import Unauthorized
+from loraplex.server.adapters import ResolvedAdapter
 from loraplex.server.service import Service
 
 router = APIRouter(prefix="/admin")
@@ -30,24 +31,22 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("Admin routes need 'Authorization: Bearer <admin key>'.")
 
 
-def _service(request: Request) -> Service:
-    return request.app.state.service
+async def _resolve(request: Request, model: str) -> tuple[Service, ResolvedAdapter]:
+    service: Service = request.app.state.service
+    return service, await asyncio.to_thread(service.source.resolve, model)
 
 
 @router.post("/adapters/{model}/load", dependencies=[Depends(require_admin)])
 async def load(model: str, request: Request) -> dict[str, Any]:
     """Load an adapter version into the engine ahead of its first request."""
-    service = _service(request)
-    adapter = await asyncio.to_thread(service.source.resolve, model)
-    hit = await service.engine.load(adapter)
-    return {"adapter": adapter.version, "already_loaded": hit}
+    service, adapter = await _resolve(request, model)
+    return {"adapter": adapter.version, "already_loaded": await service.engine.load(adapter)}
 
 
 @router.post("/adapters/{model}/unload", dependencies=[Depends(require_admin)])
 async def unload(model: str, request: Request) -> dict[str, Any]:
     """Drop an adapter version from the engine; it loads again on its next request."""
-    service = _service(request)
-    adapter = await asyncio.to_thread(service.source.resolve, model)
+    service, adapter = await _resolve(request, model)
     await service.engine.unload(adapter)
     return {"adapter": adapter.version, "unloaded": True}
 
@@ -55,8 +54,7 @@ async def unload(model: str, request: Request) -> dict[str, Any]:
 @router.post("/adapters/{model}/pin", dependencies=[Depends(require_admin)])
 async def pin(model: str, request: Request) -> dict[str, Any]:
     """Load an adapter version and keep it from being evicted."""
-    service = _service(request)
-    adapter = await asyncio.to_thread(service.source.resolve, model)
+    service, adapter = await _resolve(request, model)
     await service.engine.pin(adapter)
     return {"adapter": adapter.version, "pinned": True}
 
@@ -64,11 +62,11 @@ async def pin(model: str, request: Request) -> dict[str, Any]:
 @router.get("/adapters", dependencies=[Depends(require_admin)])
 async def adapters(request: Request) -> dict[str, Any]:
     """Every servable adapter with the version it resolves to and where it lives now."""
-    service = _service(request)
+    service: Service = request.app.state.service
     residency = service.engine.residency()
     rows = []
     for name in await asyncio.to_thread(service.source.names):
-        version = (await asyncio.to_thread(service.source.resolve, name)).version
+        version = (await _resolve(request, name))[1].version
         rows.append({"name": name, "version": version, "residency": residency.get(version, "cold")})
     loaded = [{"version": v, "residency": where} for v, where in residency.items()]
     return {"adapters": rows, "loaded": loaded}
