@@ -70,7 +70,9 @@ def adapters(tmp_path_factory, base_model_dir) -> dict[str, str]:
     out = tmp_path_factory.mktemp("fastlora-adapters")
     paths = {}
     for seed, (name, rank) in enumerate(ADAPTERS.items()):
-        (path,) = make_random_adapters(base_model_dir, out / name, 1, rank=rank, seed=seed + 1)
+        (path,) = make_random_adapters(
+            base_model_dir, out / name, 1, rank=rank, seed=seed + 1, std=0.04
+        )
         paths[name] = str(path)
     return paths
 
@@ -138,8 +140,8 @@ def test_fast_lora_equals_peft_in_a_mixed_batch(base_model_dir, adapters, tmp_pa
     for row in got:
         key = (row["prompt"], row["adapter"])
         assert row["tokens"] == expected[key], key
-    for prompt in PROMPTS:
-        assert expected[(prompt, "a0")] != expected[(prompt, None)], "adapter changes nothing"
+    changed = [expected[(p, "a0")] != expected[(p, None)] for p in PROMPTS]
+    assert any(changed), "adapter a0 changes no output: the equality above proves nothing"
 
 
 @pytest.mark.integration
