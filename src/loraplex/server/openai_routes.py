@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.types import Delta, GenerationParams
 from loraplex.errors import InvalidRequest, LoraplexError
@@ -243,7 +243,5 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     return _json({"text": "".join(choice.text)}, _headers(request_id, target))
 
 
-def _json(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-    from fastapi.responses import JSONResponse
-
+def _json(payload: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(payload, headers=headers)
