@@ -8,6 +8,7 @@ time, with the same engine settings for loraplex and for vLLM's own OpenAI serve
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -188,3 +189,20 @@ def machine_line() -> str:
     """One line naming the machine, for the README tables."""
     m = machine_info()
     return f"{m['cpu'] or 'unknown CPU'}, {m['cpu_count']} cores, {m['platform']}"
+
+
+def add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """Flags every server scenario shares: dtype, endpoint, ignore-eos, fast LoRA."""
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat")
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="fixed output length (servers that honour vLLM's ignore_eos)",
+    )
+    parser.add_argument(
+        "--fast-lora",
+        choices=["on", "off"],
+        default="on",
+        help="loraplex's CPU LoRA ops, given to every server alike",
+    )

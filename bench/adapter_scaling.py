@@ -24,6 +24,7 @@ from _common import (
     SERVED_NAME,
     Engine,
     adapter_paths,
+    add_workload_options,
     base_model_dir,
     loraplex_server,
     machine_line,
@@ -69,19 +70,7 @@ def main() -> None:
     parser.add_argument("--targets", default="q_proj,v_proj", help="or all-linear")
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--max-cpu-loras", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat")
-    parser.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="fixed output length (servers that honour vLLM's ignore_eos)",
-    )
-    parser.add_argument(
-        "--fast-lora",
-        choices=["on", "off"],
-        default="on",
-        help="loraplex's CPU LoRA ops, given to every server alike",
-    )
+    add_workload_options(parser)
     parser.add_argument("--server", choices=["loraplex", "vllm"], default="loraplex")
     args = parser.parse_args()
 

@@ -22,6 +22,7 @@ from _common import (
     SCRATCH,
     Engine,
     adapter_paths,
+    add_workload_options,
     base_model_dir,
     loraplex_server,
     machine_line,
@@ -70,19 +71,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per server")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat")
-    parser.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="fixed output length (servers that honour vLLM's ignore_eos)",
-    )
-    parser.add_argument(
-        "--fast-lora",
-        choices=["on", "off"],
-        default="on",
-        help="loraplex's CPU LoRA ops, given to every server alike",
-    )
+    add_workload_options(parser)
     args = parser.parse_args()
 
     engine = Engine(
