@@ -2,7 +2,7 @@
 
 Scenarios (``gateway_overhead.py``, ``adapter_scaling.py``) start what they need with these
 helpers, drive it with ``loraplex.client.bench``, and write JSON + PNG under
-``bench/results/``. Servers run as child processes (``loraplex.server.launcher``), one at a
+``bench/results/``. Servers run as child processes (``loraplex.testing.launcher``), one at a
 time, with the same engine settings for loraplex and for vLLM's own OpenAI server.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from loraplex.client.bench.report import build_report, machine_info
 from loraplex.client.bench.runner import BenchConfig, run_bench
-from loraplex.server.launcher import free_port, running_server
+from loraplex.testing.launcher import free_port, running_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"

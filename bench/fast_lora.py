@@ -42,7 +42,7 @@ from _common import (  # noqa: E402
     write_result,
 )
 
-from loraplex.server.launcher import free_port, running_server  # noqa: E402
+from loraplex.testing.launcher import free_port, running_server  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
     seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
 
+    # --- audit ---
+    user: str | None = Field(
+        None, description="Who is acting, recorded in the registry's history; default: OS user."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -23,7 +23,7 @@ import pytest
 
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
-from loraplex.server.launcher import RunningServer, free_port, running_server
+from loraplex.testing.launcher import RunningServer, free_port, running_server
 
 BASE_NAME = "smollm2-135m"
 DEMO_NAMES = ("pirate", "shout")

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, make_url
 
+from loraplex.adapters import parse_ref
 from loraplex.errors import Conflict, NotFound
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import LocalBlobStore
 from loraplex.registry.cache import BlobCache
 from loraplex.registry.catalog import Catalog
 from loraplex.registry.db import normalize_url
-from loraplex.registry.refs import parse_ref
 from loraplex.registry.registry import Registry
 from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec

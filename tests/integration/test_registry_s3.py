@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from loraplex.adapter_sources import RegistryAdapterSource
 from loraplex.config import Settings
 from loraplex.errors import Unavailable
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import blob_key
 from loraplex.registry.factory import base_spec, open_registry, registry_url
 from loraplex.registry.s3 import S3BlobStore
-from loraplex.registry.source import RegistryAdapterSource
 from loraplex.registry.synthetic import write_random_adapter
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import pytest
 from loraplex.config import Settings
 from loraplex.registry.factory import open_registry
 from loraplex.registry.registry import Registry
-from loraplex.server.launcher import RunningServer, free_port, running_server
+from loraplex.testing.launcher import RunningServer, free_port, running_server
 
 pytestmark = pytest.mark.integration
 BASE_NAME = "smollm2-135m"

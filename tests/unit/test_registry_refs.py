@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.errors import InvalidAdapter, InvalidRequest, NotFound
-from loraplex.registry.refs import (
+from loraplex.adapters import (
     AdapterRef,
     check_alias,
     check_name,
     parse_ref,
     parse_version_key,
 )
+from loraplex.errors import InvalidAdapter, InvalidRequest, NotFound
 
 
 @pytest.mark.parametrize(

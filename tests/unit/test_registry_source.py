@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapter_sources import RegistryAdapterSource
+from loraplex.adapters import AdapterSource
 from loraplex.errors import IncompatibleAdapter, NotFound
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import LocalBlobStore
 from loraplex.registry.cache import BlobCache
 from loraplex.registry.catalog import Catalog
 from loraplex.registry.registry import Registry
-from loraplex.registry.source import RegistryAdapterSource
 from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
-from loraplex.server.adapters import AdapterSource
 
 DIMS = BaseDims(64, 96, 4, 2, 16, 2)
 SPEC = BaseSpec("ab" * 32, DIMS, name="tiny", max_rank=16, max_bytes=1 << 20)

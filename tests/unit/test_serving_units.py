@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from loraplex.adapter_sources import FolderAdapterSource
+from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.lora_ids import LoraIdAllocator
 from loraplex.errors import IncompatibleAdapter, NotFound
-from loraplex.server.adapters import FolderAdapterSource, ResolvedAdapter
 from loraplex.server.metrics import Metrics
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.server.service import Service, new_request_id

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from loraplex.server.adapters import ResolvedAdapter
+from loraplex.adapters import ResolvedAdapter
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.lora_ids import LoraIdAllocator
 from loraplex.engine.types import Delta, GenerationParams
 from loraplex.errors import IncompatibleAdapter, Unavailable
-from loraplex.server.adapters import ResolvedAdapter
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest

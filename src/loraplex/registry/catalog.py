@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, update
 
+from loraplex.adapters import DEFAULT_ALIAS, AdapterRef, version_key
 from loraplex.errors import Conflict, NotFound
 from loraplex.registry import queries, rows
 from loraplex.registry import schema as s
@@ -22,7 +23,6 @@ from loraplex.registry.records import (
     NewVersion,
     VersionRecord,
 )
-from loraplex.registry.refs import DEFAULT_ALIAS, AdapterRef, version_key
 
 
 class Catalog:

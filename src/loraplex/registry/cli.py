@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
+from loraplex.adapters import DEFAULT_ALIAS
 from loraplex.registry.records import AdapterRecord
-from loraplex.registry.refs import DEFAULT_ALIAS
 
 adapters_app = typer.Typer(help="The adapter registry: versions and aliases.", no_args_is_help=True)
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select
 
+from loraplex.adapters import AdapterRef
 from loraplex.errors import NotFound
 from loraplex.registry import schema as s
 from loraplex.registry.records import AdapterRecord, AliasEvent, EvalRecord, VersionRecord, utc
-from loraplex.registry.refs import AdapterRef
 
 
 def version_record(row: Row[Any], fallback: bool = False) -> VersionRecord:

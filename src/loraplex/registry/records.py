@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from loraplex.registry.refs import version_key
+from loraplex.adapters import version_key
 
 
 def utc(value: datetime) -> datetime:

@@ -20,17 +20,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from loraplex.registry.blobs import BlobStore, sha256_file
-from loraplex.registry.cache import BlobCache
-from loraplex.registry.catalog import Catalog
-from loraplex.registry.records import AdapterRecord, NewVersion, VersionRecord
-from loraplex.registry.refs import (
+from loraplex.adapters import (
     DEFAULT_ALIAS,
     check_alias,
     check_name,
     parse_ref,
     parse_version_key,
 )
+from loraplex.registry.blobs import BlobStore, sha256_file
+from loraplex.registry.cache import BlobCache
+from loraplex.registry.catalog import Catalog
+from loraplex.registry.records import AdapterRecord, NewVersion, VersionRecord
 from loraplex.registry.validate import (
     CONFIG,
     WEIGHTS,

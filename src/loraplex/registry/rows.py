@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select, update
 
+from loraplex.adapters import version_key
 from loraplex.errors import NotFound
 from loraplex.registry import schema as s
-from loraplex.registry.refs import version_key
 
 
 def now() -> datetime:

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraplex.adapters import CONFIG_FILE as CONFIG
+from loraplex.adapters import MANIFEST_FILE as MANIFEST
+from loraplex.adapters import WEIGHTS_FILE as WEIGHTS
+from loraplex.adapters import check_name
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter, TooLarge
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.refs import check_name
 from loraplex.registry.tensorfile import FLOAT_DTYPES, nonfinite_tensors, read_header
 
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-MANIFEST = "loraplex.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_JSON_BYTES = 1 << 20
 _TENSOR_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")

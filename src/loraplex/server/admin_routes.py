@@ -13,8 +13,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from loraplex.adapters import ResolvedAdapter
 from loraplex.errors import Unauthorized
-from loraplex.server.adapters import ResolvedAdapter
 from loraplex.server.service import Service
 
 router = APIRouter(prefix="/admin")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 
+from loraplex.adapter_sources import FolderAdapterSource, registry_source
+from loraplex.adapters import AdapterSource
 from loraplex.basemodel import BaseModelInfo, prepare
 from loraplex.config import Settings
 from loraplex.engine.types import Engine
 from loraplex.errors import TooLarge
 from loraplex.server import admin_routes, health, openai_routes
-from loraplex.server.adapters import AdapterSource, FolderAdapterSource
 from loraplex.server.errors import error_response, install_error_handlers
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
@@ -43,8 +44,6 @@ def default_source(settings: Settings, base: BaseModelInfo) -> AdapterSource:
     """A plain adapters folder when ``adapters_dir`` is set, else the registry."""
     if settings.adapters_dir is not None:
         return FolderAdapterSource(settings.adapters_dir)
-    from loraplex.registry.source import registry_source
-
     return registry_source(settings, base)
 
 

@@ -13,10 +13,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from loraplex.adapters import AdapterSource, ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.types import Delta, Engine, GenerationParams
 from loraplex.errors import IncompatibleAdapter, Unavailable
-from loraplex.server.adapters import AdapterSource, ResolvedAdapter
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 

@@ -12,18 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from loraplex.adapters import LINEAR_PROJECTIONS, NAME_RE
 from loraplex.errors import InvalidRequest
-from loraplex.server.adapters import NAME_PATTERN
 
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+DEFAULT_TARGET_MODULES = LINEAR_PROJECTIONS
 
 
 @dataclass
@@ -58,7 +50,7 @@ class TrainOptions:
 
     def check(self) -> None:
         """Raise ``InvalidRequest`` naming the first option that cannot work."""
-        if not NAME_PATTERN.match(self.name):
+        if not NAME_RE.fullmatch(self.name):
             raise InvalidRequest(
                 f"--name '{self.name}': use 1-64 characters a-z, 0-9, '_' or '-', "
                 "starting with a letter or digit."

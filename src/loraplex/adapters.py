@@ -1,17 +1,55 @@
-"""Names and references of adapters: ``N``, ``N@vK``, ``N:alias``.
+"""What every layer shares about an adapter: names, references, PEFT files, resolved versions.
 
-This module parses and checks the strings users and clients send; it never touches storage.
-A name is restricted to ``^[a-z0-9][a-z0-9_-]{0,63}$`` so that it can never become a path.
+Names and references (``N``, ``N@vK``, ``N:alias``) are parsed and checked here and nowhere
+else; a name matches ``NAME_RE`` (``^[a-z0-9][a-z0-9_-]{0,63}$``), so it can never become a
+path. ``ResolvedAdapter`` is what a source hands the engine; ``AdapterSource`` is what the
+server asks of wherever adapters are kept (see ``loraplex.adapter_sources``). This module
+touches no storage and imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from loraplex.errors import InvalidAdapter, InvalidRequest, NotFound
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+MANIFEST_FILE = "loraplex.json"
+LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The attention and MLP projections of a Llama-style decoder layer (all-linear LoRA)."""
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """One immutable adapter version, ready to hand to the engine."""
+
+    name: str
+    version: str  # "N@vK": reported in x-loraplex-adapter, one LoRA id per value
+    path: Path
+    tenant: str | None = None
+    fallback_to_base: bool = False
+
+
+class AdapterSource(Protocol):
+    """What the server needs from wherever adapters are kept."""
+
+    def resolve(self, model: str) -> ResolvedAdapter:
+        """The version ``model`` names now; raises ``NotFound`` for anything unknown."""
+        ...
+
+    def names(self) -> list[str]:
+        """Adapter names that can be served (for ``/v1/models``)."""
+        ...
+
+    def check(self) -> None:
+        """Raise if the source cannot be read (for ``/ready``)."""
+        ...
+
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 DEFAULT_ALIAS = "stable"

@@ -1,0 +1,119 @@
+"""Where the server finds adapters: a plain folder, or the registry (``AdapterSource``).
+
+Both turn the ``model`` a client sent into a ``ResolvedAdapter``: an immutable version key
+and a local folder holding ``adapter_config.json`` + ``adapter_model.safetensors``. The
+engine gives one LoRA id per version key, so a key must never name other weights.
+
+The registry source looks the alias up again on every ``resolve``, so a promote or rollback
+is seen by every server at once; a version recorded against another base model, or above
+this server's rank limit, is refused (409) before it reaches the engine. ``resolve`` does
+blocking I/O (files, database, maybe a download): call it from a worker thread in async code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraplex.adapters import CONFIG_FILE, NAME_RE, WEIGHTS_FILE, ResolvedAdapter
+from loraplex.errors import IncompatibleAdapter, NotFound
+
+if TYPE_CHECKING:
+    from loraplex.basemodel import BaseModelInfo
+    from loraplex.config import Settings
+    from loraplex.registry.registry import Registry
+
+
+class FolderAdapterSource:
+    """Adapters as sub-folders of one local folder, named by the folder.
+
+    The version is ``N@sha-<first 12 hex of the weights' sha256>`` so that replacing a
+    folder's weights gives a new version (and a new LoRA id) instead of reusing the old one.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    def resolve(self, model: str) -> ResolvedAdapter:
+        name = model.split("@", 1)[0].split(":", 1)[0]
+        if not NAME_RE.fullmatch(name):
+            raise NotFound(f"The model '{model}' does not exist.")
+        folder = self.root / name
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file() or not (folder / CONFIG_FILE).is_file():
+            raise NotFound(f"The model '{model}' does not exist.")
+        version = f"{name}@sha-{self._weights_hash(weights)[:12]}"
+        if model not in (name, version):
+            raise NotFound(f"The model '{model}' does not exist; '{name}' is {version}.")
+        return ResolvedAdapter(name=name, version=version, path=folder)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if NAME_RE.fullmatch(p.name) and (p / WEIGHTS_FILE).is_file()
+        )
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise NotFound(f"Adapters folder {self.root} does not exist.")
+        next(self.root.iterdir(), None)
+
+    def _weights_hash(self, weights: Path) -> str:
+        stat = weights.stat()
+        key = (str(weights), stat.st_mtime_ns, stat.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        return self._hashes[key]
+
+
+class RegistryAdapterSource:
+    """Adapters served from the registry, by ``N``, ``N:alias`` or ``N@vK``."""
+
+    def __init__(
+        self, registry: Registry, base_fingerprint: str | None = None, max_rank: int | None = None
+    ) -> None:
+        self.registry = registry
+        self.base_fingerprint = base_fingerprint
+        self.max_rank = max_rank
+
+    def resolve(self, model: str) -> ResolvedAdapter:
+        """The version ``model`` names now, with a local folder holding its files."""
+        version = self.registry.resolve(model)
+        if self.base_fingerprint and version.base_fingerprint != self.base_fingerprint:
+            raise IncompatibleAdapter(
+                f"{version.key} was validated against base model "
+                f"{version.base_fingerprint[:12]}, this server runs {self.base_fingerprint[:12]}; "
+                "push the adapter to a registry for this base."
+            )
+        if self.max_rank is not None and version.rank > self.max_rank:
+            raise IncompatibleAdapter(
+                f"{version.key} has LoRA rank {version.rank}, above this server's maximum "
+                f"{self.max_rank} (LORAPLEX_MAX_LORA_RANK)."
+            )
+        return ResolvedAdapter(
+            name=version.name,
+            version=version.key,
+            path=self.registry.local_folder(version),
+            tenant=version.tenant,
+            fallback_to_base=version.fallback_to_base,
+        )
+
+    def names(self) -> list[str]:
+        """Names with a ``stable`` alias (what a bare ``N`` serves)."""
+        return self.registry.catalog.names()
+
+    def check(self) -> None:
+        """Raise ``Unavailable`` unless the catalog and blob store answer."""
+        self.registry.check()
+
+
+def registry_source(settings: Settings, base: BaseModelInfo) -> RegistryAdapterSource:
+    """Source factory for the server app: the configured registry, checked against ``base``."""
+    from loraplex.registry.factory import open_registry
+
+    return RegistryAdapterSource(open_registry(settings), base.fingerprint, settings.max_lora_rank)

@@ -1,1 +1,0 @@
-"""loraplex.evals."""

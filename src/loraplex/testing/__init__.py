@@ -1,0 +1,4 @@
+"""Helpers for loraplex's own tests and benchmarks: server launcher, random adapters.
+
+Nothing here serves users; it ships in the package so that ``tests/`` and ``bench/`` share it.
+"""
