@@ -114,6 +114,6 @@ class RegistryAdapterSource:
 
 def registry_source(settings: Settings, base: BaseModelInfo) -> RegistryAdapterSource:
     """Source factory for the server app: the configured registry, checked against ``base``."""
-    from loraplex.registry.factory import open_registry
+    from loraplex.registry.registry import open_registry
 
     return RegistryAdapterSource(open_registry(settings), base.fingerprint, settings.max_lora_rank)

@@ -23,10 +23,10 @@ from sqlalchemy import create_engine, make_url
 from loraplex.adapters import parse_ref
 from loraplex.errors import Conflict, NotFound
 from loraplex.registry.basedims import BaseDims
+from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import LocalBlobStore
-from loraplex.registry.cache import BlobCache
 from loraplex.registry.catalog import Catalog
-from loraplex.registry.db import normalize_url
+from loraplex.registry.database import normalize_url
 from loraplex.registry.registry import Registry
 from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
@@ -111,7 +111,7 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     from loraplex.registry.basedims import BaseDims
     from loraplex.registry.blobs import LocalBlobStore
-    from loraplex.registry.cache import BlobCache
+    from loraplex.registry.blob_cache import BlobCache
     from loraplex.registry.catalog import Catalog
     from loraplex.registry.registry import Registry
     from loraplex.registry.validate import BaseSpec

@@ -25,7 +25,7 @@ from loraplex.config import Settings
 from loraplex.errors import Unavailable
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import blob_key
-from loraplex.registry.factory import base_spec, open_registry, registry_url
+from loraplex.registry.registry import base_spec, open_registry, registry_url
 from loraplex.registry.s3 import S3BlobStore
 from loraplex.registry.synthetic import write_random_adapter
 

@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from loraplex.config import Settings
-from loraplex.registry.factory import open_registry
-from loraplex.registry.registry import Registry
+from loraplex.registry.registry import Registry, open_registry
 from loraplex.testing.launcher import RunningServer, free_port, running_server
 
 pytestmark = pytest.mark.integration

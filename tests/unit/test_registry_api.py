@@ -2,42 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from loraplex.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.blobs import LocalBlobStore, sha256_file
-from loraplex.registry.cache import BlobCache
-from loraplex.registry.catalog import Catalog
+from loraplex.registry.blobs import sha256_file
 from loraplex.registry.registry import Registry, content_digest
 from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
 
-DIMS = BaseDims(64, 96, 4, 2, 16, 2)
-SPEC = BaseSpec("ab" * 32, DIMS, name="tiny", max_rank=8, max_bytes=1 << 20)
-
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    blobs = LocalBlobStore(tmp_path / "blobs")
-    reg = Registry(
-        Catalog(f"sqlite:///{tmp_path / 'reg.db'}"),
-        blobs,
-        BlobCache(tmp_path / "cache", blobs, 10 << 20),
-        lambda: SPEC,
-    )
-    yield reg
-    reg.close()
+def adapters(tmp_path: Path, tiny_dims: BaseDims) -> list[Path]:
+    return [write_random_adapter(tmp_path / f"a{i}", tiny_dims, seed=i) for i in range(4)]
 
 
-@pytest.fixture
-def adapters(tmp_path: Path) -> list[Path]:
-    return [write_random_adapter(tmp_path / f"a{i}", DIMS, seed=i) for i in range(4)]
-
-
-def test_push_versions_and_dedupes(registry: Registry, adapters: list[Path]) -> None:
+def test_push_versions_and_dedupes(
+    registry: Registry, adapters: list[Path], tiny_base: BaseSpec
+) -> None:
     first = registry.push(adapters[0], "sales", tenant="acme", actor="ann")
     assert (first.version.key, first.created) == ("sales@v1", True)
     again = registry.push(adapters[0], "sales", actor="bob")
@@ -52,7 +37,7 @@ def test_push_versions_and_dedupes(registry: Registry, adapters: list[Path]) -> 
     assert second.version.sha256 == content_digest(files)
     assert all(registry.blobs.exists(d) for d in files.values())
     assert (second.version.rank, second.version.alpha) == (4, 8.0)
-    assert second.version.base_fingerprint == SPEC.fingerprint
+    assert second.version.base_fingerprint == tiny_base.fingerprint
     assert registry.resolve("sales").key == "sales@v1"  # first version is stable, v2 is not
 
 
@@ -187,19 +172,14 @@ def test_local_folder_has_the_pushed_files(registry: Registry, adapters: list[Pa
     assert registry.local_folder(version) == folder
 
 
-def test_list_works_without_a_base_model(tmp_path: Path) -> None:
+def test_list_works_without_a_base_model(
+    tmp_path: Path, make_registry: Callable[[Callable[[], BaseSpec]], Registry]
+) -> None:
     def no_base() -> BaseSpec:
         raise NotFound("not prepared")
 
-    blobs = LocalBlobStore(tmp_path / "b")
-    reg = Registry(
-        Catalog(f"sqlite:///{tmp_path / 'r.db'}"),
-        blobs,
-        BlobCache(tmp_path / "c", blobs, 1 << 20),
-        no_base,
-    )
+    reg = make_registry(no_base)
     assert reg.list() == []
     with pytest.raises(NotFound, match="not prepared"):
         reg.push(tmp_path, "x")
     reg.check()
-    reg.close()

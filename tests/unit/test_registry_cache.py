@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.errors import InvalidAdapter, NotFound, Unavailable
+from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import LocalBlobStore, blob_key, open_blob_store
-from loraplex.registry.cache import BlobCache
 
 
 def _blob(store: LocalBlobStore, tmp_path: Path, content: bytes) -> str:

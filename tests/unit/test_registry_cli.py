@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,25 +15,15 @@ from loraplex.cli import main
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.synthetic import write_random_adapter
 
-DIMS = BaseDims(64, 96, 4, 2, 16, 2)
-
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A tiny fake base model folder and an empty LORAPLEX_HOME."""
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dims: BaseDims) -> Path:
+    """A fake base model folder of ``tiny_dims`` and an empty LORAPLEX_HOME."""
     import numpy as np
 
     base = tmp_path / "base"
     base.mkdir()
-    config = {
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "num_hidden_layers": 2,
-    }
-    (base / "config.json").write_text(json.dumps(config))
+    (base / "config.json").write_text(json.dumps(asdict(tiny_dims)))
     save_file({"w": np.zeros(4, np.float32)}, base / "model.safetensors")
     for key in ("REGISTRY_URL", "BLOB_URL", "S3_ENDPOINT_URL"):
         monkeypatch.delenv(f"LORAPLEX_{key}", raising=False)
@@ -57,9 +48,11 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_push_promote_rollback_show_delete(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a = write_random_adapter(env / "a", DIMS, seed=1)
-    b = write_random_adapter(env / "b", DIMS, seed=2)
+def test_push_promote_rollback_show_delete(
+    env: Path, capsys: pytest.CaptureFixture[str], tiny_dims: BaseDims
+) -> None:
+    a = write_random_adapter(env / "a", tiny_dims, seed=1)
+    b = write_random_adapter(env / "b", tiny_dims, seed=2)
     code, out, _ = run(capsys, "adapters", "push", str(a), "--name", "sales", "--tenant", "acme")
     assert code == 0 and re.fullmatch(r"sales@v1 [0-9a-f]{64}\n", out)
     sha = out.split()[1]
@@ -102,9 +95,13 @@ def test_push_promote_rollback_show_delete(env: Path, capsys: pytest.CaptureFixt
     ],
 )
 def test_errors_are_one_line(
-    env: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    env: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_dims: BaseDims,
+    args: list[str],
+    message: str,
 ) -> None:
-    a = write_random_adapter(env / "a", DIMS)
+    a = write_random_adapter(env / "a", tiny_dims)
     code, out, err = run(capsys, "adapters", *[x.format(a=a, env=env) for x in args])
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,35 +12,24 @@ from loraplex.adapter_sources import RegistryAdapterSource
 from loraplex.adapters import AdapterSource
 from loraplex.errors import IncompatibleAdapter, NotFound
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.blobs import LocalBlobStore
-from loraplex.registry.cache import BlobCache
-from loraplex.registry.catalog import Catalog
 from loraplex.registry.registry import Registry
 from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
 
-DIMS = BaseDims(64, 96, 4, 2, 16, 2)
-SPEC = BaseSpec("ab" * 32, DIMS, name="tiny", max_rank=16, max_bytes=1 << 20)
-
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    blobs = LocalBlobStore(tmp_path / "blobs")
-    reg = Registry(
-        Catalog(f"sqlite:///{tmp_path / 'reg.db'}"),
-        blobs,
-        BlobCache(tmp_path / "cache", blobs, 10 << 20),
-        lambda: SPEC,
-    )
-    yield reg
-    reg.close()
+def tiny_base(tiny_base: BaseSpec) -> BaseSpec:
+    """The shared tiny base, with room for the rank-12 adapter these tests push."""
+    return replace(tiny_base, max_rank=16)
 
 
-def test_resolves_to_a_local_folder_per_version(registry: Registry, tmp_path: Path) -> None:
-    registry.push(write_random_adapter(tmp_path / "a", DIMS, seed=1), "sales", tenant="acme")
-    registry.push(write_random_adapter(tmp_path / "b", DIMS, seed=2), "sales")
+def test_resolves_to_a_local_folder_per_version(
+    registry: Registry, tmp_path: Path, tiny_dims: BaseDims, tiny_base: BaseSpec
+) -> None:
+    registry.push(write_random_adapter(tmp_path / "a", tiny_dims, seed=1), "sales", tenant="acme")
+    registry.push(write_random_adapter(tmp_path / "b", tiny_dims, seed=2), "sales")
     registry.promote("sales@v2", "canary")
-    source: AdapterSource = RegistryAdapterSource(registry, SPEC.fingerprint, max_rank=16)
+    source: AdapterSource = RegistryAdapterSource(registry, tiny_base.fingerprint, max_rank=16)
     stable, canary = source.resolve("sales"), source.resolve("sales:canary")
     assert (stable.version, canary.version) == ("sales@v1", "sales@v2")
     assert (stable.name, stable.tenant, stable.fallback_to_base) == ("sales", "acme", False)
@@ -53,24 +43,28 @@ def test_resolves_to_a_local_folder_per_version(registry: Registry, tmp_path: Pa
         source.resolve("sales:beta")
 
 
-def test_refuses_a_version_of_another_base(registry: Registry, tmp_path: Path) -> None:
-    registry.push(write_random_adapter(tmp_path / "a", DIMS), "sales")
+def test_refuses_a_version_of_another_base(
+    registry: Registry, tmp_path: Path, tiny_dims: BaseDims
+) -> None:
+    registry.push(write_random_adapter(tmp_path / "a", tiny_dims), "sales")
     source = RegistryAdapterSource(registry, "cd" * 32)
     with pytest.raises(IncompatibleAdapter, match="validated against base model abababababab"):
         source.resolve("sales")
 
 
-def test_refuses_a_rank_above_this_servers_max(registry: Registry, tmp_path: Path) -> None:
-    folder = write_random_adapter(tmp_path / "a", DIMS, rank=4)
+def test_refuses_a_rank_above_this_servers_max(
+    registry: Registry, tmp_path: Path, tiny_dims: BaseDims, tiny_base: BaseSpec
+) -> None:
+    folder = write_random_adapter(tmp_path / "a", tiny_dims, rank=4)
     config = json.loads((folder / "adapter_config.json").read_text())
     # rank_pattern raises q_proj's rank to 12: the recorded rank is the largest one
     config["rank_pattern"] = {"q_proj": 12}
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    write_random_adapter(tmp_path / "q", DIMS, rank=12, targets=("q_proj",))
+    write_random_adapter(tmp_path / "q", tiny_dims, rank=12, targets=("q_proj",))
     _merge_q_proj(folder, tmp_path / "q")
     assert registry.push(folder, "sales").version.rank == 12
     with pytest.raises(IncompatibleAdapter, match="rank 12, above this server's maximum 8"):
-        RegistryAdapterSource(registry, SPEC.fingerprint, max_rank=8).resolve("sales")
+        RegistryAdapterSource(registry, tiny_base.fingerprint, max_rank=8).resolve("sales")
 
 
 def _merge_q_proj(target: Path, donor: Path) -> None:
@@ -82,12 +76,14 @@ def _merge_q_proj(target: Path, donor: Path) -> None:
     save_file(tensors, target / "adapter_model.safetensors")
 
 
-def test_fallback_policy_is_set_by_push(registry: Registry, tmp_path: Path) -> None:
-    folder = write_random_adapter(tmp_path / "a", DIMS)
+def test_fallback_policy_is_set_by_push(
+    registry: Registry, tmp_path: Path, tiny_dims: BaseDims
+) -> None:
+    folder = write_random_adapter(tmp_path / "a", tiny_dims)
     registry.push(folder, "sales")
     source = RegistryAdapterSource(registry)
     assert source.resolve("sales").fallback_to_base is False
     registry.push(folder, "sales", fallback_to_base=True)  # identical content: policy only
     assert source.resolve("sales").fallback_to_base is True
-    registry.push(write_random_adapter(tmp_path / "b", DIMS, seed=5), "sales")
+    registry.push(write_random_adapter(tmp_path / "b", tiny_dims, seed=5), "sales")
     assert source.resolve("sales@v2").fallback_to_base is True  # kept when not given

@@ -11,30 +11,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from loraplex.adapters import WEIGHTS_FILE
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter, LoraplexError, TooLarge
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.synthetic import write_random_adapter
-from loraplex.registry.validate import WEIGHTS, BaseSpec, validate_adapter
-
-DIMS = BaseDims(
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_hidden_layers=2,
-)
-FINGERPRINT = "ab" * 32
+from loraplex.registry.validate import BaseSpec, validate_adapter
 
 
 @pytest.fixture
-def base() -> BaseSpec:
-    return BaseSpec(FINGERPRINT, DIMS, name="tiny", max_rank=8, max_bytes=1 << 20)
-
-
-@pytest.fixture
-def adapter(tmp_path: Path) -> Path:
-    return write_random_adapter(tmp_path / "ad", DIMS, rank=4, targets=("q_proj", "v_proj"))
+def adapter(tmp_path: Path, tiny_dims: BaseDims) -> Path:
+    return write_random_adapter(tmp_path / "ad", tiny_dims, rank=4, targets=("q_proj", "v_proj"))
 
 
 def _edit_config(folder: Path, **changes: object) -> None:
@@ -45,9 +31,9 @@ def _edit_config(folder: Path, **changes: object) -> None:
 
 
 def _edit_tensors(folder: Path, fn) -> None:  # type: ignore[no-untyped-def]
-    tensors = load_file(folder / WEIGHTS)
+    tensors = load_file(folder / WEIGHTS_FILE)
     fn(tensors)
-    save_file(tensors, folder / WEIGHTS)
+    save_file(tensors, folder / WEIGHTS_FILE)
 
 
 def _refused(folder: Path, base: BaseSpec, kind: type[LoraplexError], message: str) -> None:
@@ -56,32 +42,34 @@ def _refused(folder: Path, base: BaseSpec, kind: type[LoraplexError], message: s
     assert message in err.value.message, err.value.message
 
 
-def test_a_good_adapter_passes(adapter: Path, base: BaseSpec) -> None:
-    checked = validate_adapter(adapter, "sales_agent", base)
+def test_a_good_adapter_passes(adapter: Path, tiny_base: BaseSpec) -> None:
+    checked = validate_adapter(adapter, "sales_agent", tiny_base)
     assert (checked.rank, checked.alpha) == (4, 8.0)
     assert checked.target_modules == ["q_proj", "v_proj"]
-    assert set(checked.files) == {"adapter_config.json", WEIGHTS}
+    assert set(checked.files) == {"adapter_config.json", WEIGHTS_FILE}
 
 
-def test_all_linear_and_regex_targets(tmp_path: Path, base: BaseSpec) -> None:
+def test_all_linear_and_regex_targets(
+    tmp_path: Path, tiny_dims: BaseDims, tiny_base: BaseSpec
+) -> None:
     folder = write_random_adapter(
         tmp_path / "all",
-        DIMS,
+        tiny_dims,
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     )
     _edit_config(folder, target_modules="all-linear")
-    assert len(validate_adapter(folder, "x", base).target_modules) == 7
+    assert len(validate_adapter(folder, "x", tiny_base).target_modules) == 7
     _edit_config(folder, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")
-    assert len(validate_adapter(folder, "x", base).target_modules) == 7
+    assert len(validate_adapter(folder, "x", tiny_base).target_modules) == 7
 
 
 @pytest.mark.parametrize("name", ["../etc", "Sales", "a/b", "", "x" * 65, "sales\n"])
-def test_bad_name(adapter: Path, base: BaseSpec, name: str) -> None:
+def test_bad_name(adapter: Path, tiny_base: BaseSpec, name: str) -> None:
     with pytest.raises(InvalidAdapter, match="Invalid adapter name"):
-        validate_adapter(adapter, name, base)
+        validate_adapter(adapter, name, tiny_base)
 
 
-def test_pickle_bin_is_refused_and_never_unpickled(adapter: Path, base: BaseSpec) -> None:
+def test_pickle_bin_is_refused_and_never_unpickled(adapter: Path, tiny_base: BaseSpec) -> None:
     marker = adapter.parent / "unpickled"
 
     class Payload:
@@ -89,35 +77,35 @@ def test_pickle_bin_is_refused_and_never_unpickled(adapter: Path, base: BaseSpec
             return (marker.write_text, ("boom",))
 
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
-    _refused(adapter, base, InvalidAdapter, "holds pickle weights (adapter_model.bin)")
+    _refused(adapter, tiny_base, InvalidAdapter, "holds pickle weights (adapter_model.bin)")
     assert not marker.exists()
 
 
-def test_only_a_pickle_is_refused(tmp_path: Path, base: BaseSpec) -> None:
+def test_only_a_pickle_is_refused(tmp_path: Path, tiny_base: BaseSpec) -> None:
     folder = tmp_path / "p"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
     (folder / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
-    _refused(folder, base, InvalidAdapter, "loraplex never unpickles")
+    _refused(folder, tiny_base, InvalidAdapter, "loraplex never unpickles")
 
 
-def test_missing_weights(adapter: Path, base: BaseSpec) -> None:
-    (adapter / WEIGHTS).unlink()
-    _refused(adapter, base, InvalidAdapter, "has no adapter_model.safetensors")
+def test_missing_weights(adapter: Path, tiny_base: BaseSpec) -> None:
+    (adapter / WEIGHTS_FILE).unlink()
+    _refused(adapter, tiny_base, InvalidAdapter, "has no adapter_model.safetensors")
 
 
-def test_not_a_folder(tmp_path: Path, base: BaseSpec) -> None:
-    _refused(tmp_path / "nope", base, InvalidAdapter, "is not a folder")
+def test_not_a_folder(tmp_path: Path, tiny_base: BaseSpec) -> None:
+    _refused(tmp_path / "nope", tiny_base, InvalidAdapter, "is not a folder")
 
 
-def test_lying_header_length(adapter: Path, base: BaseSpec) -> None:
-    data = (adapter / WEIGHTS).read_bytes()
-    (adapter / WEIGHTS).write_bytes(struct.pack("<Q", 2**40) + data[8:])
-    _refused(adapter, base, InvalidAdapter, "header length 1099511627776 exceeds")
+def test_lying_header_length(adapter: Path, tiny_base: BaseSpec) -> None:
+    data = (adapter / WEIGHTS_FILE).read_bytes()
+    (adapter / WEIGHTS_FILE).write_bytes(struct.pack("<Q", 2**40) + data[8:])
+    _refused(adapter, tiny_base, InvalidAdapter, "header length 1099511627776 exceeds")
 
 
-def test_offsets_out_of_range(adapter: Path, base: BaseSpec) -> None:
-    path = adapter / WEIGHTS
+def test_offsets_out_of_range(adapter: Path, tiny_base: BaseSpec) -> None:
+    path = adapter / WEIGHTS_FILE
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
@@ -125,23 +113,23 @@ def test_offsets_out_of_range(adapter: Path, base: BaseSpec) -> None:
     header[first]["data_offsets"][1] += 10**9
     body = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + length :])
-    _refused(adapter, base, InvalidAdapter, "outside the")
+    _refused(adapter, tiny_base, InvalidAdapter, "outside the")
 
 
-def test_truncated_weights(adapter: Path, base: BaseSpec) -> None:
-    path = adapter / WEIGHTS
+def test_truncated_weights(adapter: Path, tiny_base: BaseSpec) -> None:
+    path = adapter / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:-100])
-    _refused(adapter, base, InvalidAdapter, "not a valid safetensors file")
+    _refused(adapter, tiny_base, InvalidAdapter, "not a valid safetensors file")
 
 
-def test_config_not_json(adapter: Path, base: BaseSpec) -> None:
+def test_config_not_json(adapter: Path, tiny_base: BaseSpec) -> None:
     (adapter / "adapter_config.json").write_text("{r: 4")
-    _refused(adapter, base, InvalidAdapter, "adapter_config.json is not valid JSON")
+    _refused(adapter, tiny_base, InvalidAdapter, "adapter_config.json is not valid JSON")
 
 
-def test_not_lora(adapter: Path, base: BaseSpec) -> None:
+def test_not_lora(adapter: Path, tiny_base: BaseSpec) -> None:
     _edit_config(adapter, peft_type="IA3")
-    _refused(adapter, base, InvalidAdapter, "peft_type 'IA3'; only LoRA adapters are served")
+    _refused(adapter, tiny_base, InvalidAdapter, "peft_type 'IA3'; only LoRA adapters are served")
 
 
 @pytest.mark.parametrize(
@@ -155,81 +143,81 @@ def test_not_lora(adapter: Path, base: BaseSpec) -> None:
         ({"lora_alpha": "x"}, "invalid lora_alpha"),
     ],
 )
-def test_unsupported_config(adapter: Path, base: BaseSpec, change: dict, message: str) -> None:
+def test_unsupported_config(adapter: Path, tiny_base: BaseSpec, change: dict, message: str) -> None:
     _edit_config(adapter, **change)
-    _refused(adapter, base, InvalidAdapter, message)
+    _refused(adapter, tiny_base, InvalidAdapter, message)
 
 
-def test_rank_above_server_max(tmp_path: Path, base: BaseSpec) -> None:
-    folder = write_random_adapter(tmp_path / "big", DIMS, rank=16)
-    _refused(folder, base, IncompatibleAdapter, "rank 16 exceeds the server's maximum LoRA rank 8")
+def test_rank_above_server_max(tmp_path: Path, tiny_dims: BaseDims, tiny_base: BaseSpec) -> None:
+    folder = write_random_adapter(tmp_path / "big", tiny_dims, rank=16)
+    message = "rank 16 exceeds the server's maximum LoRA rank 8"
+    _refused(folder, tiny_base, IncompatibleAdapter, message)
 
 
-def test_rank_pattern_above_max(adapter: Path, base: BaseSpec) -> None:
+def test_rank_pattern_above_max(adapter: Path, tiny_base: BaseSpec) -> None:
     _edit_config(adapter, rank_pattern={"q_proj": 32})
-    _refused(adapter, base, IncompatibleAdapter, "rank 32 exceeds")
+    _refused(adapter, tiny_base, IncompatibleAdapter, "rank 32 exceeds")
 
 
-def test_trained_on_another_base(adapter: Path, base: BaseSpec) -> None:
+def test_trained_on_another_base(adapter: Path, tiny_base: BaseSpec) -> None:
     (adapter / "loraplex.json").write_text(json.dumps({"base_fingerprint": "cd" * 32}))
-    _refused(adapter, base, IncompatibleAdapter, "trained on a different base model")
+    _refused(adapter, tiny_base, IncompatibleAdapter, "trained on a different base model")
 
 
-def test_manifest_with_matching_base_is_kept(adapter: Path, base: BaseSpec) -> None:
-    (adapter / "loraplex.json").write_text(json.dumps({"base_fingerprint": FINGERPRINT, "n": 1}))
-    assert validate_adapter(adapter, "ok", base).manifest == {
-        "base_fingerprint": FINGERPRINT,
-        "n": 1,
-    }
+def test_manifest_with_matching_base_is_kept(adapter: Path, tiny_base: BaseSpec) -> None:
+    manifest = {"base_fingerprint": tiny_base.fingerprint, "n": 1}
+    (adapter / "loraplex.json").write_text(json.dumps(manifest))
+    assert validate_adapter(adapter, "ok", tiny_base).manifest == manifest
 
 
-def test_target_module_missing_from_base(adapter: Path, base: BaseSpec) -> None:
+def test_target_module_missing_from_base(adapter: Path, tiny_base: BaseSpec) -> None:
     _edit_config(adapter, target_modules=["q_proj", "c_attn"])
-    _refused(adapter, base, IncompatibleAdapter, "Target module 'c_attn' does not exist")
+    _refused(adapter, tiny_base, IncompatibleAdapter, "Target module 'c_attn' does not exist")
 
 
-def test_shapes_of_another_base(tmp_path: Path, base: BaseSpec) -> None:
+def test_shapes_of_another_base(tmp_path: Path, tiny_base: BaseSpec) -> None:
     """No manifest: an adapter made for wider layers is caught by its shapes."""
     other = BaseDims(128, 96, 4, 2, 32, 2)
     folder = write_random_adapter(tmp_path / "other", other)
-    _refused(folder, base, IncompatibleAdapter, "the base model needs [4, 64]")
+    _refused(folder, tiny_base, IncompatibleAdapter, "the base model needs [4, 64]")
 
 
-def test_layer_beyond_the_base(tmp_path: Path, base: BaseSpec) -> None:
+def test_layer_beyond_the_base(tmp_path: Path, tiny_base: BaseSpec) -> None:
     deeper = BaseDims(64, 96, 4, 2, 16, 3)
     folder = write_random_adapter(tmp_path / "deep", deeper)
-    _refused(folder, base, IncompatibleAdapter, "model.layers.2.self_attn.q_proj, which the base")
+    message = "model.layers.2.self_attn.q_proj, which the base"
+    _refused(folder, tiny_base, IncompatibleAdapter, message)
 
 
-def test_tensor_outside_target_modules(adapter: Path, base: BaseSpec) -> None:
+def test_tensor_outside_target_modules(adapter: Path, tiny_base: BaseSpec) -> None:
     _edit_config(adapter, target_modules=["q_proj"])
-    _refused(adapter, base, InvalidAdapter, "not in target_modules")
+    _refused(adapter, tiny_base, InvalidAdapter, "not in target_modules")
 
 
-def test_half_a_module(adapter: Path, base: BaseSpec) -> None:
+def test_half_a_module(adapter: Path, tiny_base: BaseSpec) -> None:
     _edit_tensors(
         adapter, lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
     )
-    _refused(adapter, base, InvalidAdapter, "has only one of lora_A/lora_B")
+    _refused(adapter, tiny_base, InvalidAdapter, "has only one of lora_A/lora_B")
 
 
-def test_foreign_tensor_name(adapter: Path, base: BaseSpec) -> None:
+def test_foreign_tensor_name(adapter: Path, tiny_base: BaseSpec) -> None:
     _edit_tensors(adapter, lambda t: t.update({"lm_head.weight": np.ones(2, np.float32)}))
-    _refused(adapter, base, InvalidAdapter, "Tensor 'lm_head.weight' is not a LoRA weight")
+    _refused(adapter, tiny_base, InvalidAdapter, "Tensor 'lm_head.weight' is not a LoRA weight")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nan_or_inf(adapter: Path, base: BaseSpec, bad: float) -> None:
+def test_nan_or_inf(adapter: Path, tiny_base: BaseSpec, bad: float) -> None:
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
 
     def poison(tensors: dict) -> None:
         tensors[key][3, 1] = bad
 
     _edit_tensors(adapter, poison)
-    _refused(adapter, base, InvalidAdapter, f"Tensor '{key}' contains NaN or Inf")
+    _refused(adapter, tiny_base, InvalidAdapter, f"Tensor '{key}' contains NaN or Inf")
 
 
-def test_too_large(adapter: Path) -> None:
-    small = BaseSpec(FINGERPRINT, DIMS, max_rank=8, max_bytes=1000)
+def test_too_large(adapter: Path, tiny_base: BaseSpec) -> None:
+    small = BaseSpec(tiny_base.fingerprint, tiny_base.dims, max_rank=8, max_bytes=1000)
     _refused(adapter, small, TooLarge, "over the 1,000-byte limit (LORAPLEX_MAX_ADAPTER_MB=")
     assert TooLarge.status_code == 413

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from loraplex.adapters import DEFAULT_ALIAS
-from loraplex.registry.records import AdapterRecord
+from loraplex.registry.models import AdapterRecord
 
 adapters_app = typer.Typer(help="The adapter registry: versions and aliases.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _registry():  # type: ignore[no-untyped-def]
-    from loraplex.registry.factory import open_registry
+    from loraplex.registry.registry import open_registry
 
     return open_registry()
 
@@ -54,7 +54,9 @@ def push(
 def promote(
     version: Annotated[str, typer.Argument(help="Exact version NAME@vK.")],
     alias: AliasOpt = DEFAULT_ALIAS,
-    force: Annotated[bool, typer.Option("--force", help="Promote without an eval gate.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Mark the promote as forced in the alias history.")
+    ] = False,
 ) -> None:
     """Point an alias (default stable) at NAME@vK, atomically."""
     previous, current = _registry().promote(version, alias, force=force)

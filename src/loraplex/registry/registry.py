@@ -1,17 +1,21 @@
-"""The adapter registry: push, promote, rollback, delete, list, show, resolve.
+"""The adapter registry's API: push, promote, rollback, delete, list, show, resolve; and
+``open_registry``, which builds one from ``Settings``.
 
 Ties validation, the blob store and the catalog together. A push copies the adapter's files
 into a private staging folder first, so what is validated is exactly what is hashed and
 stored. The version's ``sha256`` is the digest of its served content (config + weights;
 see ``content_digest``), so pushing identical content again returns the existing version.
 Blobs of deleted versions are kept (they are content-addressed and may be shared).
+
+By default everything lives under LORAPLEX_HOME: ``registry/registry.db`` (SQLite),
+``registry/blobs`` and ``cache/adapters``. The base model is read lazily, on first push, so
+commands that do not validate (list, promote...) work before ``loraplex model prepare``.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,30 +25,28 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters import (
+    CONFIG_FILE,
     DEFAULT_ALIAS,
+    WEIGHTS_FILE,
     check_alias,
     check_name,
     parse_ref,
     parse_version_key,
 )
-from loraplex.registry.blobs import BlobStore, sha256_file
-from loraplex.registry.cache import BlobCache
+from loraplex.config import Settings
+from loraplex.errors import NotFound
+from loraplex.registry.basedims import BaseDims
+from loraplex.registry.blob_cache import BlobCache
+from loraplex.registry.blobs import BlobStore, open_blob_store, sha256_file
 from loraplex.registry.catalog import Catalog
-from loraplex.registry.records import AdapterRecord, NewVersion, VersionRecord
-from loraplex.registry.validate import (
-    CONFIG,
-    WEIGHTS,
-    BaseSpec,
-    check_size,
-    collect_files,
-    validate_adapter,
-)
+from loraplex.registry.models import AdapterRecord, NewVersion, VersionRecord
+from loraplex.registry.validate import BaseSpec, check_size, collect_files, validate_adapter
 
 
 def default_actor() -> str:
-    """Who is acting, for the audit trail: LORAPLEX_USER, else the OS user."""
+    """Who is acting, for the audit trail: the ``user`` setting, else the OS user."""
     try:
-        return os.environ.get("LORAPLEX_USER") or getpass.getuser()
+        return Settings().user or getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
 
@@ -52,7 +54,7 @@ def default_actor() -> str:
 def content_digest(files: dict[str, str]) -> str:
     """sha256 over the served files' names and digests (config and weights)."""
     digest = hashlib.sha256()
-    for name in (CONFIG, WEIGHTS):
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
         digest.update(f"{name}\0{files[name]}\n".encode())
     return digest.hexdigest()
 
@@ -137,8 +139,7 @@ class Registry:
     ) -> tuple[str | None, str]:
         """Point ``alias`` at ``N@vK``; returns (previous key or None, new key).
 
-        ``force`` is recorded; the eval gate (a later issue) refuses unforced promotes of
-        versions without passing eval results.
+        ``force`` is only recorded in the alias history; eval results are not checked here.
         """
         ref = parse_version_key(version)
         check_alias(alias)
@@ -190,7 +191,7 @@ class Registry:
 
     def local_folder(self, version: VersionRecord) -> Path:
         """A local folder with the version's files (fetched into the cache if needed)."""
-        served = {n: d for n, d in version.files.items() if n in (CONFIG, WEIGHTS)}
+        served = {n: d for n, d in version.files.items() if n in (CONFIG_FILE, WEIGHTS_FILE)}
         return self.cache.folder(version.sha256, served)
 
     def check(self) -> None:
@@ -201,3 +202,42 @@ class Registry:
     def close(self) -> None:
         """Release database connections."""
         self.catalog.close()
+
+
+def registry_url(settings: Settings) -> str:
+    """The catalog URL in effect."""
+    return settings.registry_url or f"sqlite:///{settings.home / 'registry' / 'registry.db'}"
+
+
+def blob_url(settings: Settings) -> str:
+    """The blob store URL in effect."""
+    return settings.blob_url or str(settings.home / "registry" / "blobs")
+
+
+def base_spec(settings: Settings) -> BaseSpec:
+    """The base model adapters must fit, with the server's rank and size limits."""
+    from loraplex.basemodel import bundled_model_dir, describe
+
+    base_dir = settings.base_model or bundled_model_dir(settings.models_dir)
+    if not (base_dir / "config.json").is_file():
+        raise NotFound(
+            f"The base model {base_dir} is not prepared; run `loraplex model prepare` first."
+        )
+    info = describe(base_dir)
+    return BaseSpec(
+        fingerprint=info.fingerprint,
+        dims=BaseDims.from_model_dir(info.path),
+        name=info.name,
+        max_rank=settings.max_lora_rank,
+        max_bytes=settings.max_adapter_mb * 2**20,
+    )
+
+
+def open_registry(settings: Settings | None = None) -> Registry:
+    """The registry configured by ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+    blobs = open_blob_store(blob_url(settings), s3_endpoint_url=settings.s3_endpoint_url)
+    cache = BlobCache(
+        settings.home / "cache" / "adapters", blobs, int(settings.blob_cache_gib * 2**30)
+    )
+    return Registry(Catalog(registry_url(settings)), blobs, cache, lambda: base_spec(settings))

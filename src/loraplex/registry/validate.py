@@ -15,10 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters import CONFIG_FILE as CONFIG
-from loraplex.adapters import MANIFEST_FILE as MANIFEST
-from loraplex.adapters import WEIGHTS_FILE as WEIGHTS
-from loraplex.adapters import check_name
+from loraplex.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_name
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter, TooLarge
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.tensorfile import FLOAT_DTYPES, nonfinite_tensors, read_header
@@ -67,12 +64,12 @@ def validate_adapter(folder: Path, name: str, base: BaseSpec) -> CheckedAdapter:
     check_name(name)
     files = collect_files(folder)
     size = check_size(files, name, base.max_bytes)
-    config = _read_json(files[CONFIG])
-    manifest = _read_json(files[MANIFEST]) if MANIFEST in files else None
+    config = _read_json(files[CONFIG_FILE])
+    manifest = _read_json(files[MANIFEST_FILE]) if MANIFEST_FILE in files else None
     rank, alpha, top = _check_config(config, base)
     if manifest is not None:
         _check_manifest(manifest, base)
-    modules = _check_tensors(files[WEIGHTS], config, rank, base)
+    modules = _check_tensors(files[WEIGHTS_FILE], config, rank, base)
     return CheckedAdapter(files, size, top, alpha, modules, manifest, config)
 
 
@@ -98,8 +95,9 @@ def collect_files(folder: Path) -> dict[str, Path]:
             f"{folder} holds pickle weights ({', '.join(pickles)}); loraplex never unpickles. "
             "Re-save it with save_pretrained(..., safe_serialization=True) and remove them."
         )
-    files = {n: folder / n for n in (CONFIG, WEIGHTS, MANIFEST) if (folder / n).is_file()}
-    for required in (CONFIG, WEIGHTS):
+    names = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+    files = {n: folder / n for n in names if (folder / n).is_file()}
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in files:
             raise InvalidAdapter(f"{folder} has no {required}; a PEFT LoRA adapter needs it.")
     return files
@@ -224,7 +222,7 @@ def _check_tensors(weights: Path, config: dict[str, Any], rank: int, base: BaseS
             )
         seen.setdefault(module, set()).add(kind)
     if not seen:
-        raise InvalidAdapter(f"{WEIGHTS} holds no LoRA tensors.")
+        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors.")
     half = sorted(m for m, kinds in seen.items() if kinds != {"lora_A", "lora_B"})
     if half:
         raise InvalidAdapter(f"Module {half[0]} has only one of lora_A/lora_B.")
@@ -243,4 +241,4 @@ def _cross_check(weights: Path) -> None:
         with safe_open(str(weights), framework="numpy") as handle:
             list(handle.keys())
     except Exception as exc:  # noqa: BLE001 - any failure of the reference reader is a refusal
-        raise InvalidAdapter(f"{WEIGHTS} is not a valid safetensors file: {exc}") from None
+        raise InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None

@@ -106,7 +106,7 @@ def train_command(
     typer.echo(f"{name}: {summary}, {figures['seconds']:.0f}s", err=True)
     typer.echo(str(result.path))
     if push:
-        from loraplex.registry.factory import open_registry
+        from loraplex.registry.registry import open_registry
 
         pushed = open_registry().push(result.path, name, description="loraplex train")
         typer.echo(f"{pushed.version.key} {pushed.version.sha256}")

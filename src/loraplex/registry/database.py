@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from loraplex.errors import Conflict, Unavailable
-from loraplex.registry import schema
+from loraplex.registry import tables
 
 T = TypeVar("T")
 SQLITE_BUSY_MS = 30_000
@@ -65,13 +65,13 @@ def ensure_schema(engine: Engine) -> None:
     """Create missing tables (safe when several processes start at once)."""
 
     def create(conn: Connection) -> None:
-        schema.metadata.create_all(conn)
+        tables.metadata.create_all(conn)
         row = conn.execute(
-            schema.info.select().where(schema.info.c.key == "schema_version")
+            tables.info.select().where(tables.info.c.key == "schema_version")
         ).first()
         if row is None:
             conn.execute(
-                schema.info.insert().values(key="schema_version", value=schema.SCHEMA_VERSION)
+                tables.info.insert().values(key="schema_version", value=tables.SCHEMA_VERSION)
             )
 
     transaction(engine, create, retry_on=(IntegrityError, OperationalError, DBAPIError))

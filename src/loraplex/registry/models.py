@@ -1,19 +1,23 @@
 """Plain records the catalog returns: versions, alias events, eval results, adapters.
 
 Immutable dataclasses with JSON-friendly ``to_dict`` for ``--json`` output and the admin
-API. No database or storage code lives here.
+API, and ``from_row`` to build each one from its table's row (the one place that knows a
+row's columns). This module runs no queries and touches no storage.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplex.adapters import version_key
 
+if TYPE_CHECKING:
+    from sqlalchemy import Row
 
-def utc(value: datetime) -> datetime:
+
+def _utc(value: datetime) -> datetime:
     """SQLite returns naive datetimes; every stored time is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -60,6 +64,28 @@ class VersionRecord:
     created_by: str
     fallback_to_base: bool = False
 
+    @classmethod
+    def from_row(cls, row: Row[Any], fallback: bool = False) -> VersionRecord:
+        """The record of a ``versions`` row; ``fallback`` comes from the adapter's row."""
+        m = row._mapping
+        return cls(
+            name=m["name"],
+            number=m["number"],
+            sha256=m["sha256"],
+            size=m["size"],
+            rank=m["rank"],
+            alpha=m["alpha"],
+            target_modules=list(m["target_modules"]),
+            base_fingerprint=m["base_fingerprint"],
+            files=dict(m["files"]),
+            tenant=m["tenant"],
+            description=m["description"],
+            manifest=m["manifest"],
+            created_at=_utc(m["created_at"]),
+            created_by=m["created_by"],
+            fallback_to_base=fallback,
+        )
+
     @property
     def key(self) -> str:
         """``N@vK``."""
@@ -82,13 +108,27 @@ class AliasEvent:
     at: datetime
     by: str
 
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> AliasEvent:
+        """The record of an ``alias_events`` row."""
+        return cls(
+            row.alias,
+            row.action,
+            row.from_number,
+            row.to_number,
+            row.undone,
+            row.forced,
+            _utc(row.at),
+            row.by,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
 
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """An eval result recorded against a version (written by the eval gate)."""
+    """An eval result recorded against a version (``Registry.record_eval``)."""
 
     number: int
     suite: str
@@ -96,6 +136,18 @@ class EvalRecord:
     metrics: dict[str, Any]
     created_at: datetime
     created_by: str
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> EvalRecord:
+        """The record of an ``eval_results`` row."""
+        return cls(
+            row.number,
+            row.suite,
+            row.passed,
+            dict(row.metrics),
+            _utc(row.created_at),
+            row.created_by,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -116,6 +168,30 @@ class AdapterRecord:
     aliases: dict[str, int] = field(default_factory=dict)
     events: list[AliasEvent] = field(default_factory=list)
     evals: list[EvalRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_row(
+        cls,
+        row: Row[Any],
+        versions: list[VersionRecord],
+        aliases: dict[str, int],
+        events: list[AliasEvent],
+        evals: list[EvalRecord],
+    ) -> AdapterRecord:
+        """The record of an ``adapters`` row with what the other tables hold for it."""
+        return cls(
+            name=row.name,
+            tenant=row.tenant,
+            description=row.description,
+            fallback_to_base=row.fallback_to_base,
+            last_version=row.last_version,
+            created_at=_utc(row.created_at),
+            created_by=row.created_by,
+            versions=versions,
+            aliases=aliases,
+            events=events,
+            evals=evals,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

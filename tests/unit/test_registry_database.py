@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from loraplex.errors import Conflict, NotFound, Unavailable
-from loraplex.registry.db import make_engine, normalize_url, transaction
+from loraplex.registry.database import make_engine, normalize_url, transaction
 
 
 def test_postgres_urls_use_psycopg3() -> None:
