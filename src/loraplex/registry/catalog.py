@@ -236,9 +236,10 @@ class Catalog:
 
     # ---- reads --------------------------------------------------------------------------
 
-    def resolve(self, ref: AdapterRef, model: str) -> VersionRecord:
+    def resolve(self, ref: AdapterRef, model: str | None = None) -> VersionRecord:
         """The version ``ref`` names now (aliases are looked up on every call); ``model``
         is what the client sent, for the error message, which says which part is unknown."""
+        model = model or str(ref)
 
         def query(conn: Connection) -> VersionRecord:
             stmt = select(t.versions, t.adapters.c.fallback_to_base).join(
