@@ -12,8 +12,8 @@ from loraplex.registry.blobs import LocalBlobStore, sha256_file
 from loraplex.registry.cache import BlobCache
 from loraplex.registry.catalog import Catalog
 from loraplex.registry.registry import Registry, content_digest
-from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
+from loraplex.testing.random_adapters import write_random_adapter
 
 DIMS = BaseDims(64, 96, 4, 2, 16, 2)
 SPEC = BaseSpec("ab" * 32, DIMS, name="tiny", max_rank=8, max_bytes=1 << 20)

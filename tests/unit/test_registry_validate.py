@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from loraplex.adapters import LINEAR_PROJECTIONS
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter, LoraplexError, TooLarge
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import WEIGHTS, BaseSpec, validate_adapter
+from loraplex.testing.random_adapters import write_random_adapter
 
 DIMS = BaseDims(
     hidden_size=64,
@@ -64,11 +65,7 @@ def test_a_good_adapter_passes(adapter: Path, base: BaseSpec) -> None:
 
 
 def test_all_linear_and_regex_targets(tmp_path: Path, base: BaseSpec) -> None:
-    folder = write_random_adapter(
-        tmp_path / "all",
-        DIMS,
-        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    )
+    folder = write_random_adapter(tmp_path / "all", DIMS, targets=LINEAR_PROJECTIONS)
     _edit_config(folder, target_modules="all-linear")
     assert len(validate_adapter(folder, "x", base).target_modules) == 7
     _edit_config(folder, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")

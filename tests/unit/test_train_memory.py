@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapters import LINEAR_PROJECTIONS
 from loraplex.errors import InvalidRequest
 from loraplex.train import memory
 from loraplex.train.options import TrainOptions
@@ -93,12 +94,10 @@ def test_bad_options_name_the_flag(changes: dict, flag: str) -> None:
         opts.check()
 
 
-def test_defaults_follow_the_seed_article() -> None:
+def test_defaults_are_rank_16_on_every_projection() -> None:
     opts = TrainOptions(data=Path("d.jsonl"), name="ok")
     opts.check()
     hp = opts.hyperparameters()
     assert (hp["r"], hp["alpha"], hp["dropout"], hp["lr"]) == (16, 32, 0.05, 2e-4)
-    assert set(hp["target_modules"]) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-    }  # fmt: skip
+    assert hp["target_modules"] == list(LINEAR_PROJECTIONS)
     assert hp["grad_accum"] > 1
