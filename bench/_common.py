@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,38 +57,19 @@ def base_model_dir() -> Path:
 
 def make_adapters(base: Path, count: int, rank: int, targets: list[str], seed: int = 0) -> Path:
     """``count`` random PEFT LoRA adapters (bf16) named ``bench-000``...; cached by settings."""
+    from loraplex.testing.random_adapters import make_random_adapters
+
     folder = SCRATCH / f"adapters-r{rank}-{'-'.join(targets)}-s{seed}"
-    names = [f"bench-{i:03d}" for i in range(count)]
-    if all((folder / n / "adapter_model.safetensors").is_file() for n in names):
-        return folder
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
-    peft_model = get_peft_model(model, config)
-    lora_params = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
-    for i, name in enumerate(names):
-        if (folder / name / "adapter_model.safetensors").is_file():
-            continue
-        generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        with torch.no_grad():
-            for pname, param in lora_params:
-                std = 0.02 if "lora_B" in pname else 1.0 / param.shape[-1] ** 0.5
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-        peft_model.save_pretrained(folder / name)
-        _to_bf16(folder / name / "adapter_model.safetensors")
+    make_random_adapters(
+        base,
+        [path for _, path in adapter_paths(folder, count)],
+        seed=seed,
+        rank=rank,
+        targets=targets,
+        dtype="bfloat16",
+        skip_existing=True,
+    )
     return folder
-
-
-def _to_bf16(path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
-    save_file(tensors, path)
 
 
 def adapter_paths(folder: Path, count: int) -> list[tuple[str, Path]]:

@@ -36,7 +36,7 @@ from _common import (
     write_result,
 )
 
-ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+from loraplex.adapters import LINEAR_PROJECTIONS
 
 
 def _point(report: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     counts = sorted({int(c) for c in args.counts.split(",")})
-    targets = (ALL_LINEAR if args.targets == "all-linear" else args.targets).split(",")
+    targets = list(LINEAR_PROJECTIONS) if args.targets == "all-linear" else args.targets.split(",")
     engine = Engine(
         base=base_model_dir(),
         dtype=args.dtype,

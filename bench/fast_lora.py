@@ -42,9 +42,8 @@ from _common import (  # noqa: E402
     write_result,
 )
 
+from loraplex.adapters import LINEAR_PROJECTIONS  # noqa: E402
 from loraplex.testing.launcher import free_port, running_server  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def server_command(
@@ -184,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = base_model_dir()
-    adapters = adapter_paths(make_adapters(base, 8, args.rank, TARGETS), 8)
+    adapters = adapter_paths(make_adapters(base, 8, args.rank, list(LINEAR_PROJECTIONS)), 8)
     names = [name for name, _ in adapters]
     workloads = {"1 adapter": names[:1], "8 adapters": names}
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -149,6 +149,8 @@ def reference_run(base: Path, batch: int, ckpt: bool, args: argparse.Namespace) 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from loraplex.adapters import LINEAR_PROJECTIONS
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": device})
@@ -156,7 +158,7 @@ def reference_run(base: Path, batch: int, ckpt: bool, args: argparse.Namespace) 
     model.train()  # from_pretrained returns eval mode: no dropout, no checkpointing
     if ckpt:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = list(LINEAR_PROJECTIONS)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets)
     model = get_peft_model(model, lora)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)

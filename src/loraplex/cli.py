@@ -1,4 +1,4 @@
-"""The ``loraplex`` command: model, serve, train, eval, adapters, tenants, keys, bench.
+"""The ``loraplex`` command: model, adapters, train, serve, bench.
 
 Each sub-command lives beside the code it drives; this module only wires them together and
 turns loraplex errors into a one-line message and a non-zero exit.

@@ -61,10 +61,11 @@ def demo_adapters(loraplex_home: Path, base_model_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def make_random_adapter(base_model_dir: Path) -> Callable[..., Path]:
-    from loraplex.synthetic import random_adapter
+    from loraplex.testing.random_adapters import make_random_adapters
 
     def make(path: Path, seed: int, rank: int = 8) -> Path:
-        return random_adapter(base_model_dir, path, seed=seed, rank=rank)
+        (made,) = make_random_adapters(base_model_dir, [path], seed=seed, rank=rank)
+        return made
 
     return make
 

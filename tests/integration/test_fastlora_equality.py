@@ -65,14 +65,12 @@ def engine_main(model: str, adapters_json: str, out_json: str) -> None:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, base_model_dir) -> dict[str, str]:
-    from loraplex.fastlora.adapters import make_random_adapters
+    from loraplex.testing.random_adapters import make_random_adapters
 
     out = tmp_path_factory.mktemp("fastlora-adapters")
     paths = {}
-    for seed, (name, rank) in enumerate(ADAPTERS.items()):
-        (path,) = make_random_adapters(
-            base_model_dir, out / name, 1, rank=rank, seed=seed + 1, std=0.04
-        )
+    for seed, (name, rank) in enumerate(ADAPTERS.items(), start=1):
+        (path,) = make_random_adapters(base_model_dir, [out / name], seed=seed, rank=rank, std=0.04)
         paths[name] = str(path)
     return paths
 

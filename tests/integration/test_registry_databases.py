@@ -28,8 +28,8 @@ from loraplex.registry.blobs import LocalBlobStore
 from loraplex.registry.catalog import Catalog
 from loraplex.registry.database import normalize_url
 from loraplex.registry.registry import Registry
-from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
+from loraplex.testing.random_adapters import write_random_adapter
 
 pytestmark = pytest.mark.integration
 DIMS = BaseDims(64, 96, 4, 2, 16, 2)

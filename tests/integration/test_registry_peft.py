@@ -12,22 +12,24 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapters import LINEAR_PROJECTIONS
 from loraplex.basemodel import describe
-from loraplex.synthetic import random_adapter
+from loraplex.testing.random_adapters import make_random_adapters
 
 pytestmark = pytest.mark.integration
-ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
 @pytest.fixture(scope="module")
 def peft_adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("peft")
+    settings = {
+        "small": {"seed": 1, "rank": 4, "targets": ("q_proj", "v_proj")},
+        "full": {"seed": 2, "rank": 8},
+        "big": {"seed": 3, "rank": 32, "targets": ("q_proj",)},
+    }
     return {
-        "small": random_adapter(
-            base_model_dir, root / "small", seed=1, rank=4, targets=("q_proj", "v_proj")
-        ),
-        "full": random_adapter(base_model_dir, root / "full", seed=2, rank=8),
-        "big": random_adapter(base_model_dir, root / "big", seed=3, rank=32, targets=("q_proj",)),
+        name: make_random_adapters(base_model_dir, [root / name], **kwargs)[0]
+        for name, kwargs in settings.items()
     }
 
 
@@ -66,7 +68,7 @@ def test_push_show_through_the_cli(
     shown = json.loads(cli(env, "show", "sales", "--json").stdout)
     v1, v2 = shown["versions"]
     assert (v1["rank"], v1["alpha"], v1["target_modules"]) == (4, 8.0, ["q_proj", "v_proj"])
-    assert (v2["rank"], v2["target_modules"]) == (8, ALL_LINEAR)
+    assert (v2["rank"], v2["target_modules"]) == (8, sorted(LINEAR_PROJECTIONS))
     assert v1["base_fingerprint"] == describe(base_model_dir).fingerprint
     assert v1["created_by"] == "ci" and v1["tenant"] == "acme" and v2["tenant"] == "acme"
     assert shown["aliases"] == {"stable": "sales@v1"}
@@ -117,7 +119,9 @@ def test_adapter_of_another_architecture_is_refused(env: dict[str, str], tmp_pat
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(other)
-    folder = random_adapter(other, tmp_path / "foreign", seed=4, rank=4, targets=("q_proj",))
+    (folder,) = make_random_adapters(
+        other, [tmp_path / "foreign"], seed=4, rank=4, targets=("q_proj",)
+    )
     result = cli(env, "push", str(folder), "--name", "foreign")
     assert result.returncode == 2
     assert "has shape [4, 128], the base model needs [4, 576]" in result.stderr

@@ -27,7 +27,7 @@ from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import blob_key
 from loraplex.registry.registry import base_spec, open_registry, registry_url
 from loraplex.registry.s3 import S3BlobStore
-from loraplex.registry.synthetic import write_random_adapter
+from loraplex.testing.random_adapters import write_random_adapter
 
 pytestmark = pytest.mark.integration
 DIMS = BaseDims(64, 96, 4, 2, 16, 2)

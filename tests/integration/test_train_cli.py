@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loraplex.adapters import LINEAR_PROJECTIONS
+
 pytestmark = pytest.mark.integration
 
 WORDS = [
@@ -154,9 +156,7 @@ def test_adapter_folder_and_manifest(wrap: dict, base_model_dir: Path) -> None:
     assert results["final_train_loss"] < results["first_train_loss"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
-    assert set(config["target_modules"]) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-    }  # fmt: skip
+    assert set(config["target_modules"]) == set(LINEAR_PROJECTIONS)
     assert wrap["stdout"].splitlines()[0] == str(out)
     assert "loss" in wrap["stderr"] and "ETA" in wrap["stderr"]
 

@@ -5,6 +5,8 @@ HTTP is faked with ``httpx.MockTransport`` and sleeping with a recorder, so noth
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ import pytest
 from loraplex import errors
 from loraplex.client import (
     APIConnectionError,
+    AsyncClient,
     Client,
     IncompatibleAdapterError,
     NotFoundError,
@@ -261,13 +264,85 @@ def test_error_event_inside_a_stream_is_typed() -> None:
     assert acc.completion().text == "a"
 
 
-def test_generate_route_of_the_original_script() -> None:
-    seen: list[dict] = []
+def _public_calls(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(getattr(cls, name))
+        for name in dir(cls)
+        if not name.startswith("_") and callable(getattr(cls, name))
+    }
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
-        return httpx.Response(200, json={"text": "Arr"})
 
-    with Client("http://t", transport=httpx.MockTransport(answer)) as client:
+def test_sync_and_async_clients_offer_the_same_calls() -> None:
+    sync, not_sync = _public_calls(Client), _public_calls(AsyncClient)
+    assert set(sync) == set(not_sync)
+    assert {"completions", "chat", "stream", "models", "generate", "get_text"} <= set(sync)
+    for name, signature in sync.items():
+        assert list(signature.parameters) == list(not_sync[name].parameters), name
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
+
+
+class Recorder:
+    """A transport answering ``/generate``, ``/v1/models`` and ``/metrics``; records requests."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None, bytes]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.url.path, request.headers.get("authorization"), request.content))
+        if request.url.path == "/generate":
+            return httpx.Response(200, json={"text": "Arr"})
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "base"}]})
+        return httpx.Response(200, text="metric 1\n")
+
+
+def test_generate_models_and_get_text_of_the_blocking_client() -> None:
+    recorder = Recorder()
+    with Client("http://t", transport=httpx.MockTransport(recorder)) as client:
         assert client.generate("Hi", lora_name="pirate", max_tokens=4) == "Arr"
-    assert seen == [{"prompt": "Hi", "lora_name": "pirate", "max_tokens": 4}]
+        assert client.models(headers={"authorization": "Bearer k1"})["data"][0]["id"] == "base"
+        assert client.get_text("/metrics") == "metric 1\n"
+    generate, listing, scrape = recorder.seen
+    assert json.loads(generate[2]) == {"prompt": "Hi", "lora_name": "pirate", "max_tokens": 4}
+    assert listing[:2] == ("/v1/models", "Bearer k1") and scrape[:2] == ("/metrics", None)
+
+
+def test_generate_models_and_get_text_of_the_async_client() -> None:
+    recorder = Recorder()
+
+    async def calls() -> tuple[str, dict, str]:
+        async with AsyncClient("http://t", transport=httpx.MockTransport(recorder)) as client:
+            return (
+                await client.generate("Hi", lora_name="pirate", max_tokens=4),
+                await client.models(headers={"authorization": "Bearer k1"}),
+                await client.get_text("/metrics"),
+            )
+
+    text, models, metrics = asyncio.run(calls())
+    assert (text, models["data"][0]["id"], metrics) == ("Arr", "base", "metric 1\n")
+    generate, listing, scrape = recorder.seen
+    assert json.loads(generate[2]) == {"prompt": "Hi", "lora_name": "pirate", "max_tokens": 4}
+    assert listing[:2] == ("/v1/models", "Bearer k1") and scrape[:2] == ("/metrics", None)
+
+
+def test_async_client_retries_and_falls_back_like_the_blocking_one() -> None:
+    script = Script({"ad": [_error(503, "unavailable")], "base": [_ok("base")]})
+    sleeps: list[float] = []
+
+    async def record(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def call():
+        client = AsyncClient(
+            "http://test",
+            transport=httpx.MockTransport(script),
+            sleep=record,
+            retry=RetryPolicy(max_retries=1, rng=random.Random(1)),
+            fallback=True,
+        )
+        async with client:
+            return await client.completions("ad", "x", max_tokens=5)
+
+    result = asyncio.run(call())
+    assert result.fell_back and result.fallback_by == "client" and result.attempts == 3
+    assert [b["model"] for b in script.bodies] == ["ad", "ad", "base"] and len(sleeps) == 1

@@ -11,8 +11,8 @@ from loraplex.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import sha256_file
 from loraplex.registry.registry import Registry, content_digest
-from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
+from loraplex.testing.random_adapters import write_random_adapter
 
 
 @pytest.fixture

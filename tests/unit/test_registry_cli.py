@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from loraplex.cli import main
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.synthetic import write_random_adapter
+from loraplex.testing.random_adapters import write_random_adapter
 
 
 @pytest.fixture

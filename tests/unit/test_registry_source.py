@@ -13,8 +13,8 @@ from loraplex.adapters import AdapterSource
 from loraplex.errors import IncompatibleAdapter, NotFound
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.registry import Registry
-from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec
+from loraplex.testing.random_adapters import write_random_adapter
 
 
 @pytest.fixture

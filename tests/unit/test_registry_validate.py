@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from loraplex.adapters import WEIGHTS_FILE
+from loraplex.adapters import LINEAR_PROJECTIONS, WEIGHTS_FILE
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter, LoraplexError, TooLarge
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.synthetic import write_random_adapter
 from loraplex.registry.validate import BaseSpec, validate_adapter
+from loraplex.testing.random_adapters import write_random_adapter
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_all_linear_and_regex_targets(
     folder = write_random_adapter(
         tmp_path / "all",
         tiny_dims,
-        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        targets=LINEAR_PROJECTIONS,
     )
     _edit_config(folder, target_modules="all-linear")
     assert len(validate_adapter(folder, "x", tiny_base).target_modules) == 7

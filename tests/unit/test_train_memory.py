@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapters import LINEAR_PROJECTIONS
 from loraplex.errors import InvalidRequest
 from loraplex.train import memory
 from loraplex.train.options import TrainOptions
@@ -74,31 +75,42 @@ def test_host_memory_is_positive() -> None:
     assert memory.host_available_bytes() > 0
 
 
-@pytest.mark.parametrize(
-    ("changes", "flag"),
-    [
-        ({"name": "Bad Name"}, "--name"),
-        ({"name": "../x"}, "--name"),
-        ({"r": 0}, "--r"),
-        ({"lr": -1.0}, "--lr"),
-        ({"batch_size": 0}, "--batch-size"),
-        ({"dropout": 1.0}, "--dropout"),
-        ({"target_modules": ()}, "--target-modules"),
-        ({"max_steps": 0}, "--max-steps"),
-    ],
-)
+BAD_OPTIONS = [
+    ({"name": "Bad Name"}, "--name"),
+    ({"name": "../x"}, "--name"),
+    ({"r": 0}, "--r"),
+    ({"lr": -1.0}, "--lr"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"dropout": 1.0}, "--dropout"),
+    ({"warmup_ratio": 1.0}, "--warmup-ratio"),
+    ({"target_modules": ()}, "--target-modules"),
+    ({"max_steps": 0}, "--max-steps"),
+]
+
+
+@pytest.mark.parametrize(("changes", "flag"), BAD_OPTIONS)
 def test_bad_options_name_the_flag(changes: dict, flag: str) -> None:
     opts = TrainOptions(**{"data": Path("d.jsonl"), "name": "ok", **changes})
-    with pytest.raises(InvalidRequest, match=flag):
+    with pytest.raises(InvalidRequest, match=f"^{flag} "):
         opts.check()
 
 
-def test_defaults_follow_the_seed_article() -> None:
+def test_every_flag_an_error_names_is_a_flag_of_train() -> None:
+    import typer
+    from typer.main import get_command
+
+    from loraplex.train.cli import train_command
+
+    app = typer.Typer()
+    app.command()(train_command)
+    flags = {opt for param in get_command(app).params for opt in param.opts}
+    assert {flag for _, flag in BAD_OPTIONS} <= flags
+
+
+def test_defaults_are_rank_16_on_every_projection() -> None:
     opts = TrainOptions(data=Path("d.jsonl"), name="ok")
     opts.check()
     hp = opts.hyperparameters()
     assert (hp["r"], hp["alpha"], hp["dropout"], hp["lr"]) == (16, 32, 0.05, 2e-4)
-    assert set(hp["target_modules"]) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-    }  # fmt: skip
+    assert hp["target_modules"] == list(LINEAR_PROJECTIONS)
     assert hp["grad_accum"] > 1

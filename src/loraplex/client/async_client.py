@@ -1,40 +1,66 @@
 """Asynchronous loraplex client: the same calls as ``Client``, awaitable.
 
-Same retry, error and fallback rules as ``loraplex.client.client`` (whose ``_BaseClient``
-holds them); streams are ``AsyncStream``s to ``async for`` over. The load generator in
-``loraplex.client.bench`` is built on this class.
+Same requests, retry, error and fallback rules as ``loraplex.client.client`` (both take them
+from ``loraplex.client.core``); this module is the asyncio I/O only. Streams are
+``AsyncStream``s to ``async for`` over. The load generator in ``loraplex.client.bench`` is
+built on this class.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
 
-from loraplex.client.client import _BaseClient
-from loraplex.client.errors import APIConnectionError, APIError, error_from_response
-from loraplex.client.types import (
-    DONE,
-    CallMeta,
-    Chunk,
-    Completion,
-    Kind,
-    StreamAccumulator,
-    base_model_from_models,
-    completion_from_body,
-    parse_sse_line,
-    path_for,
-    request_body,
-)
+from loraplex.client.core import Call, ClientCore, StreamCore
+from loraplex.client.errors import APIConnectionError, APIError, error_from_transport
+from loraplex.client.retry import RetrySchedule
+from loraplex.client.types import CallMeta, Chunk, Completion, Kind
 from loraplex.errors import LoraplexError
 
 T = TypeVar("T")
 
 
-class AsyncClient(_BaseClient):
-    """Non-blocking client. Use ``async with`` or ``await close()``."""
+class AsyncStream(StreamCore):
+    """An open streamed response: ``async for`` ``Chunk``s; ``completion`` reassembles them."""
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release the connection."""
+        await self.response.aclose()
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            async for line in self.response.aiter_lines():
+                chunk = self._acc.feed_line(line)
+                if self._acc.done:
+                    break
+                if chunk is not None:
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc) from exc
+        finally:
+            await self.close()
+
+    async def until_done(self) -> Completion:
+        """Read the rest of the stream and return the whole completion."""
+        async for _ in self:
+            pass
+        return self.completion
+
+
+class AsyncClient(ClientCore):
+    """Non-blocking ``Client``. Use ``async with`` or ``await close()``."""
+
+    _stream_class = AsyncStream
 
     def __init__(
         self,
@@ -66,69 +92,38 @@ class AsyncClient(_BaseClient):
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def _send(
-        self, method: str, path: str, body: Any, *, stream: bool, headers: dict | None = None
-    ) -> tuple[httpx.Response, int]:
-        """Send with retries; returns a successful response and the attempts it took."""
-        attempt = 0
+    async def _run(self, call: Call[T]) -> T:
+        """Send with retries and read the successful response."""
+        r = call.request
+        schedule = RetrySchedule(self.retry)
         while True:
-            attempt += 1
+            request = self._http.build_request(r.method, r.path, json=r.body, headers=r.headers)
             try:
-                request = self._http.build_request(method, path, json=body, headers=headers)
-                response = await self._http.send(request, stream=stream)
+                response = await self._http.send(request, stream=r.stream)
             except httpx.TransportError as exc:
-                error: LoraplexError = self._transport_error(exc)
-                error.__cause__ = exc
-                delay = self.retry.delay(attempt) if self._connect_failed(exc) else None
-            else:
-                if response.status_code < 400:
-                    return response, attempt
-                await response.aread()
-                await response.aclose()
-                error = error_from_response(response)
-                delay = None
-                if self.retry.retryable(response.status_code):
-                    delay = self.retry.delay(attempt, error.retry_after)
-            if delay is None:
-                error.attempts = attempt
-                raise error
-            await self._sleep(delay)
+                await self._sleep(schedule.after_transport_error(exc))
+                continue
+            if response.status_code < 400:
+                return call.read(response, schedule.attempt)
+            await response.aread()
+            await response.aclose()
+            await self._sleep(schedule.after_error_response(response))
 
-    async def _with_fallback(
-        self, model: str, fallback: bool | None, call: Callable[[CallMeta], Awaitable[T]]
+    async def _run_with_fallback(
+        self, model: str, fallback: bool | None, make: Callable[[CallMeta], Call[T]]
     ) -> T:
         try:
-            return await call(CallMeta(model, model))
+            return await self._run(make(CallMeta(model, model)))
         except (APIError, APIConnectionError) as exc:
-            if not self._fallback_target(model, exc, fallback):
+            if not self._wants_fallback(model, exc, fallback):
                 raise
-            base = self.base_model or await self.discover_base_model()
-            if base is None or base == model:
+            meta = self._fallback_meta(model, exc, await self.discover_base_model())
+            if meta is None:
                 raise
             try:
-                return await call(CallMeta(model, base, exc.attempts, str(exc)))
+                return await self._run(make(meta))
             except LoraplexError as second:
                 raise second from exc
-
-    async def _complete(
-        self, kind: Kind, meta: CallMeta, payload: Any, params: dict, headers: dict | None
-    ) -> Completion:
-        body = request_body(kind, meta.model, payload, params, stream=False)
-        response, attempts = await self._send(
-            "POST", path_for(kind), body, stream=False, headers=headers
-        )
-        meta.attempts += attempts
-        return completion_from_body(kind, response.json(), response.headers, meta)
-
-    async def _open_stream(
-        self, kind: Kind, meta: CallMeta, payload: Any, params: dict, headers: dict | None
-    ) -> AsyncStream:
-        body = request_body(kind, meta.model, payload, params, stream=True)
-        response, attempts = await self._send(
-            "POST", path_for(kind), body, stream=True, headers=headers
-        )
-        meta.attempts += attempts
-        return AsyncStream(response, StreamAccumulator(kind, response.headers, meta))
 
     async def completions(
         self,
@@ -139,10 +134,9 @@ class AsyncClient(_BaseClient):
         headers: dict[str, str] | None = None,
         **params: Any,
     ) -> Completion:
-        """``POST /v1/completions``; ``headers`` are added to this request only."""
-        return await self._with_fallback(
-            model, fallback, lambda m: self._complete("completion", m, prompt, params, headers)
-        )
+        """``POST /v1/completions``, as ``Client.completions``."""
+        make = partial(self._completion_call, "completion", prompt, params, headers)
+        return await self._run_with_fallback(model, fallback, make)
 
     async def chat(
         self,
@@ -153,10 +147,9 @@ class AsyncClient(_BaseClient):
         headers: dict[str, str] | None = None,
         **params: Any,
     ) -> Completion:
-        """``POST /v1/chat/completions``."""
-        return await self._with_fallback(
-            model, fallback, lambda m: self._complete("chat", m, messages, params, headers)
-        )
+        """``POST /v1/chat/completions``, as ``Client.chat``."""
+        make = partial(self._completion_call, "chat", messages, params, headers)
+        return await self._run_with_fallback(model, fallback, make)
 
     async def stream(
         self,
@@ -168,66 +161,31 @@ class AsyncClient(_BaseClient):
         headers: dict[str, str] | None = None,
         **params: Any,
     ) -> AsyncStream:
-        """Open a streamed completion (``payload`` = prompt) or chat (``payload`` = messages)."""
-        return await self._with_fallback(
-            model, fallback, lambda m: self._open_stream(kind, m, payload, params, headers)
-        )
+        """Open a streamed completion or chat, as ``Client.stream``; ``async for`` it."""
+        make = partial(self._stream_call, kind, payload, params, headers)
+        return await self._run_with_fallback(model, fallback, make)
 
     async def models(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        """``GET /v1/models`` as returned (``headers``: e.g. another tenant's key)."""
-        response, _ = await self._send("GET", "/v1/models", None, stream=False, headers=headers)
-        return response.json()
+        """``GET /v1/models`` as returned."""
+        return await self._run(self._models_call(headers))
 
     async def discover_base_model(self) -> str | None:
         """The base model's name from ``/v1/models`` (cached in ``base_model``)."""
         if self.base_model is None:
-            self.base_model = base_model_from_models(await self.models())
+            return self._remember_base_model(await self.models())
         return self.base_model
 
-    async def get_text(self, path: str) -> str:
+    async def generate(
+        self,
+        prompt: str,
+        lora_name: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **params: Any,
+    ) -> str:
+        """``POST /generate``, as ``Client.generate``."""
+        return await self._run(self._generate_call(prompt, lora_name, params, headers))
+
+    async def get_text(self, path: str, headers: dict[str, str] | None = None) -> str:
         """GET any path and return the body text (e.g. ``/metrics``)."""
-        response, _ = await self._send("GET", path, None, stream=False)
-        return response.text
-
-
-class AsyncStream:
-    """An open streamed response: ``async for`` ``Chunk``s; ``completion`` reassembles them."""
-
-    def __init__(self, response: httpx.Response, acc: StreamAccumulator) -> None:
-        self.response = response
-        self._acc = acc
-
-    async def __aenter__(self) -> AsyncStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Release the connection."""
-        await self.response.aclose()
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        try:
-            async for line in self.response.aiter_lines():
-                event = parse_sse_line(line)
-                if event == DONE:
-                    self._acc.done = True
-                    break
-                if isinstance(event, dict):
-                    yield self._acc.feed(event)
-        except httpx.TransportError as exc:
-            raise _BaseClient._transport_error(exc) from exc
-        finally:
-            await self.close()
-
-    @property
-    def completion(self) -> Completion:
-        """All text received so far, with the call's metadata."""
-        return self._acc.completion()
-
-    async def until_done(self) -> Completion:
-        """Read the rest of the stream and return the whole completion."""
-        async for _ in self:
-            pass
-        return self.completion
+        return await self._run(self._text_call(path, headers))

@@ -198,6 +198,12 @@ def error_from_response(response: httpx.Response) -> APIError:
     )
 
 
+def error_from_transport(exc: httpx.TransportError) -> APIConnectionError:
+    """The exception for a request that got no response (refused, reset, timed out)."""
+    cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    return cls(f"{type(exc).__name__}: {exc or 'no response from the server'}")
+
+
 def allows_fallback(exc: BaseException) -> bool:
     """True when the error says the adapter cannot serve now, so the base model may answer.
 

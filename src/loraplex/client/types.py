@@ -1,8 +1,9 @@
-"""Results of the client and the wire parsing shared by the sync and async clients.
+"""Results of the client and the parsing of response bodies and server-sent events.
 
 ``Completion`` is what a call returns (text plus what served it and whether it fell back);
 ``Chunk`` is one streamed piece; ``StreamAccumulator`` turns server-sent events into chunks
-and reassembles them. Only the first choice (``n=1``) is read. No I/O happens here.
+and reassembles them. Only the first choice (``n=1``) is read. Requests are built in
+``loraplex.client.core``; no I/O happens here.
 """
 
 from __future__ import annotations
@@ -65,24 +66,6 @@ class CallMeta:
     fallback_reason: str | None = None
 
 
-def request_body(kind: Kind, model: str, payload: Any, params: dict[str, Any], stream: bool):
-    """The JSON body of a completion (``payload`` = prompt) or chat (``payload`` = messages)."""
-    body: dict[str, Any] = {k: v for k, v in params.items() if v is not None}
-    body["model"] = model
-    body["prompt" if kind == "completion" else "messages"] = payload
-    if stream:
-        body["stream"] = True
-        body.setdefault("stream_options", {"include_usage": True})
-    else:
-        body.pop("stream_options", None)
-    return body
-
-
-def path_for(kind: Kind) -> str:
-    """The route of a kind."""
-    return "/v1/completions" if kind == "completion" else "/v1/chat/completions"
-
-
 def _text_of(kind: Kind, choice: dict[str, Any], *, delta: bool) -> str:
     if kind == "completion":
         return choice.get("text") or ""
@@ -139,6 +122,14 @@ class StreamAccumulator:
         self.finish_reason: str | None = None
         self.usage: dict[str, int] = {}
         self.done = False
+
+    def feed_line(self, line: str) -> Chunk | None:
+        """The chunk of one SSE line; None for anything else (``[DONE]`` also sets ``done``)."""
+        event = parse_sse_line(line)
+        if event == DONE:
+            self.done = True
+            return None
+        return self.feed(event) if isinstance(event, dict) else None
 
     def feed(self, event: dict[str, Any]) -> Chunk:
         """One chunk from one event; raises ``APIError`` for an error event."""

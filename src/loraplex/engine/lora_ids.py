@@ -1,8 +1,9 @@
 """One LoRA integer id per adapter version, for the life of the process.
 
 vLLM caches adapter weights by integer id, so an id that ever named other weights would
-serve the wrong adapter (the seed article's ``lora_int_id=1`` bug). Ids only grow; a version
-key keeps its id even after it is unloaded, and no key ever gets an id another key had.
+serve the wrong adapter (one fixed id for every adapter serves whichever vLLM loaded first).
+Ids only grow; a version key keeps its id even after it is unloaded, and no key ever gets an
+id another key had.
 """
 
 from __future__ import annotations

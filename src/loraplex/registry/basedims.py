@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.adapters import LINEAR_PROJECTIONS
 from loraplex.errors import InvalidRequest
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,7 @@ class BaseDims:
         """Full module path (as PEFT names it, without its prefix) -> short name."""
         paths = {}
         for layer in range(self.num_hidden_layers):
-            for short in ATTENTION:
-                paths[f"model.layers.{layer}.self_attn.{short}"] = short
-            for short in MLP:
-                paths[f"model.layers.{layer}.mlp.{short}"] = short
+            for short in LINEAR_PROJECTIONS:
+                block = "mlp" if short in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                paths[f"model.layers.{layer}.{block}.{short}"] = short
         return paths

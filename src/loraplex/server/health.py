@@ -26,10 +26,9 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> dict[str, Any]:
     """200 when the engine is healthy and adapters are readable, else 503 with the reason."""
-    state = request.app.state
-    service = getattr(state, "service", None)
+    service = getattr(request.app.state, "service", None)
     if service is None:
-        raise Unavailable(getattr(state, "startup_error", None) or "The engine is starting.")
+        raise Unavailable("The engine is starting.")
     await service.engine.check_health()
     try:
         await asyncio.to_thread(service.source.check)

@@ -1,5 +1,5 @@
 """OpenAI-compatible routes: completions, chat completions (SSE streaming both ways),
-models, and ``/generate`` for clients of the original script.
+models, and ``/generate`` (plain ``{prompt, lora_name}`` in, ``{text}`` out, no streaming).
 
 Each route parses its body, asks the ``Service`` for the target and the deltas, and shapes
 the OpenAI wire format. Headers: ``x-request-id``, ``x-loraplex-adapter`` and, after a

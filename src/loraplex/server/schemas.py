@@ -87,7 +87,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class GenerateRequest(BaseModel):
-    """``POST /generate``: the original script's body."""
+    """``POST /generate``: a prompt and an optional adapter name, outside the OpenAI format."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -43,6 +43,9 @@ def train_command(
     epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 3.0,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    warmup_ratio: Annotated[
+        float, typer.Option(help="Share of the steps spent warming the learning rate up.")
+    ] = 0.03,
     batch_size: Annotated[
         int | None, typer.Option(help="Sequences per step (default: from memory).")
     ] = None,
@@ -84,6 +87,7 @@ def train_command(
         epochs=epochs,
         max_steps=max_steps,
         lr=lr,
+        warmup_ratio=warmup_ratio,
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_seq_len=max_seq_len,

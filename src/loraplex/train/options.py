@@ -1,7 +1,7 @@
 """The options of one training run (``TrainOptions``) and their defaults.
 
-Defaults follow the seed article: rank 16, alpha 32, dropout 0.05, every attention and MLP
-projection, learning rate 2e-4, gradient accumulation 4, 3 epochs. ``batch_size`` and
+Defaults: rank 16, alpha 32, dropout 0.05, every attention and MLP projection, learning rate
+2e-4 with 3% warmup, gradient accumulation 4, 3 epochs. ``batch_size`` and
 ``gradient_checkpointing`` left as ``None`` are chosen from the memory the device has
 (``loraplex.train.memory``). This module holds plain data; it imports nothing heavy.
 """
