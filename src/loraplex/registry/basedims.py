@@ -16,7 +16,6 @@ from loraplex.adapters import LINEAR_PROJECTIONS
 from loraplex.errors import InvalidRequest
 
 
-
 @dataclass(frozen=True)
 class BaseDims:
     """The dimensions that fix every LoRA-able layer's shape."""
