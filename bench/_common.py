@@ -1,9 +1,9 @@
 """Shared parts of the benchmark scenarios: random adapters, servers, results, README table.
 
-Scenarios (``gateway_overhead.py``, ``adapter_scaling.py``) start what they need with these
-helpers, drive it with ``loraplex.client.bench``, and write JSON + PNG under
-``bench/results/``. Servers run as child processes (``loraplex.testing.launcher``), one at a
-time, with the same engine settings for loraplex and for vLLM's own OpenAI server.
+Scenarios (``gateway_overhead``, ``adapter_scaling``, ``fast_lora``) start what they need
+with these helpers, drive it, and write JSON (+ PNG) under ``bench/results/``. Servers run as
+child processes (``loraplex.testing.launcher``), one at a time, with the same engine settings
+for loraplex and for vLLM's own OpenAI server.
 """
 
 from __future__ import annotations
@@ -11,13 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplex.client.bench.report import build_report, machine_info
 from loraplex.client.bench.runner import BenchConfig, run_bench
-from loraplex.testing.launcher import free_port, running_server
+from loraplex.testing.launcher import (
+    RunningServer,
+    reserved_port,
+    running_server,
+)
+from loraplex.testing.launcher import (
+    loraplex_server as launch_loraplex,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -79,59 +88,62 @@ def adapter_paths(folder: Path, count: int) -> list[tuple[str, Path]]:
 
 def loraplex_server(engine: Engine, adapters_dir: Path, log: Path, extra_env: dict | None = None):
     """Context manager: ``loraplex serve`` on a free port, auth off, these adapters."""
-    port = free_port()
     env = {
         "LORAPLEX_AUTH": "off",
         "LORAPLEX_ADAPTERS_DIR": str(adapters_dir),
         "LORAPLEX_BASE_MODEL": str(engine.base),
         "LORAPLEX_SERVED_MODEL_NAME": SERVED_NAME,
-        "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
         **{f"LORAPLEX_{k.upper()}": str(v) for k, v in engine.describe().items() if k != "base"},
         **(extra_env or {}),
     }
-    command = [str(Path(sys.executable).with_name("loraplex")), "serve", "--port", str(port)]
-    return running_server(command, port, log, env=env, ready_path="/ready", timeout=900)
+    return launch_loraplex(log, env=env, timeout=900)
 
 
-def vllm_server(engine: Engine, adapters: list[tuple[str, Path]], log: Path):
-    """Context manager: vLLM's own OpenAI server with the same engine settings and adapters."""
-    port = free_port()
+def vllm_command(
+    engine: Engine,
+    port: int,
+    adapters: Sequence[tuple[str, Path]] = (),
+    enable_lora: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """vLLM's own OpenAI server with ``engine``'s settings (LoRA slots only when enabled)."""
     command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(engine.base),
-        "--served-model-name",
-        SERVED_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        engine.dtype,
-        "--max-model-len",
-        str(engine.max_model_len),
-        "--max-num-seqs",
-        str(engine.max_num_seqs),
-        "--enable-lora",
-        "--max-loras",
-        str(engine.max_loras),
-        "--max-cpu-loras",
-        str(max(engine.max_cpu_loras, engine.max_loras)),
-        "--max-lora-rank",
-        str(engine.max_lora_rank),
-        "--seed",
-        "0",
-        "--disable-log-stats",
-    ]
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(engine.base), "--served-model-name", SERVED_NAME,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", engine.dtype,
+        "--max-model-len", str(engine.max_model_len), "--max-num-seqs", str(engine.max_num_seqs),
+        "--seed", "0", "--disable-log-stats",
+    ]  # fmt: skip
+    if enable_lora:
+        command += ["--enable-lora", "--max-loras", str(engine.max_loras)]
+        command += ["--max-cpu-loras", str(engine.max_cpu_loras)]
+        command += ["--max-lora-rank", str(engine.max_lora_rank)]
     if adapters:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
+    return command + list(extra)
+
+
+@contextmanager
+def vllm_server(
+    engine: Engine,
+    adapters: Sequence[tuple[str, Path]],
+    log: Path,
+    enable_lora: bool = True,
+    extra: Sequence[str] = (),
+    timeout: float = 900,
+) -> Iterator[RunningServer]:
+    """vLLM's own OpenAI server with the same engine settings and adapters, until the block ends."""
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
         "LORAPLEX_FAST_LORA": engine.fast_lora,
     }
-    return running_server(command, port, log, env=env, ready_path="/health", timeout=900)
+    with reserved_port() as port:
+        command = vllm_command(engine, port, adapters, enable_lora, extra)
+        url = f"http://127.0.0.1:{port}"
+        with running_server(
+            command, log, url=url, env=env, ready_path="/health", timeout=timeout
+        ) as server:
+            yield server
 
 
 def measure(url: str, **settings: Any) -> dict[str, Any]:

@@ -7,8 +7,8 @@ Reports each N's throughput and p99 as ratios to the base model's, and the adapt
 ratio from ``/metrics``. Writes ``bench/results/adapter_scaling.json`` + ``.png`` and the
 table in ``bench/README.md``. Small defaults run in a few minutes on 2 cores.
 
-    .venv/bin/python bench/adapter_scaling.py
-    .venv/bin/python bench/adapter_scaling.py --counts 1,8,32,128,512 --requests 512 \\
+    .venv/bin/python -m bench.adapter_scaling
+    .venv/bin/python -m bench.adapter_scaling --counts 1,8,32,128,512 --requests 512 \\
         --concurrency 32 --max-tokens 128 --rank 16 --targets all-linear
 """
 
@@ -18,7 +18,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import (
+from bench._common import (
     RESULTS,
     SCRATCH,
     SERVED_NAME,
@@ -35,7 +35,6 @@ from _common import (
     vllm_server,
     write_result,
 )
-
 from loraplex.adapters import LINEAR_PROJECTIONS
 
 

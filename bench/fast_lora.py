@@ -13,15 +13,16 @@ base model and for 1 and 8 adapters (``--lora-assignment round-robin``). Prints 
 median TTFT and ITL, and their ratios to base measured in the same run (the machine is
 shared and noisy: compare ratios, not absolute numbers). Writes ``bench/results/fast_lora.json``.
 
-    .venv/bin/python bench/fast_lora.py                 # 64 prompts per run, ~10 min on 2 cores
-    .venv/bin/python bench/fast_lora.py --prompts 32 --skip-stock --eager
-    .venv/bin/python bench/fast_lora.py --profile      # + py-spy shares of the worker's step
+    .venv/bin/python -m bench.fast_lora                 # 64 prompts per run, ~10 min on 2 cores
+    .venv/bin/python -m bench.fast_lora --prompts 32 --skip-stock --eager
+    .venv/bin/python -m bench.fast_lora --profile      # + py-spy shares of the worker's step
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import signal
 import subprocess
@@ -30,51 +31,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from bench._common import (
     SCRATCH,
     SERVED_NAME,
+    Engine,
     adapter_paths,
     base_model_dir,
     make_adapters,
     ratio,
+    vllm_server,
     write_result,
 )
-
-from loraplex.adapters import LINEAR_PROJECTIONS  # noqa: E402
-from loraplex.testing.launcher import free_port, running_server  # noqa: E402
-
-
-def server_command(
-    base: Path, port: int, args, adapters: list[tuple[str, Path]], extra: list[str]
-) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(base),
-        "--served-model-name",
-        SERVED_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        args.dtype,
-        "--max-model-len",
-        "1024",
-        "--max-num-seqs",
-        "16",
-        "--seed",
-        "0",
-        "--disable-log-stats",
-    ]
-    if adapters:
-        command += ["--enable-lora", "--max-loras", "8", "--max-lora-rank", str(args.rank)]
-        command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
-    return command + extra
+from loraplex.adapters import LINEAR_PROJECTIONS
 
 
 def run_client(url: str, base: Path, args, loras: list[str], out: Path) -> dict[str, Any]:
@@ -107,18 +75,19 @@ def run_client(url: str, base: Path, args, loras: list[str], out: Path) -> dict[
     }
 
 
-def serve_and_measure(name, base, args, env, adapters, workloads, extra=()) -> dict[str, Any]:
-    port = free_port()
+def serve_and_measure(name, engine, args, adapters, workloads, extra=()) -> dict[str, Any]:
     log = SCRATCH / f"fast_lora-{name}.log"
-    command = server_command(base, port, args, adapters, list(extra))
+    server = vllm_server(
+        engine, adapters, log, enable_lora=bool(adapters), extra=extra, timeout=1200
+    )
     results = {}
-    with running_server(command, port, log, env=env, ready_path="/health", timeout=1200) as srv:
+    with server as srv:
         results["startup_s"] = round(srv.startup_seconds or 0, 1)
         for workload, loras in workloads.items():
             out = SCRATCH / f"fast_lora-{name}-{workload}.json"
             stem = f"fast_lora-{name}-{workload.replace(' ', '_')}"
             with profiled(srv.process.pid, SCRATCH / f"{stem}.pyspy", args.profile) as profile:
-                results[workload] = run_client(srv.url, base, args, loras, out)
+                results[workload] = run_client(srv.url, engine.base, args, loras, out)
             if profile.exists():
                 results[workload]["profile"] = time_shares(profile)
             print(name, workload, results[workload], flush=True)
@@ -186,16 +155,16 @@ def main() -> None:
     adapters = adapter_paths(make_adapters(base, 8, args.rank, list(LINEAR_PROJECTIONS)), 8)
     names = [name for name, _ in adapters]
     workloads = {"1 adapter": names[:1], "8 adapters": names}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    runs = {"base": serve_and_measure("base", base, args, env, [], {"base": []})}
+    engine = Engine(base, args.dtype, max_model_len=1024, max_num_seqs=16, max_lora_rank=args.rank)
+    runs = {"base": serve_and_measure("base", engine, args, [], {"base": []})}
     modes = {"fast": ("on", [])}
     if args.eager:
         modes["fast-eager"] = ("on", ["--enforce-eager"])
     if not args.skip_stock:
         modes["stock"] = ("off", [])
     for mode, (switch, extra) in modes.items():
-        mode_env = {**env, "LORAPLEX_FAST_LORA": switch}
-        runs[mode] = serve_and_measure(mode, base, args, mode_env, adapters, workloads, extra)
+        mode_engine = dataclasses.replace(engine, fast_lora=switch)
+        runs[mode] = serve_and_measure(mode, mode_engine, args, adapters, workloads, extra)
 
     ref = runs["base"]["base"]
     table = []

@@ -6,8 +6,8 @@ throughput and of p50/p99 TTFT and end-to-end latency. ``--rounds 2`` alternates
 (vLLM, loraplex, loraplex, vLLM) to cancel drift on a noisy machine. Writes
 ``bench/results/gateway_overhead.json`` + ``.png`` and the table in ``bench/README.md``.
 
-    .venv/bin/python bench/gateway_overhead.py            # ~3-5 min on 2 cores
-    .venv/bin/python bench/gateway_overhead.py --requests 256 --concurrency 16 --rounds 2
+    .venv/bin/python -m bench.gateway_overhead            # ~3-5 min on 2 cores
+    .venv/bin/python -m bench.gateway_overhead --requests 256 --concurrency 16 --rounds 2
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 import time
 from typing import Any
 
-from _common import (
+from bench._common import (
     RESULTS,
     SCRATCH,
     Engine,

@@ -10,8 +10,11 @@ over the steps after ``--warmup``. With ``--reference`` a plain PEFT loop (r=16 
 projections, same batch and checkpointing, loss on all tokens) runs in the same process, and
 the ratio is printed. Results go to ``bench/results/train_speed.json``.
 
-    python bench/train_speed.py --shapes small,8b --variants auto,checkpointed --reference
-    python bench/train_speed.py --shapes tiny --steps 5 --warmup 2   # smoke test on CPU
+    python -m bench.train_speed --shapes small,8b --variants auto,checkpointed --reference
+    python -m bench.train_speed --shapes tiny --steps 5 --warmup 2   # smoke test on CPU
+
+loraplex must be importable: installed, or ``PYTHONPATH=src`` on a machine with only the
+training dependencies.
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ import argparse
 import gc
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -265,7 +266,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="auto variant's batch size")
     parser.add_argument("--checkpointing", choices=["on", "off"], default=None)
     parser.add_argument("--reference", action="store_true", help="also run a plain PEFT loop")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_speed.json")
     cli = parser.parse_args()
     cli.checkpointing = None if cli.checkpointing is None else cli.checkpointing == "on"
     import torch

@@ -1,8 +1,9 @@
 """Settings of loraplex, read from ``LORAPLEX_*`` environment variables and ``loraplex.toml``.
 
-Every ``serve`` flag has a field here; the CLI passes flags as overrides. Paths default to
-places under ``LORAPLEX_HOME`` (``~/.loraplex``). This module only describes settings; it
-does not create folders or start anything.
+Every field here is a ``loraplex serve`` flag (the flags are generated from the fields) and a
+``LORAPLEX_<FIELD>`` variable. Paths default to places under ``LORAPLEX_HOME``
+(``~/.loraplex``). This module only describes settings; it does not create folders or start
+anything. ``load_settings`` turns a bad value into a one-line ``SettingsError``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from loraplex.errors import InvalidRequest
 
 
 def default_home() -> Path:
@@ -45,7 +48,9 @@ class Settings(BaseSettings):
 
     # --- server ---
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
-    port: int = Field(8000, description="Port the HTTP server binds.")
+    port: int = Field(
+        8000, ge=0, le=65535, description="Port the HTTP server binds; 0 picks a free one."
+    )
     auth: Literal["on", "off"] = Field(
         "off", description="Require tenant API keys (on once tenancy exists; off serves all)."
     )
@@ -79,13 +84,17 @@ class Settings(BaseSettings):
         "auto",
         description="Engine dtype; auto = float32 on CPU (batched == solo), bfloat16 on CUDA.",
     )
-    max_loras: int = Field(8, description="Adapters active in one batch (GPU/engine slots).")
-    max_cpu_loras: int = Field(32, description="Adapters kept loaded in the CPU LRU cache.")
-    max_lora_rank: int = Field(64, description="Largest adapter rank the engine accepts.")
-    max_model_len: int = Field(2048, description="Longest prompt + completion in tokens.")
-    max_num_seqs: int = Field(64, description="Most sequences the engine runs at once.")
+    max_loras: int = Field(8, ge=1, description="Adapters active in one batch (engine slots).")
+    max_cpu_loras: int = Field(
+        32, ge=1, description="Adapters kept loaded in the CPU LRU cache (>= max_loras)."
+    )
+    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank the engine accepts.")
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion in tokens.")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences the engine runs at once.")
     kv_cache_gib: int = Field(2, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    gpu_memory_utilization: float = Field(0.85, description="Share of GPU memory vLLM may use.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of GPU memory vLLM may use."
+    )
     fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
     seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
 
@@ -93,6 +102,15 @@ class Settings(BaseSettings):
     user: str | None = Field(
         None, description="Who is acting, recorded in the registry's history; default: OS user."
     )
+
+    @model_validator(mode="after")
+    def _cpu_cache_holds_the_batch(self) -> Settings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
+                "every adapter in a batch is also in the CPU cache"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -115,3 +133,29 @@ class Settings(BaseSettings):
     def resolved_adapters_dir(self) -> Path:
         """The adapters folder in effect."""
         return self.adapters_dir or self.home / "adapters"
+
+
+class SettingsError(InvalidRequest):
+    """A setting has a value loraplex cannot use (flag, environment or loraplex.toml)."""
+
+    code = "invalid_setting"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from ``overrides`` (flags), the environment and loraplex.toml.
+
+    Raises ``SettingsError`` naming the setting, its flag and variable, and what is wrong.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            where = (
+                f"--{field.replace('_', '-')} / LORAPLEX_{field.upper()}={error['input']}: "
+                if field
+                else ""
+            )
+            problems.append(f"{where}{error['msg'].removeprefix('Value error, ')}")
+        raise SettingsError("invalid setting " + "; ".join(problems)) from None

@@ -23,7 +23,7 @@ import pytest
 
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
-from loraplex.testing.launcher import RunningServer, free_port, running_server
+from loraplex.testing.launcher import RunningServer, loraplex_server
 
 BASE_NAME = "smollm2-135m"
 DEMO_NAMES = ("pirate", "shout")
@@ -89,7 +89,6 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, adapters_dir: Path
 ) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("server-home")
-    port = free_port()
     env = {
         "LORAPLEX_HOME": str(home),
         "LORAPLEX_BASE_MODEL": str(base_model_dir),
@@ -102,8 +101,7 @@ def server(
         "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
-    command = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port)]
-    with running_server(command, port, home / "server.log", env=env) as running:
+    with loraplex_server(home / "server.log", env=env) as running:
         running.base = BASE_NAME  # type: ignore[attr-defined]
         running.admin_key = ADMIN_KEY  # type: ignore[attr-defined]
         yield running

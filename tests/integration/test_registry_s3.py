@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
-import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -27,6 +23,7 @@ from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import blob_key
 from loraplex.registry.registry import base_spec, open_registry, registry_url
 from loraplex.registry.s3 import S3BlobStore
+from loraplex.testing.launcher import reserved_port, running_server
 from loraplex.testing.random_adapters import write_random_adapter
 
 pytestmark = pytest.mark.integration
@@ -34,26 +31,14 @@ DIMS = BaseDims(64, 96, 4, 2, 16, 2)
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server process for this module, with dummy credentials in the environment."""
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
         "moto_server"
     )
     assert moto, "moto_server not found: pip install 'moto[server]'"
-    port = _free_port()
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {
             "AWS_ACCESS_KEY_ID": "testing",
@@ -63,19 +48,11 @@ def s3_endpoint() -> Iterator[str]:
             mp.setenv(key, value)
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             mp.delenv(key, raising=False)
-        try:
-            for _ in range(200):
-                if proc.poll() is not None:
-                    pytest.fail(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}")
-                try:
-                    httpx.get(url, timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        with reserved_port() as port:
+            command = [moto, "-H", "127.0.0.1", "-p", str(port)]
+            url = f"http://127.0.0.1:{port}"
+            with running_server(command, log, url=url, ready_path="/", timeout=60):
+                yield url
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from loraplex.config import Settings
 from loraplex.registry.registry import Registry, open_registry
-from loraplex.testing.launcher import RunningServer, free_port, running_server
+from loraplex.testing.launcher import RunningServer, loraplex_server
 
 pytestmark = pytest.mark.integration
 BASE_NAME = "smollm2-135m"
@@ -46,7 +45,6 @@ def registry(
 def registry_server(
     home: Path, base_model_dir: Path, registry: Registry
 ) -> Iterator[RunningServer]:
-    port = free_port()
     env = {
         "LORAPLEX_HOME": str(home),
         "LORAPLEX_BASE_MODEL": str(base_model_dir),
@@ -57,10 +55,9 @@ def registry_server(
         "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
-    command = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port)]
     inherited = {k for k in os.environ if k.startswith("LORAPLEX_") and k not in env}
     assert not inherited & {"LORAPLEX_ADAPTERS_DIR", "LORAPLEX_REGISTRY_URL", "LORAPLEX_BLOB_URL"}
-    with running_server(command, port, home / "server.log", env=env) as running:
+    with loraplex_server(home / "server.log", env=env) as running:
         yield running
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraplex.config import SettingsError
 from loraplex.fastlora.plan import LONG_SEGMENT, LoraPlan
-from loraplex.fastlora.plugin import fast_lora_enabled
+from loraplex.fastlora.plugin import fast_lora_enabled, platform_plugin
 
 
 def test_empty_and_all_base():
@@ -53,14 +54,17 @@ def test_mask_is_scaled_and_widened_per_rank():
     assert plan.packed.mask(2, torch.float32, 0.5) is mask
 
 
-@pytest.mark.parametrize(
-    ("value", "enabled"), [(None, True), ("on", True), ("1", True), ("OFF", False), ("0", False)]
-)
-def test_switch(value, enabled):
-    environ = {} if value is None else {"LORAPLEX_FAST_LORA": value}
-    assert fast_lora_enabled(environ) is enabled
+@pytest.mark.parametrize(("value", "enabled"), [(None, True), ("on", True), ("off", False)])
+def test_switch(value, enabled, monkeypatch):
+    monkeypatch.delenv("LORAPLEX_FAST_LORA", raising=False)
+    if value is not None:
+        monkeypatch.setenv("LORAPLEX_FAST_LORA", value)
+    assert fast_lora_enabled() is enabled
 
 
-def test_switch_rejects_unknown_value():
-    with pytest.raises(ValueError, match="LORAPLEX_FAST_LORA"):
-        fast_lora_enabled({"LORAPLEX_FAST_LORA": "fast"})
+@pytest.mark.parametrize("value", ["fast", "OFF", "1"])
+def test_switch_rejects_values_outside_on_off(value, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_FAST_LORA", value)
+    with pytest.raises(SettingsError, match="LORAPLEX_FAST_LORA"):
+        fast_lora_enabled()
+    assert platform_plugin() is None

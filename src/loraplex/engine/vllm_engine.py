@@ -46,14 +46,15 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
     """vLLM ``AsyncEngineArgs`` from loraplex settings."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    # vLLM's CPU backend reads its KV cache size only from the environment.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
     return AsyncEngineArgs(
         model=model_dir,
         served_model_name=[settings.served_model_name],
         dtype=resolve_dtype(settings.dtype),
         enable_lora=True,
         max_loras=settings.max_loras,
-        max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+        max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
@@ -168,7 +169,7 @@ class VllmEngine:
 
     def _evict_mirror(self) -> None:
         """Forget the least recently used unpinned versions beyond vLLM's CPU cache size."""
-        capacity = max(self.settings.max_cpu_loras, self.settings.max_loras)
+        capacity = self.settings.max_cpu_loras
         for version in list(self._resident):
             if len(self._resident) <= capacity:
                 break

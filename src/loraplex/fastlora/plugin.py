@@ -14,33 +14,31 @@ vLLM skips platform plugins when ``VLLM_TARGET_DEVICE=cpu`` is set, so leave tha
 from __future__ import annotations
 
 import logging
-import os
 
-ENV = "LORAPLEX_FAST_LORA"
 PLATFORM = "loraplex.fastlora.platform.FastLoraCpuPlatform"
 STOCK_CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
-_ON = {"1", "on", "true", "yes"}
-_OFF = {"0", "off", "false", "no"}
 
 logger = logging.getLogger(__name__)
 
 
-def fast_lora_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Read ``LORAPLEX_FAST_LORA`` (default on). Raises ValueError on an unknown value."""
-    value = (os.environ if environ is None else environ).get(ENV, "on").strip().lower()
-    if value in _ON or value == "":
-        return True
-    if value in _OFF:
-        return False
-    raise ValueError(f"{ENV}={value!r} is not understood: set it to 'on' or 'off'")
+def fast_lora_enabled() -> bool:
+    """The ``fast_lora`` setting (``LORAPLEX_FAST_LORA=on|off``, loraplex.toml; default on).
+
+    Raises ``SettingsError`` on a value loraplex cannot use.
+    """
+    from loraplex.config import load_settings
+
+    return load_settings().fast_lora == "on"
 
 
 def platform_plugin() -> str | None:
     """vLLM platform plugin: the fast-LoRA CPU platform, or None to leave vLLM's choice."""
+    from loraplex.config import SettingsError
+
     try:
         enabled = fast_lora_enabled()
-    except ValueError as exc:
-        logger.error("%s; using vLLM's stock CPU LoRA ops", exc)
+    except SettingsError as exc:
+        logger.error("%s; using vLLM's stock CPU LoRA ops", exc.message)
         return None
     if not enabled:
         return None

@@ -1,48 +1,124 @@
-"""``loraplex serve``: settings from flags, environment and loraplex.toml, then uvicorn."""
+"""``loraplex serve``: one flag per setting, bind the port, then load the engine and serve.
+
+The flags are generated from ``Settings``' fields, so a new setting is a flag at once. The
+listening socket is bound before the engine loads (a minute on CPU): a taken port fails at
+once, and ``--port 0`` gets a free port that is printed as
+``loraplex listening on http://HOST:PORT`` before loading starts.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from pathlib import Path
-from typing import Annotated
+import socket
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
 
-from loraplex.config import Settings
+from loraplex.config import Settings, load_settings
+from loraplex.errors import LoraplexError
+
+EXTRA_FLAG_NAMES = {"base_model": ["--base"]}
+"""Short names kept beside the generated ``--field-name`` flags."""
 
 
-def serve_command(
-    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port.")] = None,
-    base_model: Annotated[Path | None, typer.Option("--base", help="HF base model folder.")] = None,
-    adapters_dir: Annotated[Path | None, typer.Option(help="Folder of PEFT adapters.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Name of the base model.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto|bfloat16|float16|float32")] = None,
-    max_loras: Annotated[int | None, typer.Option(help="Adapters in one batch.")] = None,
-    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in CPU cache.")] = None,
-    max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank.")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens.")] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences batched at once.")] = None,
-    kv_cache_gib: Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="GPU share.")] = None,
-    auth: Annotated[str | None, typer.Option(help="on|off: require tenant keys.")] = None,
-    fast_lora: Annotated[str | None, typer.Option(help="on|off: loraplex's CPU LoRA ops.")] = None,
-) -> None:
+class PortUnavailable(LoraplexError):
+    """The address to listen on cannot be bound."""
+
+
+def flag_names(field: str) -> list[str]:
+    """``max_loras`` -> ``["--max-loras"]`` (+ any short name)."""
+    return [f"--{field.replace('_', '-')}", *EXTRA_FLAG_NAMES.get(field, [])]
+
+
+def flag_type(annotation: Any) -> type:
+    """The click-friendly type of a field: ``X | None`` -> X, a ``Literal`` -> str."""
+    if get_origin(annotation) is Literal:
+        return str
+    options = [a for a in get_args(annotation) if a is not type(None)]
+    return flag_type(options[0]) if options else annotation
+
+
+def flag_help(field: FieldInfo) -> str:
+    """The field's description, its choices and its default."""
+    text = field.description or ""
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    if choices:
+        text += f" ({'|'.join(choices)})"
+    if field.default_factory is None and field.default is not None:
+        text += f" (default: {field.default})"
+    return text
+
+
+def serve_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter (a typer option defaulting to None = unset) per setting."""
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                flag_type(field.annotation) | None,
+                typer.Option(*flag_names(name), help=flag_help(field), show_default=False),
+            ],
+        )
+        for name, field in Settings.model_fields.items()
+    ]
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port), or ``PortUnavailable``."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailable(
+            f"cannot listen on {host}:{port}: {exc.strerror}. Stop what uses it, or choose "
+            "another --port (--port 0 picks a free one)."
+        ) from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_command(**flags: Any) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
-    overrides = {k: v for k, v in locals().items() if v is not None}
+    settings = load_settings(**{k: v for k, v in flags.items() if v is not None})
+    if settings.auth == "on":
+        raise LoraplexError(
+            "auth=on needs tenant keys, which this version does not implement yet; "
+            "serve with --auth off (LORAPLEX_AUTH=off) on a trusted network only."
+        )
+    sock = bind_socket(settings.host, settings.port)
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    typer.echo(f"loraplex listening on {url_of(sock)} (loading the engine)")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("loraplex.server").warning(
+        "authentication is OFF: every caller may use every adapter (local use only)"
+    )
     import uvicorn
 
     from loraplex.server.app import create_app
 
-    settings = Settings(**overrides)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    log = logging.getLogger("loraplex.server")
-    if settings.auth == "on":
-        raise typer.BadParameter(
-            "auth=on needs tenant keys, which this version does not implement yet; "
-            "serve with --auth off (LORAPLEX_AUTH=off) on a trusted network only."
-        )
-    log.warning("authentication is OFF: every caller may use every adapter (local use only)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(create_app(settings), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+serve_command.__signature__ = inspect.Signature(serve_parameters())  # type: ignore[attr-defined]
+serve_command.__annotations__ = {p.name: p.annotation for p in serve_parameters()}

@@ -1,0 +1,1 @@
+"""loraplex benchmarks; run each from the repository root as ``python -m bench.NAME``."""

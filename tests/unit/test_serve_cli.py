@@ -1,0 +1,100 @@
+"""``loraplex serve``: flags generated from Settings, bind before loading, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import typer.main
+
+from loraplex.cli import app
+from loraplex.config import Settings, SettingsError, load_settings
+from loraplex.server.serve_cli import PortUnavailable, bind_socket
+
+
+def serve_flags() -> dict[str, list[str]]:
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    return {param.name: param.opts for param in command.params if param.name != "help"}
+
+
+def test_every_setting_is_a_serve_flag() -> None:
+    flags = serve_flags()
+    assert set(flags) == set(Settings.model_fields)
+    assert flags["max_cpu_loras"] == ["--max-cpu-loras"]
+    assert "--base" in flags["base_model"]
+
+
+def run_serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    return subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environ, **env},
+    )
+
+
+def test_taken_port_is_one_line_error_before_loading() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("--port", str(port))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use. Stop what uses it, "
+        "or choose another --port (--port 0 picks a free one)."
+    ]
+    assert "listening" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LORAPLEX_PORT": "99999"}, "--port / LORAPLEX_PORT=99999"),
+        ({"LORAPLEX_FAST_LORA": "fast"}, "--fast-lora / LORAPLEX_FAST_LORA=fast"),
+        ({"LORAPLEX_MAX_LORAS": "40"}, "max_cpu_loras (32) must be >= max_loras (40)"),
+    ],
+)
+def test_bad_setting_is_one_line_error(env: dict[str, str], message: str) -> None:
+    result = run_serve(**env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: invalid setting") and message in line
+
+
+def test_bad_flag_value_is_a_usage_error() -> None:
+    result = run_serve("--max-loras", "many")
+    assert result.returncode == 2 and "--max-loras" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_load_settings_names_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_KV_CACHE_GIB", "0")
+    with pytest.raises(SettingsError, match="--kv-cache-gib / LORAPLEX_KV_CACHE_GIB=0"):
+        load_settings()
+    assert load_settings(kv_cache_gib=3).kv_cache_gib == 3  # a flag beats the environment
+
+
+def test_bind_socket_port_zero_and_taken_port() -> None:
+    with bind_socket("127.0.0.1", 0) as first:
+        port = first.getsockname()[1]
+        assert port != 0
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # it listens already
+        with pytest.raises(PortUnavailable, match=f"127.0.0.1:{port}: Address already in use"):
+            bind_socket("127.0.0.1", port)
+
+
+def test_kv_cache_setting_always_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm")
+    from loraplex.engine.vllm_engine import engine_args
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    args = engine_args(Settings(kv_cache_gib=1, max_loras=2, max_cpu_loras=3), "/model")
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert (args.max_loras, args.max_cpu_loras) == (2, 3)
