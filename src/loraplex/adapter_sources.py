@@ -16,7 +16,16 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraplex.adapters import CONFIG_FILE, NAME_RE, WEIGHTS_FILE, ResolvedAdapter
+from loraplex.adapters import (
+    CONFIG_FILE,
+    DEFAULT_ALIAS,
+    NAME_RE,
+    WEIGHTS_FILE,
+    MayUse,
+    ResolvedAdapter,
+    anyone,
+    unknown_model,
+)
 from loraplex.errors import IncompatibleAdapter, NotFound
 
 if TYPE_CHECKING:
@@ -26,7 +35,7 @@ if TYPE_CHECKING:
 
 
 class FolderAdapterSource:
-    """Adapters as sub-folders of one local folder, named by the folder.
+    """Adapters as sub-folders of one local folder, named by the folder; all are shared.
 
     The version is ``N@sha-<first 12 hex of the weights' sha256>`` so that replacing a
     folder's weights gives a new version (and a new LoRA id) instead of reusing the old one.
@@ -36,7 +45,9 @@ class FolderAdapterSource:
         self.root = root
         self._hashes: dict[tuple[str, int, int], str] = {}
 
-    def resolve(self, model: str) -> ResolvedAdapter:
+    def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
+        if not may_use(None):
+            raise unknown_model(model)
         name = model.split("@", 1)[0].split(":", 1)[0]
         if not NAME_RE.fullmatch(name):
             raise NotFound(f"The model '{model}' does not exist.")
@@ -49,8 +60,8 @@ class FolderAdapterSource:
             raise NotFound(f"The model '{model}' does not exist; '{name}' is {version}.")
         return ResolvedAdapter(name=name, version=version, path=folder)
 
-    def names(self) -> list[str]:
-        if not self.root.is_dir():
+    def names(self, may_use: MayUse = anyone) -> list[str]:
+        if not self.root.is_dir() or not may_use(None):
             return []
         return sorted(
             p.name
@@ -81,9 +92,11 @@ class RegistryAdapterSource:
         self.base_fingerprint = base_fingerprint
         self.max_rank = max_rank
 
-    def resolve(self, model: str) -> ResolvedAdapter:
+    def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
         """The version ``model`` names now, with a local folder holding its files."""
         version = self.registry.resolve(model)
+        if not may_use(version.tenant):
+            raise unknown_model(model)
         if self.base_fingerprint and version.base_fingerprint != self.base_fingerprint:
             raise IncompatibleAdapter(
                 f"{version.key} was validated against base model "
@@ -103,9 +116,13 @@ class RegistryAdapterSource:
             fallback_to_base=version.fallback_to_base,
         )
 
-    def names(self) -> list[str]:
-        """Names with a ``stable`` alias (what a bare ``N`` serves)."""
-        return self.registry.catalog.names()
+    def names(self, may_use: MayUse = anyone) -> list[str]:
+        """Names with a ``stable`` alias (what a bare ``N`` serves) the caller may use."""
+        return [
+            record.name
+            for record in self.registry.catalog.adapters()
+            if DEFAULT_ALIAS in record.aliases and may_use(record.tenant)
+        ]
 
     def check(self) -> None:
         """Raise ``Unavailable`` unless the catalog and blob store answer."""

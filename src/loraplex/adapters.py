@@ -10,6 +10,7 @@ touches no storage and imports nothing heavy.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,15 +36,30 @@ class ResolvedAdapter:
     fallback_to_base: bool = False
 
 
+MayUse = Callable[[str | None], bool]
+"""Whether the caller may use an adapter owned by this tenant (None: shared)."""
+
+
+def anyone(_owner: str | None) -> bool:
+    """``MayUse`` of a caller who may use every adapter."""
+    return True
+
+
+def unknown_model(model: str) -> NotFound:
+    """The one 404 for an adapter that does not exist or that the caller may not use."""
+    return NotFound(f"The model '{model}' does not exist or this key may not use it.")
+
+
 class AdapterSource(Protocol):
     """What the server needs from wherever adapters are kept."""
 
-    def resolve(self, model: str) -> ResolvedAdapter:
-        """The version ``model`` names now; raises ``NotFound`` for anything unknown."""
+    def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
+        """The version ``model`` names now; ``unknown_model`` for another tenant's adapter
+        (checked before anything else about it); ``NotFound`` for anything unknown."""
         ...
 
-    def names(self) -> list[str]:
-        """Adapter names that can be served (for ``/v1/models``)."""
+    def names(self, may_use: MayUse = anyone) -> list[str]:
+        """Adapter names the caller can be served (for ``/v1/models``)."""
         ...
 
     def check(self) -> None:

@@ -52,13 +52,45 @@ class Settings(BaseSettings):
         8000, ge=0, le=65535, description="Port the HTTP server binds; 0 picks a free one."
     )
     auth: Literal["on", "off"] = Field(
-        "off", description="Require tenant API keys (on once tenancy exists; off serves all)."
+        "on", description="Require tenant API keys (Authorization: Bearer KEY)."
+    )
+    allow_insecure_no_auth: bool = Field(
+        False,
+        description="Allow auth off on a non-loopback address: anyone who reaches the port "
+        "may use every adapter.",
     )
     admin_key: str | None = Field(None, description="Key for /admin routes (Bearer).")
+    metrics_key: str | None = Field(
+        None, description="Key that may read /metrics when auth is on (the admin key may too)."
+    )
+    key_cache_seconds: float = Field(
+        2.0, ge=0, description="How long a key lookup is trusted; a revoked key stops this fast."
+    )
     adapters_dir: Path | None = Field(
         None, description="Serve PEFT adapters from this plain folder instead of the registry."
     )
-    max_request_bytes: int = Field(1_000_000, description="Largest accepted request body.")
+    max_request_bytes: int = Field(1_000_000, ge=1, description="Largest request body, bytes.")
+
+    # --- per-request caps and fair admission ---
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt in tokens.")
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one completions request.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per prompt).")
+    max_engine_sequences: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences handed to the engine at once; the rest wait in per-tenant "
+        "queues served by weight. Default: max_num_seqs.",
+    )
+    tenant_queue_size: int = Field(
+        64, ge=1, description="Requests one tenant may have waiting; more get 429."
+    )
+    queue_timeout_seconds: float = Field(
+        60.0, gt=0, description="Longest wait in the queue before a 429 with Retry-After."
+    )
+    usage_flush_seconds: float = Field(
+        2.0, gt=0, description="How often usage counters are written to the registry database."
+    )
 
     # --- registry ---
     registry_url: str | None = Field(

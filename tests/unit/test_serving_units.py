@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from loraplex.errors import IncompatibleAdapter, NotFound
 from loraplex.server.metrics import Metrics
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.server.service import Service, new_request_id
+from loraplex.server.usage import UsageRecorder
 
 
 def test_lora_ids_unique_and_stable_across_threads() -> None:
@@ -78,22 +80,12 @@ class FailingEngine:
         raise IncompatibleAdapter("bad weights")
 
 
-class Source:
-    def __init__(self, fallback: bool) -> None:
-        self.fallback = fallback
-
-    def resolve(self, model: str) -> ResolvedAdapter:
-        return ResolvedAdapter(
-            model, f"{model}@v1", Path("/nowhere"), fallback_to_base=self.fallback
-        )
-
-
 def test_fallback_only_when_policy_allows_and_labelled() -> None:
     metrics = Metrics()
-    allowed = Service(Settings(), FailingEngine(), Source(True), None, metrics)  # type: ignore[arg-type]
-    target = asyncio.run(allowed.target("sales"))
+    service = Service(Settings(), FailingEngine(), None, None, metrics, UsageRecorder(None, 1))  # type: ignore[arg-type]
+    allowed = ResolvedAdapter("sales", "sales@v1", Path("/nowhere"), fallback_to_base=True)
+    target = asyncio.run(service.target(allowed))
     assert target.fallback and target.adapter is None and target.label == "smollm2-135m"
     assert metrics.fallbacks.labels("sales")._value.get() == 1
-    strict = Service(Settings(), FailingEngine(), Source(False), None, metrics)  # type: ignore[arg-type]
     with pytest.raises(IncompatibleAdapter):
-        asyncio.run(strict.target("sales"))
+        asyncio.run(service.target(dataclasses.replace(allowed, fallback_to_base=False)))

@@ -24,6 +24,7 @@ class GenerationParams:
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    cache_salt: str | None = None  # prefix-cache namespace: one per tenant
 
 
 @dataclass(frozen=True)

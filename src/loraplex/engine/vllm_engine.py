@@ -102,7 +102,9 @@ class VllmEngine:
             ignore_eos=params.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
-        prompt = {"prompt_token_ids": prompt_ids}
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
+        if params.cache_salt:
+            prompt["cache_salt"] = params.cache_salt
         try:
             async for output in self._llm.generate(prompt, sampling, request_id, lora_request=lora):
                 for choice in output.outputs:

@@ -1,34 +1,30 @@
-"""Admin routes (admin key only): preload, unload and pin adapters; see residency.
+"""Admin routes (admin key only): preload, unload and pin adapters; residency; usage.
 
-``Authorization: Bearer <LORAPLEX_ADMIN_KEY>``. Without a configured admin key the routes
-answer 401 with a message saying how to enable them. ``{N}`` accepts the same forms as
-``model`` (``N``, ``N@vK``, ``N:alias``) and is resolved like a request.
+``Authorization: Bearer <LORAPLEX_ADMIN_KEY>``; a tenant's key gets 403, no key 401. Without
+a configured admin key the routes answer 401 with a message saying how to enable them. ``{N}``
+accepts the same forms as ``model`` (``N``, ``N@vK``, ``N:alias``) and is resolved like a
+request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from loraplex.adapters import ResolvedAdapter
-from loraplex.errors import Unauthorized
+from loraplex.errors import InvalidRequest, Unavailable
 from loraplex.server.service import Service
 
-router = APIRouter(prefix="/admin")
+
+async def require_admin(request: Request) -> None:
+    """401 without the admin key, 403 for a tenant's key."""
+    await request.app.state.auth.require_admin(request)
 
 
-def require_admin(request: Request) -> None:
-    """401 unless the request carries the configured admin key."""
-    expected = request.app.state.settings.admin_key
-    if not expected:
-        raise Unauthorized("Admin routes are disabled: set LORAPLEX_ADMIN_KEY to enable them.")
-    sent = request.headers.get("authorization", "")
-    scheme, _, key = sent.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise Unauthorized("Admin routes need 'Authorization: Bearer <admin key>'.")
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
 async def _resolve(request: Request, model: str) -> tuple[Service, ResolvedAdapter]:
@@ -36,14 +32,14 @@ async def _resolve(request: Request, model: str) -> tuple[Service, ResolvedAdapt
     return service, await asyncio.to_thread(service.source.resolve, model)
 
 
-@router.post("/adapters/{model}/load", dependencies=[Depends(require_admin)])
+@router.post("/adapters/{model}/load")
 async def load(model: str, request: Request) -> dict[str, Any]:
     """Load an adapter version into the engine ahead of its first request."""
     service, adapter = await _resolve(request, model)
     return {"adapter": adapter.version, "already_loaded": await service.engine.load(adapter)}
 
 
-@router.post("/adapters/{model}/unload", dependencies=[Depends(require_admin)])
+@router.post("/adapters/{model}/unload")
 async def unload(model: str, request: Request) -> dict[str, Any]:
     """Drop an adapter version from the engine; it loads again on its next request."""
     service, adapter = await _resolve(request, model)
@@ -51,7 +47,7 @@ async def unload(model: str, request: Request) -> dict[str, Any]:
     return {"adapter": adapter.version, "unloaded": True}
 
 
-@router.post("/adapters/{model}/pin", dependencies=[Depends(require_admin)])
+@router.post("/adapters/{model}/pin")
 async def pin(model: str, request: Request) -> dict[str, Any]:
     """Load an adapter version and keep it from being evicted."""
     service, adapter = await _resolve(request, model)
@@ -59,7 +55,7 @@ async def pin(model: str, request: Request) -> dict[str, Any]:
     return {"adapter": adapter.version, "pinned": True}
 
 
-@router.get("/adapters", dependencies=[Depends(require_admin)])
+@router.get("/adapters")
 async def adapters(request: Request) -> dict[str, Any]:
     """Every servable adapter with the version it resolves to and where it lives now."""
     service: Service = request.app.state.service
@@ -70,3 +66,25 @@ async def adapters(request: Request) -> dict[str, Any]:
         rows.append({"name": name, "version": version, "residency": residency.get(version, "cold")})
     loaded = [{"version": v, "residency": where} for v, where in residency.items()]
     return {"adapters": rows, "loaded": loaded}
+
+
+@router.get("/usage")
+async def usage(request: Request, since: str | None = None, until: str | None = None) -> Any:
+    """Requests and tokens per tenant and adapter version in ``[since, until)`` (ISO 8601)."""
+    service: Service = request.app.state.service
+    accounts = request.app.state.auth.accounts
+    if accounts is None:
+        raise Unavailable("Usage is not recorded: this server has no registry database.")
+    window = [_timestamp(name, value) for name, value in (("since", since), ("until", until))]
+    await service.usage.flush()
+    rows = await asyncio.to_thread(accounts.usage, *window)
+    return {"since": since, "until": until, "usage": [vars(row) for row in rows]}
+
+
+def _timestamp(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{name}={value!r} is not an ISO 8601 time.") from None

@@ -1,16 +1,19 @@
 """The FastAPI application: builds the engine at startup, wires routes and error mapping.
 
-``create_app`` takes settings and, for tests, an engine factory; the real engine is vLLM's
-AsyncLLM created inside the lifespan (never at import, since vLLM spawns processes).
+``create_app`` takes settings and, for tests, engine, adapter-source and accounts factories;
+the real engine is vLLM's AsyncLLM created inside the lifespan (never at import, since vLLM
+spawns processes). Tenants, keys and usage live in the registry database (``Accounts``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 
@@ -21,10 +24,15 @@ from loraplex.config import Settings
 from loraplex.engine.types import Engine
 from loraplex.errors import TooLarge
 from loraplex.server import admin_routes, health, openai_routes
+from loraplex.server.auth import Authenticator
 from loraplex.server.errors import error_response, install_error_handlers
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.service import Service
+from loraplex.server.usage import UsageRecorder
+
+if TYPE_CHECKING:
+    from loraplex.registry.accounts import Accounts
 
 log = logging.getLogger("loraplex.server")
 
@@ -47,10 +55,18 @@ def default_source(settings: Settings, base: BaseModelInfo) -> AdapterSource:
     return registry_source(settings, base)
 
 
+def default_accounts(settings: Settings) -> Accounts:
+    """Tenants, keys and usage in the registry database."""
+    from loraplex.registry.registry import open_accounts
+
+    return open_accounts(settings)
+
+
 def create_app(
     settings: Settings,
     engine_factory: EngineFactory = vllm_engine_factory,
     source_factory: Callable[[Settings, BaseModelInfo], AdapterSource] = default_source,
+    accounts_factory: Callable[[Settings], Accounts | None] = default_accounts,
 ) -> FastAPI:
     """A server app; the engine starts when the app's lifespan starts."""
     metrics = Metrics()
@@ -59,11 +75,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = prepare(settings.models_dir, settings.base_model)
         log.info("base model %s (fingerprint %s)", base.path, base.fingerprint[:12])
+        accounts = accounts_factory(settings)
+        app.state.auth = Authenticator(settings, accounts)
+        usage = UsageRecorder(accounts, settings.usage_flush_seconds)
         engine = engine_factory(settings, base.path)
-        prompts = PromptBuilder(base.path, settings.max_model_len)
-        app.state.service = Service(
-            settings, engine, source_factory(settings, base), prompts, metrics
-        )
+        prompts = PromptBuilder(base.path, settings.max_model_len, settings.max_tokens_limit)
+        source = source_factory(settings, base)
+        app.state.service = Service(settings, engine, source, prompts, metrics, usage)
+        flusher = asyncio.create_task(usage.run())
         metrics.ready.set(1)
         log.info(
             "loraplex ready on http://%s:%s (model %s)",
@@ -75,6 +94,10 @@ def create_app(
             yield
         finally:
             metrics.ready.set(0)
+            flusher.cancel()
+            with suppress(asyncio.CancelledError):
+                await flusher
+            await usage.flush()
             engine.shutdown()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)

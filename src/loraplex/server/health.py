@@ -1,7 +1,8 @@
 """Liveness, readiness and metrics routes.
 
 ``/health``: the process answers. ``/ready``: the engine serves and the adapter source can
-be read (503 with the reason otherwise). ``/metrics``: Prometheus text.
+be read (503 with the reason otherwise). ``/metrics``: Prometheus text; it names tenants and
+adapters, so with auth on it needs the admin key or the metrics key.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ async def ready(request: Request) -> dict[str, Any]:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of the server's metrics."""
+    await request.app.state.auth.require_metrics(request)
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

@@ -1,9 +1,10 @@
 """OpenAI-compatible routes: completions, chat completions (SSE streaming both ways),
 models, and ``/generate`` (plain ``{prompt, lora_name}`` in, ``{text}`` out, no streaming).
 
-Each route parses its body, asks the ``Service`` for the target and the deltas, and shapes
-the OpenAI wire format. Headers: ``x-request-id``, ``x-loraplex-adapter`` and, after a
-labelled fallback, ``x-loraplex-fallback: base``.
+Each route authenticates the caller, parses its body, checks the server's caps, asks the
+``Service`` to resolve, admit and load (all before any generation), and shapes the OpenAI wire
+format. Headers: ``x-request-id``, ``x-loraplex-adapter`` and, after a labelled fallback,
+``x-loraplex-fallback: base``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from loraplex.engine.types import Delta, GenerationParams
 from loraplex.errors import InvalidRequest, LoraplexError
+from loraplex.server.auth import Caller
+from loraplex.server.limits import check_caps
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from loraplex.server.service import Service, Target, new_request_id
+from loraplex.server.service import Lease, Service, Target, new_request_id
 
 router = APIRouter()
 
@@ -52,7 +56,36 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> GenerationParams:
+async def current_caller(request: Request) -> Caller:
+    """The authenticated caller (401 without a valid key when auth is on)."""
+    return await request.app.state.auth.caller(request)
+
+
+async def _admitted(
+    service: Service,
+    caller: Caller,
+    model: str,
+    prompts: list[list[int]],
+    params: list[GenerationParams],
+) -> tuple[Target, Lease]:
+    """Caps, resolution, tenant limits and a fair turn, then the adapter loaded."""
+    max_tokens = max(p.max_tokens for p in params)
+    check_caps(service.settings, [len(ids) for ids in prompts], max_tokens, params[0].n)
+    adapter = await service.resolve(model, caller)
+    lease = await service.admit(caller, prompts, params)
+    try:
+        return await service.target(adapter), lease
+    except BaseException:
+        lease.release()
+        raise
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def _params(
+    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, caller: Caller
+) -> GenerationParams:
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -61,6 +94,7 @@ def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) ->
         seed=body.seed,
         n=body.n,
         ignore_eos=body.ignore_eos,
+        cache_salt=caller.cache_salt,
     )
 
 
@@ -82,6 +116,7 @@ async def _sse_stream(
     deltas: AsyncIterator[Delta],
     chunk: Callable[[Delta], dict[str, Any]],
     usage_chunk: Callable[[int], dict[str, Any]] | None,
+    lease: Lease,
 ) -> AsyncIterator[str]:
     """Deltas as SSE events, an optional usage event, then ``[DONE]``; errors as an event."""
     completion_tokens = 0
@@ -92,27 +127,46 @@ async def _sse_stream(
                 yield _sse(chunk(delta))
     except LoraplexError as exc:
         yield _sse({"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}})
+    finally:
+        lease.release()
     if usage_chunk is not None:
         yield _sse(usage_chunk(completion_tokens))
     yield _sse("[DONE]")
 
 
+def _event_stream(events: AsyncIterator[str], headers: dict[str, str], lease: Lease) -> Any:
+    """The SSE response; the lease is released even if the stream never starts."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers=headers,
+        background=BackgroundTask(lease.release),
+    )
+
+
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Any:
+async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
     """OpenAI text completions for one or more prompts."""
     service = _service(request)
+    if len(body.prompts()) > service.settings.max_prompts:
+        raise InvalidRequest(
+            f"This request has {len(body.prompts())} prompts; the limit is "
+            f"{service.settings.max_prompts}."
+        )
     prompts = [service.prompts.completion(p) for p in body.prompts()]
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("Streaming takes one prompt; send a list of prompts without stream.")
-    params = [_params(body, service.prompts.budget(ids, body.max_tokens)) for ids in prompts]
-    target = await service.target(body.model)
+    params = [
+        _params(body, service.prompts.budget(ids, body.max_tokens), caller) for ids in prompts
+    ]
+    target, lease = await _admitted(service, caller, body.model, prompts, params)
     request_id = new_request_id("cmpl")
     created = int(time.time())
     base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
     headers = _headers(request_id, target)
 
     if body.stream:
-        deltas = service.generate(prompts[0], params[0], request_id, target)
+        deltas = service.generate(prompts[0], params[0], request_id, target, lease)
 
         def chunk(delta: Delta) -> dict[str, Any]:
             choice = {
@@ -126,15 +180,18 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         def usage(tokens: int) -> dict[str, Any]:
             return {**base, "choices": [], "usage": _usage(len(prompts[0]) * body.n, tokens)}
 
-        events = _sse_stream(deltas, chunk, usage if body.include_usage else None)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        events = _sse_stream(deltas, chunk, usage if body.include_usage else None, lease)
+        return _event_stream(events, headers, lease)
 
-    results = await asyncio.gather(
-        *(
-            _collect(service.generate(ids, p, f"{request_id}-{i}", target), body.n)
-            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+    try:
+        results = await asyncio.gather(
+            *(
+                _collect(service.generate(ids, p, f"{request_id}-{i}", target, lease), body.n)
+                for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+            )
         )
-    )
+    finally:
+        lease.release()
     choices = [
         {
             "index": i * body.n + j,
@@ -152,7 +209,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
     """OpenAI chat completions, rendered with the base model's chat template."""
     service = _service(request)
     try:
@@ -160,13 +217,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     except ValueError as exc:
         raise InvalidRequest(f"messages: {exc}") from exc
     prompt_ids = service.prompts.chat(messages)
-    params = _params(body, service.prompts.budget(prompt_ids, body.token_budget()))
-    target = await service.target(body.model)
+    params = _params(body, service.prompts.budget(prompt_ids, body.token_budget()), caller)
+    target, lease = await _admitted(service, caller, body.model, [prompt_ids], [params])
     request_id = new_request_id("chatcmpl")
     created = int(time.time())
     base = {"id": request_id, "created": created, "model": body.model}
     headers = _headers(request_id, target)
-    deltas = service.generate(prompt_ids, params, request_id, target)
+    deltas = service.generate(prompt_ids, params, request_id, target, lease)
 
     if body.stream:
         started: set[int] = set()
@@ -192,10 +249,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 "usage": _usage(len(prompt_ids) * body.n, tokens),
             }
 
-        events = _sse_stream(deltas, chunk, usage if body.include_usage else None)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        events = _sse_stream(deltas, chunk, usage if body.include_usage else None, lease)
+        return _event_stream(events, headers, lease)
 
-    result = await _collect(deltas, body.n)
+    try:
+        result = await _collect(deltas, body.n)
+    finally:
+        lease.release()
     choices = [
         {
             "index": j,
@@ -211,10 +271,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 
 @router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
-    """The base model and the adapters that can be served."""
+async def models(request: Request, caller: CallerDep) -> dict[str, Any]:
+    """The base model and the adapters this caller may use."""
     service = _service(request)
-    names = [service.base_name, *await asyncio.to_thread(service.source.names)]
+    names = [service.base_name, *await asyncio.to_thread(service.source.names, caller.may_use)]
     data = [
         {
             "id": name,
@@ -229,17 +289,23 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 @router.post("/generate")
-async def generate(body: GenerateRequest, request: Request) -> Any:
+async def generate(body: GenerateRequest, request: Request, caller: CallerDep) -> Any:
     """``{prompt, lora_name, max_tokens, temperature} -> {text}`` for the original clients."""
     service = _service(request)
     prompt_ids = service.prompts.completion(body.prompt)
     params = GenerationParams(
         max_tokens=service.prompts.budget(prompt_ids, body.max_tokens),
         temperature=body.temperature,
+        cache_salt=caller.cache_salt,
     )
-    target = await service.target(body.lora_name or service.base_name)
+    model = body.lora_name or service.base_name
+    target, lease = await _admitted(service, caller, model, [prompt_ids], [params])
     request_id = new_request_id("gen")
-    (choice,) = await _collect(service.generate(prompt_ids, params, request_id, target), 1)
+    try:
+        deltas = service.generate(prompt_ids, params, request_id, target, lease)
+        (choice,) = await _collect(deltas, 1)
+    finally:
+        lease.release()
     return _json({"text": "".join(choice.text)}, _headers(request_id, target))
 
 

@@ -14,11 +14,12 @@ from loraplex.errors import InvalidRequest
 class PromptBuilder:
     """The base model's tokenizer, with length checks."""
 
-    def __init__(self, model_dir: Path, max_model_len: int) -> None:
+    def __init__(self, model_dir: Path, max_model_len: int, default_max_tokens: int) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.max_model_len = max_model_len
+        self.default_max_tokens = default_max_tokens
 
     def completion(self, prompt: str) -> list[int]:
         """Token ids of a plain completion prompt (with the model's BOS handling)."""
@@ -37,12 +38,15 @@ class PromptBuilder:
         return list(ids)
 
     def budget(self, prompt_ids: list[int], requested: int | None) -> int:
-        """The completion length to use; 400 if the prompt leaves no room for it."""
+        """The completion length to use; 400 if the prompt leaves no room for it.
+
+        Without a request, as much as the context leaves, up to ``default_max_tokens``.
+        """
         room = self.max_model_len - len(prompt_ids)
         if requested is None:
             if room < 1:
                 raise InvalidRequest(self._too_long(len(prompt_ids), 1))
-            return room
+            return min(room, self.default_max_tokens)
         if requested > room:
             raise InvalidRequest(self._too_long(len(prompt_ids), requested))
         return requested

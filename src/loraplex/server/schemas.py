@@ -19,7 +19,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=8)
+    n: int = Field(1, ge=1)  # the server's cap (max_n) is checked with the others
     ignore_eos: bool = False  # vLLM extension: generate max_tokens even past EOS (benchmarks)
     stream: bool = False
     stream_options: dict[str, bool] | None = None

@@ -9,6 +9,7 @@ once, and ``--port 0`` gets a free port that is printed as
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import logging
 import socket
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -89,6 +90,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine."""
+    try:
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback
+            for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse auth off on an address others can reach, unless the operator insists."""
+    if (
+        settings.auth == "off"
+        and not settings.allow_insecure_no_auth
+        and not is_loopback(settings.host)
+    ):
+        raise LoraplexError(
+            f"Refusing to serve {settings.host} with auth off: anyone who reaches it could use "
+            "every tenant's adapters. Turn auth on (create keys with `loraplex keys create`), "
+            "bind 127.0.0.1, or pass --allow-insecure-no-auth."
+        )
+
+
 def url_of(sock: socket.socket) -> str:
     """``http://HOST:PORT`` of a bound socket (IPv6 hosts in brackets)."""
     host, port = sock.getsockname()[:2]
@@ -98,20 +124,18 @@ def url_of(sock: socket.socket) -> str:
 def serve_command(**flags: Any) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     settings = load_settings(**{k: v for k, v in flags.items() if v is not None})
-    if settings.auth == "on":
-        raise LoraplexError(
-            "auth=on needs tenant keys, which this version does not implement yet; "
-            "serve with --auth off (LORAPLEX_AUTH=off) on a trusted network only."
-        )
+    check_exposure(settings)
     sock = bind_socket(settings.host, settings.port)
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
     typer.echo(f"loraplex listening on {url_of(sock)} (loading the engine)")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("loraplex.server").warning(
-        "authentication is OFF: every caller may use every adapter (local use only)"
-    )
+    log = logging.getLogger("loraplex.server")
+    if settings.auth == "off":
+        log.warning("authentication is OFF: every caller may use every adapter")
+    else:
+        log.info("authentication is on: requests need 'Authorization: Bearer KEY'")
     import uvicorn
 
     from loraplex.server.app import create_app

@@ -1,8 +1,10 @@
-"""Serving one request: resolve ``model``, load its adapter, generate, count.
+"""Serving one request: resolve ``model`` for the caller, admit it, load its adapter, generate.
 
-Routes parse HTTP; this module decides which weights serve the request and keeps metrics.
-An unknown adapter is a 404, never a base-model answer; a base fallback happens only where
-the adapter's policy allows it, and is labelled.
+Routes parse HTTP; this module decides which weights serve the request, holds it to its
+tenant's limits and its fair share of the engine, and counts usage and metrics. An unknown
+adapter is a 404, never a base-model answer; so is another tenant's adapter, with the same body
+so that names do not leak. A base fallback happens only where the adapter's policy allows it,
+and is labelled.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from loraplex.adapters import AdapterSource, ResolvedAdapter
+from loraplex.adapters import AdapterSource, ResolvedAdapter, unknown_model
 from loraplex.config import Settings
 from loraplex.engine.types import Delta, Engine, GenerationParams
-from loraplex.errors import IncompatibleAdapter, Unavailable
+from loraplex.errors import IncompatibleAdapter, NotFound, Unavailable
+from loraplex.server.admission import FairAdmission
+from loraplex.server.auth import Caller
+from loraplex.server.limits import Reservation, TenantLimits
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
+from loraplex.server.usage import UsageRecorder
 
 
 @dataclass(frozen=True)
@@ -30,13 +36,41 @@ class Target:
     fallback: bool = False
 
 
+@dataclass
+class Lease:
+    """An admitted request's hold on its tenant's limits and on engine seats.
+
+    ``release`` (idempotent) frees both and records the request's usage.
+    """
+
+    service: Service
+    caller: Caller
+    reservation: Reservation
+    seats: int
+    label: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.service.admission.release(self.seats)
+        self.reservation.release(self.prompt_tokens + self.completion_tokens)
+        if self.label:
+            self.service.usage.record(
+                self.caller.tenant, self.label, self.prompt_tokens, self.completion_tokens
+            )
+
+
 def new_request_id(prefix: str) -> str:
     """A unique id; never derived from the prompt (identical prompts must not collide)."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class Service:
-    """Resolution, adapter loading and generation with metrics."""
+    """Resolution, admission, adapter loading and generation with metrics and usage."""
 
     def __init__(
         self,
@@ -45,23 +79,56 @@ class Service:
         source: AdapterSource,
         prompts: PromptBuilder,
         metrics: Metrics,
+        usage: UsageRecorder,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.source = source
         self.prompts = prompts
         self.metrics = metrics
+        self.usage = usage
+        self.limits = TenantLimits()
+        self.admission = FairAdmission(
+            settings.max_engine_sequences or settings.max_num_seqs,
+            settings.tenant_queue_size,
+            settings.queue_timeout_seconds,
+        )
 
     @property
     def base_name(self) -> str:
         """The name clients use for the base model."""
         return self.settings.served_model_name
 
-    async def target(self, model: str) -> Target:
-        """Resolve ``model`` and make its adapter resident (404 if unknown)."""
+    async def resolve(self, model: str, caller: Caller) -> ResolvedAdapter | None:
+        """The adapter version ``model`` names for ``caller`` (None: the base model), or 404."""
         if model == self.base_name:
+            return None
+        try:
+            return await asyncio.to_thread(self.source.resolve, model, caller.may_use)
+        except NotFound:
+            if caller.sees_everything:
+                raise
+            raise unknown_model(model) from None  # one body: names of others must not leak
+
+    async def admit(
+        self, caller: Caller, prompt_ids: list[list[int]], params: list[GenerationParams]
+    ) -> Lease:
+        """Hold the request to its tenant's limits, then wait for its fair turn (429s)."""
+        pairs = zip(prompt_ids, params, strict=True)
+        tokens = sum((len(ids) + p.max_tokens) * p.n for ids, p in pairs)
+        seats = sum(p.n for p in params)
+        reservation = self.limits.reserve(caller, tokens)
+        try:
+            seats = await self.admission.acquire(caller.tenant, caller.weight, seats, tokens)
+        except BaseException:
+            reservation.release(0)
+            raise
+        return Lease(self, caller, reservation, seats)
+
+    async def target(self, adapter: ResolvedAdapter | None) -> Target:
+        """Make the adapter resident, or fall back to the base where its policy allows."""
+        if adapter is None:
             return Target(None, self.base_name)
-        adapter = await asyncio.to_thread(self.source.resolve, model)
         started = time.perf_counter()
         try:
             hit = await self.engine.load(adapter)
@@ -78,10 +145,17 @@ class Service:
         return Target(adapter, adapter.version)
 
     async def generate(
-        self, prompt_ids: list[int], params: GenerationParams, request_id: str, target: Target
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        target: Target,
+        lease: Lease,
     ) -> AsyncIterator[Delta]:
-        """Stream deltas from the engine, recording tokens, TTFT and latency."""
+        """Stream deltas from the engine, recording tokens, TTFT, latency and usage."""
         label = target.label
+        lease.label = label
+        lease.prompt_tokens += len(prompt_ids) * params.n
         started = time.perf_counter()
         first = True
         self.metrics.in_flight.inc()
@@ -91,6 +165,7 @@ class Service:
                 if first and delta.token_count:
                     self.metrics.ttft.labels(label).observe(time.perf_counter() - started)
                     first = False
+                lease.completion_tokens += delta.token_count
                 self.metrics.completion_tokens.labels(label).inc(delta.token_count)
                 yield delta
         finally:

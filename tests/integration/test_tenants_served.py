@@ -1,0 +1,306 @@
+"""Tenants on a real server (auth on): keys, ownership, limits, caps, usage.
+
+One server over a registry holding ``acme-bot`` (tenant acme), ``globex-bot`` (globex) and
+``shared-bot`` (no tenant). A background tenant (``steady``) sends requests the whole time;
+the last test asserts that it saw no error while the others were refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraplex.config import Settings
+from loraplex.registry.registry import Registry, open_registry
+from loraplex.testing.launcher import RunningServer, loraplex_server
+
+pytestmark = pytest.mark.integration
+BASE_NAME = "smollm2-135m"
+ADMIN_KEY = "tenants-admin-key"
+METRICS_KEY = "tenants-metrics-key"
+CAPS = {"max_tokens_limit": 64, "max_n": 2, "max_prompts": 4, "max_request_bytes": 20_000}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tenants-home")
+
+
+@pytest.fixture(scope="module")
+def registry(
+    home: Path, base_model_dir: Path, make_random_adapter: Callable[..., Path]
+) -> Iterator[Registry]:
+    reg = open_registry(Settings(home=home, base_model=base_model_dir, max_lora_rank=16))
+    for seed, (name, tenant) in enumerate(
+        [("acme-bot", "acme"), ("globex-bot", "globex"), ("shared-bot", None)], start=21
+    ):
+        folder = make_random_adapter(home / "src" / name, seed=seed, rank=8)
+        reg.push(folder, name, tenant=tenant)
+    accounts = reg.accounts
+    accounts.create_tenant("acme")
+    accounts.create_tenant("globex")
+    accounts.create_tenant("steady")
+    accounts.create_tenant("metered")
+    accounts.create_tenant("hasty", rpm=3)
+    accounts.create_tenant("wordy", tpm=300)
+    accounts.create_tenant("single", max_concurrency=1)
+    yield reg
+    reg.close()
+
+
+def new_key(registry: Registry, tenant: str) -> str:
+    return registry.accounts.create_key(tenant)[1]
+
+
+@pytest.fixture(scope="module")
+def server(home: Path, base_model_dir: Path, registry: Registry) -> Iterator[RunningServer]:
+    env = {
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_BASE_MODEL": str(base_model_dir),
+        "LORAPLEX_DTYPE": "float32",
+        "LORAPLEX_KV_CACHE_GIB": "1",
+        "LORAPLEX_MAX_LORA_RANK": "16",
+        "LORAPLEX_AUTH": "on",
+        "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
+        "LORAPLEX_METRICS_KEY": METRICS_KEY,
+        "LORAPLEX_KEY_CACHE_SECONDS": "0.5",
+        "LORAPLEX_USAGE_FLUSH_SECONDS": "0.5",
+        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        **{f"LORAPLEX_{k.upper()}": str(v) for k, v in CAPS.items()},
+    }
+    for unset in ("LORAPLEX_ADAPTERS_DIR", "LORAPLEX_REGISTRY_URL", "LORAPLEX_BLOB_URL"):
+        assert unset not in os.environ
+    with loraplex_server(home / "server.log", env=env) as running:
+        yield running
+
+
+class Background:
+    """Sequential requests of one tenant on its own thread; keeps every failure."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.sent = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=120, headers=auth(self.key)) as client:
+            while not self._stop.is_set():
+                model = ("shared-bot", BASE_NAME)[self.sent % 2]
+                response = client.post(self.url + "/v1/completions", json=completion(model))
+                self.sent += 1
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(180)
+
+
+@pytest.fixture(scope="module")
+def background(server: RunningServer, registry: Registry) -> Iterator[Background]:
+    with Background(server.url, new_key(registry, "steady")) as load:
+        yield load
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def completion(model: str, **extra: object) -> dict:
+    return {"model": model, "prompt": "The sea is", "max_tokens": 4, "temperature": 0, **extra}
+
+
+def post(server: RunningServer, key: str | None, body: dict, path: str = "/v1/completions"):
+    headers = auth(key) if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
+
+
+def test_keys_decide_the_tenant(server, registry, background) -> None:
+    assert post(server, None, completion(BASE_NAME)).status_code == 401
+    assert post(server, "lpx-00000000-not-a-real-key", completion(BASE_NAME)).status_code == 401
+    result = subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "keys", "create", "acme"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "LORAPLEX_HOME": str(registry_home(registry))},
+    )
+    key = next(w for w in result.stdout.split() if w.startswith("lpx-"))
+    ok = post(server, key, completion("acme-bot"))
+    assert ok.status_code == 200 and ok.headers["x-loraplex-adapter"] == "acme-bot@v1"
+
+
+def registry_home(registry: Registry) -> Path:
+    return registry.blobs.root.parents[1]  # type: ignore[attr-defined]
+
+
+def test_a_revoked_key_stops_within_seconds(server, registry, background) -> None:
+    record, key = registry.accounts.create_key("acme")
+    assert post(server, key, completion(BASE_NAME)).status_code == 200
+    registry.accounts.revoke_key(record.key_id)
+    deadline = time.monotonic() + 10
+    while post(server, key, completion(BASE_NAME)).status_code == 200:
+        assert time.monotonic() < deadline, "a revoked key still works after 10 s"
+        time.sleep(0.2)
+    response = post(server, key, completion(BASE_NAME))
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_another_tenants_adapter_answers_like_an_unknown_one(server, registry, background):
+    key = new_key(registry, "acme")
+    theirs = post(server, key, completion("globex-bot"))
+    unknown = post(server, key, completion("no-such-bot"))
+    assert theirs.status_code == unknown.status_code == 404
+    assert theirs.json()["error"] == {
+        **unknown.json()["error"],
+        "message": unknown.json()["error"]["message"].replace("no-such-bot", "globex-bot"),
+    }
+    assert post(server, key, completion("globex-bot@v1")).status_code == 404
+    assert post(server, key, completion("shared-bot")).status_code == 200
+    assert post(server, new_key(registry, "globex"), completion("globex-bot")).status_code == 200
+    assert post(server, ADMIN_KEY, completion("globex-bot")).status_code == 200
+
+
+def test_models_lists_what_the_caller_may_use(server, registry, background) -> None:
+    def listed(key: str) -> set[str]:
+        response = httpx.get(server.url + "/v1/models", headers=auth(key), timeout=30)
+        return {m["id"] for m in response.json()["data"]}
+
+    assert listed(new_key(registry, "acme")) == {BASE_NAME, "acme-bot", "shared-bot"}
+    assert listed(new_key(registry, "globex")) == {BASE_NAME, "globex-bot", "shared-bot"}
+    assert listed(ADMIN_KEY) == {BASE_NAME, "acme-bot", "globex-bot", "shared-bot"}
+    assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/admin/adapters", "GET"), ("/admin/usage", "GET"), ("/admin/adapters/acme-bot/load", "POST")],
+)
+def test_admin_routes_need_the_admin_key(server, registry, background, path, method) -> None:
+    def call(key: str | None) -> int:
+        headers = auth(key) if key else {}
+        return httpx.request(method, server.url + path, headers=headers, timeout=60).status_code
+
+    assert call(None) == 401
+    assert call("wrong") == 401
+    assert call(new_key(registry, "acme")) == 403
+    assert call(METRICS_KEY) == 401
+    assert call(ADMIN_KEY) == 200
+
+
+def test_metrics_need_the_admin_or_metrics_key(server, registry, background) -> None:
+    def call(key: str | None) -> httpx.Response:
+        return httpx.get(server.url + "/metrics", headers=auth(key) if key else {}, timeout=30)
+
+    assert call(None).status_code == 401
+    assert call(new_key(registry, "acme")).status_code == 403
+    assert "loraplex_requests" in call(METRICS_KEY).text
+    assert call(ADMIN_KEY).status_code == 200
+
+
+def test_requests_per_minute(server, registry, background) -> None:
+    key = new_key(registry, "hasty")
+    statuses = [post(server, key, completion(BASE_NAME)) for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert int(statuses[-1].headers["retry-after"]) >= 1
+    assert statuses[-1].json()["error"]["code"] == "rate_limited"
+
+
+def test_tokens_per_minute(server, registry, background) -> None:
+    key = new_key(registry, "wordy")
+    body = completion(BASE_NAME, max_tokens=60)
+    statuses = [post(server, key, body).status_code for _ in range(6)]
+    assert statuses[0] == 200 and statuses[-1] == 429
+
+
+def test_concurrent_requests(server, registry, background) -> None:
+    key = new_key(registry, "single")
+    body = completion(BASE_NAME, max_tokens=48, ignore_eos=True)
+    with httpx.Client(timeout=120) as client:
+        with client.stream(
+            "POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=auth(key)
+        ) as first:
+            assert first.status_code == 200
+            second = post(server, key, completion(BASE_NAME))
+            assert second.status_code == 429 and "in progress" in second.json()["error"]["message"]
+            first.read()
+    assert post(server, key, completion(BASE_NAME)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ({"max_tokens": 65}, 400),
+        ({"n": 3}, 400),
+        ({"prompt": ["a", "b", "c", "d", "e"]}, 400),
+        ({"prompt": "word " * 5000}, 413),
+    ],
+)
+def test_server_caps(server, registry, background, extra, status) -> None:
+    response = post(server, new_key(registry, "acme"), completion(BASE_NAME, **extra))
+    assert response.status_code == status, response.text
+
+
+def test_a_chunked_body_over_the_cap_is_413(server, registry, background) -> None:
+    payload = json.dumps(completion(BASE_NAME, prompt="word " * 5000)).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(payload), 4096):
+            yield payload[start : start + 4096]
+
+    response = httpx.post(
+        server.url + "/v1/completions",
+        content=chunks(),
+        headers={**auth(new_key(registry, "acme")), "content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+
+
+def test_usage_matches_the_responses(server, registry, background) -> None:
+    key = new_key(registry, "metered")
+    prompt = completion_tokens = 0
+    for body in (
+        completion(BASE_NAME),
+        completion("shared-bot", max_tokens=6),
+        completion(BASE_NAME, prompt=["One", "Two two"], n=2),
+    ):
+        usage = post(server, key, body).json()["usage"]
+        prompt += usage["prompt_tokens"]
+        completion_tokens += usage["completion_tokens"]
+    stream_body = completion(BASE_NAME, stream=True, stream_options={"include_usage": True})
+    lines = post(server, key, stream_body).text.splitlines()
+    usage = json.loads(lines[-3].removeprefix("data: "))["usage"]
+    prompt += usage["prompt_tokens"]
+    completion_tokens += usage["completion_tokens"]
+
+    rows = httpx.get(server.url + "/admin/usage", headers=auth(ADMIN_KEY), timeout=30).json()
+    mine = [row for row in rows["usage"] if row["tenant"] == "metered"]
+    assert {row["adapter"] for row in mine} == {BASE_NAME, "shared-bot@v1"}
+    assert sum(row["requests"] for row in mine) == 4
+    assert sum(row["prompt_tokens"] for row in mine) == prompt
+    assert sum(row["completion_tokens"] for row in mine) == completion_tokens
+    stored = registry.accounts.usage()
+    assert sum(r.prompt_tokens for r in stored if r.tenant == "metered") == prompt
+
+
+def test_the_background_tenant_saw_no_errors(background) -> None:
+    time.sleep(1)
+    assert background.sent > 5
+    assert background.failures == []
