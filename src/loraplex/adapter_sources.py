@@ -39,6 +39,7 @@ class FolderAdapterSource:
 
     The version is ``N@sha-<first 12 hex of the weights' sha256>`` so that replacing a
     folder's weights gives a new version (and a new LoRA id) instead of reusing the old one.
+    A folder whose path or files a symlink leads outside the root is not served.
     """
 
     def __init__(self, root: Path) -> None:
@@ -50,12 +51,11 @@ class FolderAdapterSource:
             raise unknown_model(model)
         name = model.split("@", 1)[0].split(":", 1)[0]
         if not NAME_RE.fullmatch(name):
+            raise NotFound(f"{model!r} is not a valid adapter name.")
+        folder = self._adapter_folder(name)
+        if folder is None:
             raise NotFound(f"The model '{model}' does not exist.")
-        folder = self.root / name
-        weights = folder / WEIGHTS_FILE
-        if not weights.is_file() or not (folder / CONFIG_FILE).is_file():
-            raise NotFound(f"The model '{model}' does not exist.")
-        version = f"{name}@sha-{self._weights_hash(weights)[:12]}"
+        version = f"{name}@sha-{self._weights_hash(folder / WEIGHTS_FILE)[:12]}"
         if model not in (name, version):
             raise NotFound(f"The model '{model}' does not exist; '{name}' is {version}.")
         return ResolvedAdapter(name=name, version=version, path=folder)
@@ -66,13 +66,25 @@ class FolderAdapterSource:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if NAME_RE.fullmatch(p.name) and (p / WEIGHTS_FILE).is_file()
+            if NAME_RE.fullmatch(p.name) and self._adapter_folder(p.name) is not None
         )
 
     def check(self) -> None:
         if not self.root.is_dir():
             raise NotFound(f"Adapters folder {self.root} does not exist.")
         next(self.root.iterdir(), None)
+
+    def _adapter_folder(self, name: str) -> Path | None:
+        """``root/name`` if it holds both adapter files and, symlinks followed, they and
+        the folder stay inside the root; else None."""
+        folder = self.root / name
+        files = (folder / WEIGHTS_FILE, folder / CONFIG_FILE)
+        if not all(f.is_file() for f in files):
+            return None
+        root = self.root.resolve()
+        if not all(p.resolve().is_relative_to(root) for p in (folder, *files)):
+            return None
+        return folder
 
     def _weights_hash(self, weights: Path) -> str:
         stat = weights.stat()

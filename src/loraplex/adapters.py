@@ -66,6 +66,7 @@ class AdapterSource(Protocol):
         """Raise if the source cannot be read (for ``/ready``)."""
         ...
 
+
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 DEFAULT_ALIAS = "stable"

@@ -1,20 +1,33 @@
-"""Fixtures shared by the unit tests."""
-
-# ---- registry: a tiny fake base model, and registries on SQLite + local blobs under tmp_path
+"""Fixtures shared by the unit tests: tiny registries, the client stub server, and the
+server app over a fake engine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from fake_engine import FakeEngine
+from route_checks import Serve
+from stub_server import StubServer, stub_server
 
+from loraplex.adapters import AdapterSource
+from loraplex.config import Settings
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import LocalBlobStore
 from loraplex.registry.catalog import Catalog
 from loraplex.registry.registry import Registry
 from loraplex.registry.validate import BaseSpec
+from loraplex.server import app as app_module
+from loraplex.server.app import create_app, default_source
+from loraplex.server.prompts import PromptBuilder
+
+# ---- registry: a tiny fake base model, and registries on SQLite + local blobs under tmp_path
 
 
 @pytest.fixture
@@ -59,3 +72,122 @@ def registry(
 ) -> Registry:
     """A registry that validates against ``tiny_base``."""
     return make_registry(lambda: tiny_base)
+
+
+# ---- client: the stub OpenAI-style server (stub_server.py)
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    """The stub server running on a free local port for one test."""
+    with stub_server() as server:
+        yield server
+
+
+# ---- server: the real app over ``FakeEngine`` (fake_engine.py), driven in-process over ASGI.
+# The lifespan prepares the bundled model under LORAPLEX_HOME; only its tokenizer is used.
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio."""
+    return "asyncio"
+
+
+def write_adapter_files(folder: Path, weights: bytes = b"weights") -> Path:
+    """A folder with both PEFT file names; the contents are never parsed by these tests."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+@pytest.fixture
+def adapters_root(tmp_path: Path) -> Path:
+    """An adapters folder holding ``sales`` and ``support``."""
+    root = tmp_path / "adapters"
+    write_adapter_files(root / "sales", b"sales weights")
+    write_adapter_files(root / "support", b"support weights")
+    return root
+
+
+@pytest.fixture
+def escapes(adapters_root: Path) -> Path:
+    """``adapters_root`` beside real adapters it must never serve: its parent folder,
+    ``../outside/evil``, ``team/sales`` below it, and the symlinks ``link`` (to
+    ``../outside/evil``) and ``sneaky/adapter_model.safetensors`` leading out of it."""
+    parent, outside = adapters_root.parent, adapters_root.parent / "outside" / "evil"
+    write_adapter_files(outside, b"evil")
+    write_adapter_files(adapters_root / "team" / "sales", b"nested")
+    (parent / "adapter_config.json").write_text("{}")
+    (parent / "adapter_model.safetensors").write_bytes(b"parent")
+    (adapters_root / "link").symlink_to(outside, target_is_directory=True)
+    sneaky = adapters_root / "sneaky"
+    sneaky.mkdir()
+    (sneaky / "adapter_config.json").write_text("{}")
+    (sneaky / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    return adapters_root
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    """The engine the ``serve``d app uses; tests set its failures and read its calls."""
+    return FakeEngine()
+
+
+@pytest.fixture(scope="session")
+def prompt_builder() -> Callable[[Path, int, int], PromptBuilder]:
+    """``PromptBuilder`` made once per model folder and length (a tokenizer load takes ~0.5 s)."""
+    return functools.cache(PromptBuilder)
+
+
+@pytest.fixture
+def serve(
+    engine: FakeEngine,
+    adapters_root: Path,
+    prompt_builder: Callable[[Path, int, int], PromptBuilder],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Serve:
+    """``async with serve(**settings) as client``: the app started (lifespan run) with ``engine``.
+
+    Adapters come from ``adapters_root`` unless ``source=`` gives another ``AdapterSource``;
+    other keywords are ``Settings`` fields (admin routes are off unless ``admin_key`` is given;
+    auth is off unless ``auth="on"``; tenants and usage live in a registry database under
+    ``tmp_path``).
+    """
+    monkeypatch.setattr(app_module, "PromptBuilder", prompt_builder)
+
+    @asynccontextmanager
+    async def start(
+        source: AdapterSource | None = None, **settings: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(
+            Settings(
+                **{
+                    "adapters_dir": adapters_root,
+                    "admin_key": None,
+                    "auth": "off",
+                    "registry_url": f"sqlite:///{tmp_path / 'registry.db'}",
+                    **settings,
+                }
+            ),
+            engine_factory=lambda _settings, _model_dir: engine,
+            source_factory=default_source if source is None else lambda _s, _b: source,
+        )
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app), base_url="http://loraplex"
+            ) as client,
+        ):
+            yield client
+
+    return start
+
+
+@pytest.fixture
+async def client(serve: Serve) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app with default settings and the ``adapters_root`` adapters."""
+    async with serve() as client:
+        yield client

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from test_client_stub import BASE, stub_server
 from typer.testing import CliRunner
 
 from loraplex.cli import app
@@ -21,6 +21,9 @@ from loraplex.client.bench.report import (
 from loraplex.client.bench.runner import BenchConfig, run_bench
 from loraplex.client.bench.workload import Workload, load_prompts, poisson_gaps, zipf_weights
 from loraplex.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from stub_server import StubServer
 
 
 def test_zipf_weights() -> None:
@@ -132,20 +135,19 @@ def _check_report(report: dict, total: int) -> None:
     json.dumps(report)
 
 
-def test_closed_loop_run_against_stub() -> None:
-    with stub_server() as (url, _app):
-        cfg = BenchConfig(
-            url=url,
-            concurrency=4,
-            requests=24,
-            adapters=3,
-            zipf=1.0,
-            tenants=2,
-            max_tokens=3,
-            progress=False,
-            warmup=2,
-        )
-        result = run_bench(cfg)
+def test_closed_loop_run_against_stub(stub: StubServer) -> None:
+    cfg = BenchConfig(
+        url=stub.url,
+        concurrency=4,
+        requests=24,
+        adapters=3,
+        zipf=1.0,
+        tenants=2,
+        max_tokens=3,
+        progress=False,
+        warmup=2,
+    )
+    result = run_bench(cfg)
     report = build_report(result)
     _check_report(report, 24)
     assert report["requests"]["success_rate"] == 1.0
@@ -154,78 +156,75 @@ def test_closed_loop_run_against_stub() -> None:
     assert report["adapter_cache"]["hits"] == 24 and report["adapter_cache"]["misses"] == 0
     assert set(report["per_adapter"]) <= {"a1", "a2", "a3"}
     assert set(report["per_tenant"]) == {"tenant-0", "tenant-1"}
-    assert report["models"] == {"base": BASE, "adapters": ["a1", "a2", "a3"]}
+    assert report["models"] == {"base": stub.base, "adapters": ["a1", "a2", "a3"]}
 
 
-def test_open_loop_counts_failures_without_retrying() -> None:
-    with stub_server() as (url, app):
-        cfg = BenchConfig(
-            url=url,
-            rate=50.0,
-            requests=10,
-            adapter_names=["down"],
-            max_tokens=2,
-            progress=False,
-            endpoint="chat",
-        )
-        report = build_report(run_bench(cfg))
-        assert app.state.calls["down"] == 10
+def test_open_loop_counts_failures_without_retrying(stub: StubServer) -> None:
+    cfg = BenchConfig(
+        url=stub.url,
+        rate=50.0,
+        requests=10,
+        adapter_names=["down"],
+        max_tokens=2,
+        progress=False,
+        endpoint="chat",
+    )
+    report = build_report(run_bench(cfg))
+    assert stub.app.state.calls["down"] == 10
     _check_report(report, 10)
     assert report["requests"]["success_rate"] == 0.0
     assert report["requests"]["errors"] == {"503": 10}
     assert report["latency_ms"]["ttft"]["p50"] is None
 
 
-def test_tenant_keys_own_the_adapters_their_listing_shows() -> None:
-    with stub_server() as (url, app):
-        cfg = BenchConfig(
-            url=url,
-            concurrency=2,
-            requests=30,
-            api_keys=["key0", "key1"],
-            zipf=0.0,
-            max_tokens=2,
-            progress=False,
-        )
-        report = build_report(run_bench(cfg))
-        sent = set(app.state.keys)
+def test_tenant_keys_own_the_adapters_their_listing_shows(stub: StubServer) -> None:
+    cfg = BenchConfig(
+        url=stub.url,
+        concurrency=2,
+        requests=30,
+        api_keys=["key0", "key1"],
+        zipf=0.0,
+        max_tokens=2,
+        progress=False,
+    )
+    report = build_report(run_bench(cfg))
+    sent = set(stub.app.state.keys)
     assert report["config"]["tenants"] == 2 and "api_keys" not in report["config"]
     assert report["models"]["adapters"] == ["a1", "a3", "a2"]
     assert sent == {("a1", "Bearer key0"), ("a2", "Bearer key0"), ("a3", "Bearer key1")}
     assert report["per_tenant"]["tenant-1"]["requests"] == report["per_adapter"]["a3"]["requests"]
 
 
-def test_too_many_adapters_is_refused() -> None:
-    with stub_server() as (url, _app), pytest.raises(InvalidRequest, match="only 5"):
-        run_bench(BenchConfig(url=url, adapters=50, requests=1, progress=False))
+def test_too_many_adapters_is_refused(stub: StubServer) -> None:
+    with pytest.raises(InvalidRequest, match="only 5"):
+        run_bench(BenchConfig(url=stub.url, adapters=50, requests=1, progress=False))
 
 
-def test_cli_writes_json_and_plots(tmp_path: Path) -> None:
+def test_cli_writes_json_and_plots(tmp_path: Path, stub: StubServer) -> None:
     out = tmp_path / "r" / "run.json"
-    with stub_server() as (url, _app):
-        res = CliRunner().invoke(
-            app,
-            [
-                "bench",
-                "--url",
-                url,
-                "--concurrency",
-                "2",
-                "--requests",
-                "6",
-                "--adapters",
-                "0",
-                "--max-tokens",
-                "2",
-                "--out",
-                str(out),
-                "--plot",
-                "--no-progress",
-            ],
-        )
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--url",
+            stub.url,
+            "--concurrency",
+            "2",
+            "--requests",
+            "6",
+            "--adapters",
+            "0",
+            "--max-tokens",
+            "2",
+            "--out",
+            str(out),
+            "--plot",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     _check_report(report, 6)
-    assert set(report["per_adapter"]) == {BASE}
+    assert set(report["per_adapter"]) == {stub.base}
     assert (tmp_path / "r" / "run_latency_cdf.png").stat().st_size > 1000
     assert (tmp_path / "r" / "run_throughput.png").stat().st_size > 1000

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from test_client_stub import stub_server
+
+if TYPE_CHECKING:
+    from stub_server import StubServer
+
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "client.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
@@ -22,9 +26,8 @@ def test_the_page_has_examples() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
-def test_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
-    with stub_server() as (url, app):
-        code = EXAMPLES[index].replace("http://127.0.0.1:8000", url)
-        exec(compile(code, f"{DOC.name} example {index + 1}", "exec"), {"__name__": "example"})
-    assert app.state.calls, "the example sent no completion request"
+def test_example_runs(index: int, stub: StubServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code = EXAMPLES[index].replace("http://127.0.0.1:8000", stub.url)
+    exec(compile(code, f"{DOC.name} example {index + 1}", "exec"), {"__name__": "example"})
+    assert stub.app.state.calls, "the example sent no completion request"
     assert capsys.readouterr().out.strip(), "the example printed nothing"

@@ -52,11 +52,36 @@ def test_folder_source_versions_follow_content(tmp_path: Path) -> None:
     assert source.names() == ["sales"]
 
 
-@pytest.mark.parametrize("model", ["../sales", "sales/x", "Sales", "sales@v2", "missing", "/etc"])
-def test_folder_source_refuses_unknown_and_paths(tmp_path: Path, model: str) -> None:
+@pytest.mark.parametrize("model", ["Sales", "sales@v2", "sales@sha-000000000000", "missing"])
+def test_folder_source_refuses_unknown(tmp_path: Path, model: str) -> None:
     make_adapter(tmp_path, "sales", b"one")
     with pytest.raises(NotFound):
         FolderAdapterSource(tmp_path).resolve(model)
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["..", "../outside/evil", "../outside/evil@v1", "team/sales", "sales\x00", "{outside}"],
+)
+def test_folder_source_refuses_paths_to_real_adapters(escapes: Path, model: str) -> None:
+    model = model.format(outside=escapes.parent / "outside" / "evil")
+    with pytest.raises(NotFound, match="is not a valid adapter name"):
+        FolderAdapterSource(escapes).resolve(model)
+
+
+@pytest.mark.parametrize("model", ["link", "sneaky"])
+def test_folder_source_refuses_symlinks_out_of_its_root(escapes: Path, model: str) -> None:
+    source = FolderAdapterSource(escapes)
+    with pytest.raises(NotFound, match="does not exist"):
+        source.resolve(model)
+    assert source.names() == ["sales", "support"]
+
+
+def test_folder_source_follows_symlinks_that_stay_inside(escapes: Path) -> None:
+    (escapes / "alias").symlink_to(escapes / "sales", target_is_directory=True)
+    source = FolderAdapterSource(escapes)
+    assert source.resolve("alias").version.startswith("alias@sha-")
+    assert source.names() == ["alias", "sales", "support"]
 
 
 def test_request_ids_are_unique() -> None:

@@ -22,10 +22,10 @@ from loraplex.adapters import AdapterSource
 from loraplex.basemodel import BaseModelInfo, prepare
 from loraplex.config import Settings
 from loraplex.engine.types import Engine
-from loraplex.errors import TooLarge
 from loraplex.server import admin_routes, health, openai_routes
 from loraplex.server.auth import Authenticator
-from loraplex.server.errors import error_response, install_error_handlers
+from loraplex.server.body_limit import BodyLimit
+from loraplex.server.errors import install_error_handlers
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.service import Service
@@ -106,15 +106,9 @@ def create_app(
     install_error_handlers(app)
 
     @app.middleware("http")
-    async def limit_and_count(
+    async def count_requests(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            exc = TooLarge(
-                f"Request body is {length} bytes; the limit is {settings.max_request_bytes}."
-            )
-            return error_response(413, exc.message, exc.error_type, exc.code)
         response = await call_next(request)
         route = request.scope.get("route")
         if route is not None and request.url.path.startswith(("/v1/", "/generate")):
@@ -122,6 +116,7 @@ def create_app(
             metrics.requests.labels(route.path, adapter, str(response.status_code)).inc()
         return response
 
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # outermost: added last
     app.include_router(openai_routes.router)
     app.include_router(health.router)
     app.include_router(admin_routes.router)

@@ -7,7 +7,7 @@ succeeds, ``down`` always 503, ``boom`` 500, ``incompatible`` 409 adapter_incomp
 ``missing`` 404, ``theirs`` 403, ``bad`` 400, ``limited`` 429 with Retry-After 3600; anything
 else succeeds with "hello from <model>", streamed token by token when asked. ``/v1/models``
 shows each tenant key (``KEYS``) only its adapters.
-Other client test modules import ``stub_server`` from here; this module also tests the stub.
+Not a test module: tests get a running stub from the ``stub`` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -124,9 +124,18 @@ def make_app() -> FastAPI:
     return app
 
 
+@dataclass(frozen=True)
+class StubServer:
+    """A running stub: its base URL, its app (``app.state`` records calls), the base name."""
+
+    url: str
+    app: FastAPI
+    base: str = BASE
+
+
 @contextmanager
-def stub_server() -> Iterator[tuple[str, FastAPI]]:
-    """Run the stub on a free local port; yields (base URL, app)."""
+def stub_server() -> Iterator[StubServer]:
+    """Run the stub on a free local port until the block ends."""
     app = make_app()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -140,16 +149,8 @@ def stub_server() -> Iterator[tuple[str, FastAPI]]:
             raise RuntimeError("stub server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", app
+        yield StubServer(f"http://127.0.0.1:{port}", app)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-def test_stub_serves_models_and_errors() -> None:
-    with stub_server() as (url, _app):
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == BASE
-        reply = httpx.post(f"{url}/v1/completions", json={"model": "missing", "prompt": "x"})
-        assert reply.status_code == 404
-        assert reply.json()["error"]["code"] == "model_not_found"
