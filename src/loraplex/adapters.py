@@ -50,6 +50,7 @@ class AdapterSource(Protocol):
         """Raise if the source cannot be read (for ``/ready``)."""
         ...
 
+
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 DEFAULT_ALIAS = "stable"
@@ -74,11 +75,13 @@ def version_key(name: str, number: int) -> str:
     return f"{name}@v{number}"
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid adapter name, else raise ``InvalidAdapter``."""
+def check_name(name: str, what: str = "adapter") -> str:
+    """Return ``name`` if it is a valid adapter (or ``what``: tenant) name, else raise
+    ``InvalidAdapter`` (``InvalidRequest`` for anything but an adapter)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidAdapter(
-            f"Invalid adapter name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
+        error = InvalidAdapter if what == "adapter" else InvalidRequest
+        raise error(
+            f"Invalid {what} name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
             "starting with a letter or digit (pattern ^[a-z0-9][a-z0-9_-]{0,63}$)."
         )
     return name
