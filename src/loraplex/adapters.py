@@ -91,11 +91,13 @@ def version_key(name: str, number: int) -> str:
     return f"{name}@v{number}"
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid adapter name, else raise ``InvalidAdapter``."""
+def check_name(name: str, what: str = "adapter") -> str:
+    """Return ``name`` if it is a valid adapter (or ``what``: tenant) name, else raise
+    ``InvalidAdapter`` (``InvalidRequest`` for anything but an adapter)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidAdapter(
-            f"Invalid adapter name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
+        error = InvalidAdapter if what == "adapter" else InvalidRequest
+        raise error(
+            f"Invalid {what} name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
             "starting with a letter or digit (pattern ^[a-z0-9][a-z0-9_-]{0,63}$)."
         )
     return name

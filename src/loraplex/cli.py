@@ -1,4 +1,4 @@
-"""The ``loraplex`` command: model, adapters, train, serve, bench.
+"""The ``loraplex`` command: model, adapters, tenants, keys, usage, train, serve, bench.
 
 Each sub-command lives beside the code it drives; this module only wires them together and
 turns loraplex errors into a one-line message and a non-zero exit.
@@ -13,6 +13,7 @@ import typer
 
 from loraplex.client.bench.cli import bench_command
 from loraplex.config import Settings
+from loraplex.registry.accounts_cli import keys_app, tenants_app, usage_command
 from loraplex.registry.cli import adapters_app
 from loraplex.server.serve_cli import serve_command
 from loraplex.train.cli import train_command
@@ -25,6 +26,9 @@ app = typer.Typer(
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage_command)
 app.command("serve")(serve_command)
 app.command("bench")(bench_command)
 app.command("train")(train_command)

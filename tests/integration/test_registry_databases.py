@@ -1,8 +1,8 @@
 """The registry catalog on real databases: SQLite file and PostgreSQL, one process and two.
 
 PostgreSQL comes from ``LORAPLEX_TEST_POSTGRES_URL`` (CI starts it with
-``scripts/start_postgres.sh``); each test gets a fresh database. Without the variable the
-PostgreSQL cases skip locally and FAIL under ``CI=true``.
+``scripts/start_postgres.sh``); each test gets a fresh database (``loraplex.testing.postgres``).
+Without the variable the PostgreSQL cases skip locally and FAIL under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, make_url
 
 from loraplex.adapters import parse_ref
 from loraplex.errors import Conflict, NotFound
@@ -26,9 +24,9 @@ from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import LocalBlobStore
 from loraplex.registry.catalog import Catalog
-from loraplex.registry.database import normalize_url
 from loraplex.registry.registry import Registry
 from loraplex.registry.validate import BaseSpec
+from loraplex.testing.postgres import fresh_database
 from loraplex.testing.random_adapters import write_random_adapter
 
 pytestmark = pytest.mark.integration
@@ -37,33 +35,13 @@ SPEC = BaseSpec("ab" * 32, DIMS, name="tiny", max_rank=8, max_bytes=1 << 20)
 PER_WORKER = 8
 
 
-def postgres_url() -> str:
-    """The test PostgreSQL server URL; skip locally / fail in CI when it is not configured."""
-    url = os.environ.get("LORAPLEX_TEST_POSTGRES_URL")
-    if not url:
-        message = "LORAPLEX_TEST_POSTGRES_URL is not set; start one with scripts/start_postgres.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return normalize_url(url)
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'registry.db'}"
         return
-    server = postgres_url()
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database() as url:
+        yield url
 
 
 def _registry(db_url: str, tmp_path: Path) -> Registry:

@@ -62,17 +62,19 @@ def make_engine(url: str) -> Engine:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create missing tables (safe when several processes start at once)."""
+    """Create missing tables, so a database made by an earlier version gets the new ones, and
+    record the schema version (safe when several processes start at once)."""
 
     def create(conn: Connection) -> None:
         tables.metadata.create_all(conn)
-        row = conn.execute(
-            tables.info.select().where(tables.info.c.key == "schema_version")
-        ).first()
+        where = tables.info.c.key == "schema_version"
+        row = conn.execute(tables.info.select().where(where)).first()
         if row is None:
             conn.execute(
                 tables.info.insert().values(key="schema_version", value=tables.SCHEMA_VERSION)
             )
+        elif int(row.value) < int(tables.SCHEMA_VERSION):
+            conn.execute(tables.info.update().where(where).values(value=tables.SCHEMA_VERSION))
 
     transaction(engine, create, retry_on=(IntegrityError, OperationalError, DBAPIError))
 

@@ -1,4 +1,5 @@
-"""Plain records the catalog returns: versions, alias events, eval results, adapters.
+"""Plain records the registry returns: versions, alias events, eval results, adapters (from
+the catalog); tenants, API keys and usage totals (from the accounts).
 
 Immutable dataclasses with JSON-friendly ``to_dict`` for ``--json`` output and the admin
 API, and ``from_row`` to build each one from its table's row (the one place that knows a
@@ -15,6 +16,10 @@ from loraplex.adapters import version_key
 
 if TYPE_CHECKING:
     from sqlalchemy import Row
+
+
+KEY_PREFIX = "lpx"
+"""API keys read ``lpx-<key_id>-<secret>``."""
 
 
 def _utc(value: datetime) -> datetime:
@@ -206,3 +211,75 @@ class AdapterRecord:
             "events": [e.to_dict() for e in self.events],
             "evals": [e.to_dict() for e in self.evals],
         }
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant: its fair-share weight and limits (None: no limit)."""
+
+    name: str
+    weight: float
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Tenant:
+        """The record of a ``tenants`` row."""
+        m = row._mapping
+        return cls(
+            name=m["name"],
+            weight=m["weight"],
+            rpm=m["rpm"],
+            tpm=m["tpm"],
+            max_concurrency=m["max_concurrency"],
+            created_at=_utc(m["created_at"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's record; the secret is never stored, ``prefix`` is the part shown."""
+
+    key_id: str
+    tenant: str
+    created_at: datetime
+    revoked_at: datetime | None
+    prefix: str
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> ApiKey:
+        """The record of an ``api_keys`` row."""
+        return cls(
+            key_id=row.key_id,
+            tenant=row.tenant,
+            created_at=_utc(row.created_at),
+            revoked_at=_utc(row.revoked_at) if row.revoked_at else None,
+            prefix=f"{KEY_PREFIX}-{row.key_id}",
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({**asdict(self), "active": self.active})
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Requests and tokens of one tenant on one adapter version ``N@vK`` (or the base model's
+    name): what a server reports, and the totals ``usage`` returns."""
+
+    tenant: str
+    adapter: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

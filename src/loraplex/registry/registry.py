@@ -1,5 +1,6 @@
 """The adapter registry's API: push, promote, rollback, delete, list, show, resolve; and
-``open_registry``, which builds one from ``Settings``.
+``open_registry``, which builds one from ``Settings``. ``Registry.accounts`` (tenants, keys,
+usage) shares its database; ``open_accounts`` opens just that database.
 
 Ties validation, the blob store and the catalog together. A push copies the adapter's files
 into a private staging folder first, so what is validated is exactly what is hashed and
@@ -35,10 +36,12 @@ from loraplex.adapters import (
 )
 from loraplex.config import Settings
 from loraplex.errors import NotFound
+from loraplex.registry.accounts import Accounts
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import BlobStore, open_blob_store, sha256_file
 from loraplex.registry.catalog import Catalog
+from loraplex.registry.database import ensure_schema, make_engine
 from loraplex.registry.models import AdapterRecord, NewVersion, VersionRecord
 from loraplex.registry.validate import BaseSpec, check_size, collect_files, validate_adapter
 
@@ -81,6 +84,11 @@ class Registry:
         self.blobs = blobs
         self.cache = cache
         self._base_factory = base
+
+    @cached_property
+    def accounts(self) -> Accounts:
+        """Tenants, API keys and usage, in the catalog's database."""
+        return Accounts(self.catalog.engine)
 
     @cached_property
     def base(self) -> BaseSpec:
@@ -241,3 +249,11 @@ def open_registry(settings: Settings | None = None) -> Registry:
         settings.home / "cache" / "adapters", blobs, int(settings.blob_cache_gib * 2**30)
     )
     return Registry(Catalog(registry_url(settings)), blobs, cache, lambda: base_spec(settings))
+
+
+def open_accounts(settings: Settings | None = None) -> Accounts:
+    """Tenants, keys and usage in the registry database of ``settings`` (no blob store: for
+    servers of a plain adapters folder and for the ``tenants``/``keys``/``usage`` commands)."""
+    engine = make_engine(registry_url(settings or Settings()))
+    ensure_schema(engine)
+    return Accounts(engine)

@@ -4,6 +4,9 @@ Unique constraints carry the invariants that concurrent writers must not break: 
 ``(name, number)`` and per ``(name, sha256)``, and an alias can only point at an existing
 version (composite foreign key), so a version an alias points at cannot disappear.
 ``adapters.last_version`` only grows: a deleted ``N@vK`` is never reused for other weights.
+Tenants own API keys (only a sha256 of each key is stored, looked up by its ``key_id``);
+``usage`` holds one row of counters per tenant, adapter and minute, which writers add to.
+Usage has no foreign key: chargeback records outlive a deleted tenant or adapter.
 This module declares tables; it runs no queries.
 """
 
@@ -18,6 +21,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     ForeignKeyConstraint,
+    Index,
     Integer,
     MetaData,
     String,
@@ -26,7 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: tenants, api_keys, usage
 metadata = MetaData()
 
 info = Table(
@@ -112,4 +116,37 @@ eval_results = Table(
     ForeignKeyConstraint(
         ["name", "number"], ["versions.name", "versions.number"], name="fk_eval_version"
     ),
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("weight", Float, nullable=False),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", BigInteger, nullable=True),
+    Column("max_concurrency", Integer, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(8), primary_key=True),
+    Column("tenant", String(64), ForeignKey("tenants.name"), nullable=False, index=True),
+    Column("key_hash", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("adapter", String(256), primary_key=True),
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Index("ix_usage_minute", "minute"),
 )
