@@ -131,7 +131,7 @@ def post(server: RunningServer, key: str | None, body: dict, path: str = "/v1/co
     return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
 
 
-def test_keys_decide_the_tenant(server, registry, background) -> None:
+def test_keys_decide_the_tenant(server, registry, background, home) -> None:
     assert post(server, None, completion(BASE_NAME)).status_code == 401
     assert post(server, "lpx-00000000-not-a-real-key", completion(BASE_NAME)).status_code == 401
     result = subprocess.run(
@@ -139,15 +139,11 @@ def test_keys_decide_the_tenant(server, registry, background) -> None:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "LORAPLEX_HOME": str(registry_home(registry))},
+        env={**os.environ, "LORAPLEX_HOME": str(home)},
     )
     key = next(w for w in result.stdout.split() if w.startswith("lpx-"))
     ok = post(server, key, completion("acme-bot"))
     assert ok.status_code == 200 and ok.headers["x-loraplex-adapter"] == "acme-bot@v1"
-
-
-def registry_home(registry: Registry) -> Path:
-    return registry.blobs.root.parents[1]  # type: ignore[attr-defined]
 
 
 def test_a_revoked_key_stops_within_seconds(server, registry, background) -> None:
@@ -190,7 +186,11 @@ def test_models_lists_what_the_caller_may_use(server, registry, background) -> N
 
 @pytest.mark.parametrize(
     ("path", "method"),
-    [("/admin/adapters", "GET"), ("/admin/usage", "GET"), ("/admin/adapters/acme-bot/load", "POST")],
+    [
+        ("/admin/adapters", "GET"),
+        ("/admin/usage", "GET"),
+        ("/admin/adapters/acme-bot/load", "POST"),
+    ],
 )
 def test_admin_routes_need_the_admin_key(server, registry, background, path, method) -> None:
     def call(key: str | None) -> int:
@@ -232,14 +232,16 @@ def test_tokens_per_minute(server, registry, background) -> None:
 def test_concurrent_requests(server, registry, background) -> None:
     key = new_key(registry, "single")
     body = completion(BASE_NAME, max_tokens=48, ignore_eos=True)
-    with httpx.Client(timeout=120) as client:
-        with client.stream(
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream(
             "POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=auth(key)
-        ) as first:
-            assert first.status_code == 200
-            second = post(server, key, completion(BASE_NAME))
-            assert second.status_code == 429 and "in progress" in second.json()["error"]["message"]
-            first.read()
+        ) as first,
+    ):
+        assert first.status_code == 200
+        second = post(server, key, completion(BASE_NAME))
+        assert second.status_code == 429 and "in progress" in second.json()["error"]["message"]
+        first.read()
     assert post(server, key, completion(BASE_NAME)).status_code == 200
 
 

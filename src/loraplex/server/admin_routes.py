@@ -9,13 +9,12 @@ request.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from loraplex.adapters import ResolvedAdapter
-from loraplex.errors import InvalidRequest, Unavailable
+from loraplex.errors import Unavailable
 from loraplex.server.service import Service
 
 
@@ -70,21 +69,17 @@ async def adapters(request: Request) -> dict[str, Any]:
 
 @router.get("/usage")
 async def usage(request: Request, since: str | None = None, until: str | None = None) -> Any:
-    """Requests and tokens per tenant and adapter version in ``[since, until)`` (ISO 8601)."""
+    """Requests and tokens per tenant and adapter version in ``[since, until)``.
+
+    Times are ISO 8601 or ages such as ``-1h``; counts not yet written are written first.
+    """
+    from loraplex.registry.accounts import parse_time
+
     service: Service = request.app.state.service
     accounts = request.app.state.auth.accounts
     if accounts is None:
         raise Unavailable("Usage is not recorded: this server has no registry database.")
-    window = [_timestamp(name, value) for name, value in (("since", since), ("until", until))]
+    window = [parse_time(value) if value else None for value in (since, until)]
     await service.usage.flush()
     rows = await asyncio.to_thread(accounts.usage, *window)
-    return {"since": since, "until": until, "usage": [vars(row) for row in rows]}
-
-
-def _timestamp(name: str, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"{name}={value!r} is not an ISO 8601 time.") from None
+    return {"since": since, "until": until, "usage": [row.to_dict() for row in rows]}
