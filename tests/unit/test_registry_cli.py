@@ -86,6 +86,7 @@ def test_push_promote_rollback_show_delete(
     ("args", "message"),
     [
         (["push", "{a}", "--name", "../evil"], "Invalid adapter name '../evil'"),
+        (["push", "{a}", "--name", "x", "--tenant", "t", "--shared"], "--tenant T or --shared"),
         (["push", "{env}/missing", "--name", "x"], "is not a folder"),
         (["promote", "ghost@v1"], "Adapter 'ghost' does not exist"),
         (["promote", "ghost"], "names no version"),

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from loraplex.adapters import DEFAULT_ALIAS
+from loraplex.errors import InvalidRequest
 from loraplex.registry.models import AdapterRecord
 
 adapters_app = typer.Typer(help="The adapter registry: versions and aliases.", no_args_is_help=True)
@@ -31,7 +32,12 @@ def _registry():  # type: ignore[no-untyped-def]
 def push(
     folder: Annotated[Path, typer.Argument(help="Adapter folder (PEFT save_pretrained output).")],
     name: Annotated[str, typer.Option("--name", help="Adapter name, e.g. sales_agent.")],
-    tenant: Annotated[str | None, typer.Option(help="Tenant that owns the name.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Tenant that owns the name: only its keys may use it.")
+    ] = None,
+    shared: Annotated[
+        bool, typer.Option("--shared", help="No owner: every tenant may use it (the default).")
+    ] = False,
     description: Annotated[str | None, typer.Option(help="What this version is.")] = None,
     fallback_to_base: Annotated[
         bool | None,
@@ -42,6 +48,8 @@ def push(
     ] = None,
 ) -> None:
     """Validate and store an adapter as a new version NAME@vK; prints it and its sha256."""
+    if shared and tenant is not None:
+        raise InvalidRequest("Give --tenant T or --shared, not both.")
     result = _registry().push(
         folder, name, tenant=tenant, description=description, fallback_to_base=fallback_to_base
     )
