@@ -249,7 +249,8 @@ def test_concurrent_requests(server, registry, background) -> None:
     ("extra", "status"),
     [
         ({"max_tokens": 65}, 400),
-        ({"n": 3}, 400),
+        ({"n": 3, "temperature": 0.7}, 400),
+        ({"n": 2}, 400),  # greedy decoding has one answer
         ({"prompt": ["a", "b", "c", "d", "e"]}, 400),
         ({"prompt": "word " * 5000}, 413),
     ],
@@ -281,9 +282,11 @@ def test_usage_matches_the_responses(server, registry, background) -> None:
     for body in (
         completion(BASE_NAME),
         completion("shared-bot", max_tokens=6),
-        completion(BASE_NAME, prompt=["One", "Two two"], n=2),
+        completion(BASE_NAME, prompt=["One", "Two two"], n=2, temperature=0.7, seed=1),
     ):
-        usage = post(server, key, body).json()["usage"]
+        response = post(server, key, body)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
         prompt += usage["prompt_tokens"]
         completion_tokens += usage["completion_tokens"]
     stream_body = completion(BASE_NAME, stream=True, stream_options={"include_usage": True})

@@ -20,7 +20,7 @@ from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.lora_ids import LoraIdAllocator
 from loraplex.engine.types import Delta, GenerationParams
-from loraplex.errors import IncompatibleAdapter, Unavailable
+from loraplex.errors import IncompatibleAdapter, InvalidRequest, Unavailable
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -85,6 +85,7 @@ class VllmEngine:
         adapter: ResolvedAdapter | None,
     ) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -92,16 +93,19 @@ class VllmEngine:
         if adapter is not None:
             await self.load(adapter)
             lora = self._request_for(adapter)
-        sampling = SamplingParams(
-            n=params.n,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop=params.stop or None,
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            sampling = SamplingParams(
+                n=params.n,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop=params.stop or None,
+                seed=params.seed,
+                ignore_eos=params.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except VLLMClientError as exc:
+            raise InvalidRequest(f"Invalid sampling parameters: {exc}") from exc
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
         if params.cache_salt:
             prompt["cache_salt"] = params.cache_salt
@@ -116,6 +120,8 @@ class VllmEngine:
                     )
         except EngineDeadError as exc:
             raise Unavailable("The inference engine stopped; restart the server.") from exc
+        except VLLMClientError as exc:
+            raise InvalidRequest(f"The engine refused the request: {exc}") from exc
 
     async def load(self, adapter: ResolvedAdapter) -> bool:
         version = adapter.version

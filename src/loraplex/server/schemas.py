@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Sampling(BaseModel):
@@ -32,6 +32,12 @@ class _Sampling(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
+
+    @model_validator(mode="after")
+    def _choices_need_sampling(self) -> _Sampling:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 needs temperature > 0: greedy decoding has one answer")
+        return self
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list (the validator already normalised it)."""
