@@ -12,7 +12,8 @@ import typer.main
 
 from loraplex.cli import app
 from loraplex.config import Settings, SettingsError, load_settings
-from loraplex.server.serve_cli import PortUnavailable, bind_socket
+from loraplex.errors import LoraplexError
+from loraplex.server.serve_cli import PortUnavailable, bind_socket, check_exposure
 
 
 def serve_flags() -> dict[str, list[str]]:
@@ -98,3 +99,30 @@ def test_kv_cache_setting_always_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -
     args = engine_args(Settings(kv_cache_gib=1, max_loras=2, max_cpu_loras=3), "/model")
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert (args.max_loras, args.max_cpu_loras) == (2, 3)
+
+
+def test_auth_off_on_a_public_address_is_refused() -> None:
+    result = run_serve("--host", "0.0.0.0", "--auth", "off", "--port", "0")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "Refusing to serve 0.0.0.0 with auth off" in line and "--allow-insecure-no-auth" in line
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "insecure", "refused"),
+    [
+        ("0.0.0.0", "off", False, True),
+        ("0.0.0.0", "off", True, False),
+        ("0.0.0.0", "on", False, False),
+        ("127.0.0.1", "off", False, False),
+        ("localhost", "off", False, False),
+        ("::1", "off", False, False),
+    ],
+)
+def test_exposure_check(host: str, auth: str, insecure: bool, refused: bool) -> None:
+    settings = Settings(host=host, auth=auth, allow_insecure_no_auth=insecure)  # type: ignore[arg-type]
+    if refused:
+        with pytest.raises(LoraplexError, match="Refusing"):
+            check_exposure(settings)
+    else:
+        check_exposure(settings)
