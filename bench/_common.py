@@ -1,9 +1,9 @@
 """Shared parts of the benchmark scenarios: random adapters, servers, results, README table.
 
-Scenarios (``gateway_overhead``, ``adapter_scaling``, ``fast_lora``) start what they need
-with these helpers, drive it, and write JSON (+ PNG) under ``bench/results/``. Servers run as
-child processes (``loraplex.testing.launcher``), one at a time, with the same engine settings
-for loraplex and for vLLM's own OpenAI server.
+Scenarios (``gateway_overhead``, ``adapter_scaling``, ``fast_lora``, ``noisy_neighbour``)
+start what they need with these helpers, drive it, and write JSON (+ PNG) under
+``bench/results/``. Servers run as child processes (``loraplex.testing.launcher``), one at a
+time, with the same engine settings for loraplex and for vLLM's own OpenAI server.
 """
 
 from __future__ import annotations
