@@ -180,3 +180,22 @@ def test_a_cancelled_waiter_leaves_no_seat_taken() -> None:
         assert admission.in_use == 0 and admission.waiting() == 0
 
     asyncio.run(main())
+
+
+def test_a_request_that_timed_out_is_not_charged() -> None:
+    async def main() -> None:
+        admission = FairAdmission(1, queue_size=5, timeout=0.05)
+        await admission.acquire("holder", 1, 1, 1)
+        with pytest.raises(RateLimited):
+            await admission.acquire("acme", 1, 1, 10_000)
+        admission.timeout = 30
+        acme = asyncio.create_task(admission.acquire("acme", 1, 1, 100))
+        other = asyncio.create_task(admission.acquire("other", 1, 1, 100))
+        await asyncio.sleep(0)
+        admission.release(1)
+        await asyncio.wait_for(acme, 5)
+        assert not other.done()  # acme's timed-out request cost it nothing: acme went first
+        admission.release(1)
+        await asyncio.wait_for(other, 5)
+
+    asyncio.run(main())

@@ -64,7 +64,8 @@ class FairAdmission:
                 "queue's limit; retry later.",
                 retry_after=1,
             )
-        self._end_tag[tenant] = start + max(tokens, 1) / weight
+        cost = max(tokens, 1) / weight
+        self._end_tag[tenant] = start + cost
         granted = asyncio.get_running_loop().create_future()
         waiter = _Waiter(start, next(self._order), tenant, seats, granted)
         heapq.heappush(self._heap, waiter)
@@ -74,6 +75,7 @@ class FairAdmission:
         except TimeoutError:
             if not waiter.granted.done():
                 waiter.granted.cancel()
+                self._refund(tenant, cost)
                 raise RateLimited(
                     f"The server is busy: waited {self.timeout:.0f}s for a turn; retry later.",
                     retry_after=max(1, round(self.timeout / 4)),
@@ -83,6 +85,7 @@ class FairAdmission:
                 self.release(seats)  # granted as the caller went away
             else:
                 waiter.granted.cancel()
+                self._refund(tenant, cost)
             raise
         finally:
             self._waiting[tenant] -= 1
@@ -93,6 +96,10 @@ class FairAdmission:
         """Give back seats taken by ``acquire`` and let waiting requests in."""
         self.in_use -= seats
         self._dispatch()
+
+    def _refund(self, tenant: str, cost: float) -> None:
+        """A request that never got in is not charged to its tenant's share."""
+        self._end_tag[tenant] = max(self._virtual_time, self._end_tag[tenant] - cost)
 
     def _dispatch(self) -> None:
         while self._heap:
