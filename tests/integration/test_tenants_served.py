@@ -290,8 +290,10 @@ def test_usage_matches_the_responses(server, registry, background) -> None:
         prompt += usage["prompt_tokens"]
         completion_tokens += usage["completion_tokens"]
     stream_body = completion(BASE_NAME, stream=True, stream_options={"include_usage": True})
-    lines = post(server, key, stream_body).text.splitlines()
-    usage = json.loads(lines[-3].removeprefix("data: "))["usage"]
+    text = post(server, key, stream_body).text
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
+    assert events[-1] == "[DONE]", text
+    usage = json.loads(events[-2])["usage"]
     prompt += usage["prompt_tokens"]
     completion_tokens += usage["completion_tokens"]
 
