@@ -307,6 +307,20 @@ def test_usage_matches_the_responses(server, registry, background) -> None:
     assert sum(r.prompt_tokens for r in stored if r.tenant == "metered") == prompt
 
 
+def test_prefix_cache_is_kept_apart_per_tenant(server, registry, background) -> None:
+    body = completion(BASE_NAME, prompt=" ".join(f"item{i}" for i in range(300)), max_tokens=2)
+
+    def cached(key: str) -> int:
+        response = post(server, key, body)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    acme, globex = new_key(registry, "acme"), new_key(registry, "globex")
+    assert cached(acme) == 0
+    assert cached(acme) > 0  # the same tenant reuses its cached prefix
+    assert cached(globex) == 0  # another tenant does not, so timing reveals nothing
+
+
 def test_the_background_tenant_saw_no_errors(background) -> None:
     time.sleep(1)
     assert background.sent > 5

@@ -49,6 +49,7 @@ async def test_chat_stream_is_sse_framed_with_usage(
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 3,
         "total_tokens": prompt_tokens + 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
@@ -107,6 +108,7 @@ async def test_chat_body_with_n_choices(client: httpx.AsyncClient, engine: FakeE
         "prompt_tokens": 2 * prompt_tokens,
         "completion_tokens": 6,
         "total_tokens": 2 * prompt_tokens + 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     params = engine.generations[0].params
     assert (params.n, params.max_tokens, params.temperature) == (2, 8, 1.0)

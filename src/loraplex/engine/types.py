@@ -35,6 +35,7 @@ class Delta:
     text: str
     token_count: int
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens this request found in the prefix cache
 
 
 class Engine(Protocol):

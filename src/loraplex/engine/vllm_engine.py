@@ -117,6 +117,7 @@ class VllmEngine:
                         text=choice.text,
                         token_count=len(choice.token_ids),
                         finish_reason=choice.finish_reason,
+                        cached_tokens=output.num_cached_tokens or 0,
                     )
         except EngineDeadError as exc:
             raise Unavailable("The inference engine stopped; restart the server.") from exc

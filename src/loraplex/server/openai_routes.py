@@ -34,6 +34,7 @@ router = APIRouter()
 class _Choice:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
+    cached_tokens: int = 0
     finish_reason: str | None = None
 
 
@@ -48,11 +49,12 @@ def _headers(request_id: str, target: Target) -> dict[str, str]:
     return headers
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -104,6 +106,7 @@ async def _collect(deltas: AsyncIterator[Delta], n: int) -> list[_Choice]:
         choice = choices[delta.index]
         choice.text.append(delta.text)
         choice.tokens += delta.token_count
+        choice.cached_tokens = max(choice.cached_tokens, delta.cached_tokens)
         choice.finish_reason = delta.finish_reason or choice.finish_reason
     return choices
 
@@ -115,14 +118,15 @@ def _sse(payload: dict[str, Any] | str) -> str:
 async def _sse_stream(
     deltas: AsyncIterator[Delta],
     chunk: Callable[[Delta], dict[str, Any]],
-    usage_chunk: Callable[[int], dict[str, Any]] | None,
+    usage_chunk: Callable[[int, int], dict[str, Any]] | None,
     lease: Lease,
 ) -> AsyncIterator[str]:
     """Deltas as SSE events, an optional usage event, then ``[DONE]``; errors as an event."""
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     try:
         async for delta in deltas:
             completion_tokens += delta.token_count
+            cached_tokens = max(cached_tokens, delta.cached_tokens)
             if delta.text or delta.finish_reason:
                 yield _sse(chunk(delta))
     except LoraplexError as exc:
@@ -130,7 +134,7 @@ async def _sse_stream(
     finally:
         lease.release()
     if usage_chunk is not None:
-        yield _sse(usage_chunk(completion_tokens))
+        yield _sse(usage_chunk(completion_tokens, cached_tokens))
     yield _sse("[DONE]")
 
 
@@ -177,8 +181,9 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
             }
             return {**base, "choices": [choice]}
 
-        def usage(tokens: int) -> dict[str, Any]:
-            return {**base, "choices": [], "usage": _usage(len(prompts[0]) * body.n, tokens)}
+        def usage(tokens: int, cached: int) -> dict[str, Any]:
+            prompt_tokens = len(prompts[0]) * body.n
+            return {**base, "choices": [], "usage": _usage(prompt_tokens, tokens, cached)}
 
         events = _sse_stream(deltas, chunk, usage if body.include_usage else None, lease)
         return _event_stream(events, headers, lease)
@@ -204,7 +209,9 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
     ]
     completion_tokens = sum(c.tokens for result in results for c in result)
     prompt_tokens = sum(len(ids) for ids in prompts) * body.n
-    payload = {**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+    cached = sum(max(c.cached_tokens for c in result) for result in results)
+    usage = _usage(prompt_tokens, completion_tokens, cached)
+    payload = {**base, "choices": choices, "usage": usage}
     return _json(payload, headers)
 
 
@@ -241,12 +248,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
             }
             return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
-        def usage(tokens: int) -> dict[str, Any]:
+        def usage(tokens: int, cached: int) -> dict[str, Any]:
             return {
                 **base,
                 "object": "chat.completion.chunk",
                 "choices": [],
-                "usage": _usage(len(prompt_ids) * body.n, tokens),
+                "usage": _usage(len(prompt_ids) * body.n, tokens, cached),
             }
 
         events = _sse_stream(deltas, chunk, usage if body.include_usage else None, lease)
@@ -265,7 +272,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
         }
         for j, c in enumerate(result)
     ]
-    usage = _usage(len(prompt_ids) * body.n, sum(c.tokens for c in result))
+    cached = max(c.cached_tokens for c in result)
+    usage = _usage(len(prompt_ids) * body.n, sum(c.tokens for c in result), cached)
     payload = {**base, "object": "chat.completion", "choices": choices, "usage": usage}
     return _json(payload, headers)
 
