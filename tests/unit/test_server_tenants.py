@@ -477,6 +477,30 @@ async def test_a_failed_generation_frees_its_seat_and_slot(
     assert after.status_code == 200, after.text
 
 
+async def test_a_failed_prompt_stops_the_other_prompts_of_its_request(
+    serve: Serve, engine: FakeEngine
+) -> None:
+    """The engine must not keep generating what its freed seats no longer count."""
+    stream = engine.stream
+
+    def first_prompt_fails(
+        prompt_ids: list[int], params: Any, request_id: str, adapter: Any
+    ) -> Any:
+        if request_id.endswith("-0"):
+            raise Unavailable("the first prompt failed")
+        return stream(prompt_ids, params, request_id, adapter)
+
+    engine.stream = first_prompt_fails  # type: ignore[method-assign]
+    engine.gate = asyncio.Event()  # the second prompt waits in the engine
+    async with serve() as client:
+        body = completion(BASE, prompt=["One", "Two"])
+        failed = await answered(client.post("/v1/completions", json=body))
+        metrics = (await client.get("/metrics")).text
+        engine.gate.set()
+    assert_error(failed, 503, "unavailable")
+    assert "loraplex_requests_in_flight 0.0" in metrics
+
+
 # ---- usage
 
 
