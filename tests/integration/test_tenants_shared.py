@@ -151,7 +151,7 @@ def test_usage_on_both_is_stored_once_they_stop(
     bodies = [
         completion(),
         completion(ADAPTER, max_tokens=6),
-        completion(prompt=["One", "Two two"], n=2),
+        completion(prompt=["One", "Two two"], n=2, temperature=1, seed=7),
     ]
     for server in servers:
         for body in bodies:
