@@ -3,11 +3,13 @@
 Each choice of a request is "hello from <adapter version or base>", one word per delta, cut at
 ``max_tokens`` (finish ``length``) or complete (finish ``stop``). Tests make it fail on purpose
 through ``load_errors`` (by adapter name), ``stream_error`` (raised after ``fail_after``
-deltas) and ``health_error``, and read back what it was asked. Imported by conftest.py only.
+deltas) and ``health_error``, hold streams open with ``gate`` (each waits for it before its
+first delta), and read back what it was asked. Imported by conftest.py only.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,6 +41,7 @@ class FakeEngine:
     stream_error: LoraplexError | None = None
     fail_after: int = 0
     health_error: LoraplexError | None = None
+    gate: asyncio.Event | None = None
     generations: list[Generation] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     resident: dict[str, str] = field(default_factory=dict)
@@ -52,6 +55,8 @@ class FakeEngine:
         adapter: ResolvedAdapter | None,
     ) -> AsyncIterator[Delta]:
         self.generations.append(Generation(prompt_ids, params, request_id, adapter))
+        if self.gate is not None:
+            await self.gate.wait()
         words = reply_words(adapter)
         kept = words[: params.max_tokens]
         finish = "stop" if len(kept) == len(words) else "length"

@@ -44,6 +44,8 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
         ("/v1/chat/completions", {"model": "sales"}, "messages"),
         ("/v1/chat/completions", chat("sales", temperature=9), "temperature"),
         ("/v1/chat/completions", chat("sales", n=99), "n"),
+        ("/v1/chat/completions", chat("sales", n=2, temperature=0), "temperature"),
+        ("/v1/completions", {"model": "sales", "prompt": "Hi", "n": 2, "temperature": 0}, "n > 1"),
         ("/v1/chat/completions", chat("sales", max_tokens=0), "max_tokens"),
         ("/v1/chat/completions", chat("sales", stop=["a", "b", "c", "d", "e"]), "stop"),
         ("/v1/chat/completions", {"model": "sales", "messages": []}, "messages"),

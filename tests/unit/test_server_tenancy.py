@@ -199,3 +199,20 @@ def test_a_request_that_timed_out_is_not_charged() -> None:
         await asyncio.wait_for(other, 5)
 
     asyncio.run(main())
+
+
+def test_a_waiter_that_fits_goes_in_at_once() -> None:
+    async def main() -> None:
+        admission = FairAdmission(2, queue_size=5, timeout=30)
+        admission.release(await admission.acquire("big", 1, 1, 100))  # big's next tag is later
+        await admission.acquire("holder", 1, 1, 1)
+        big = asyncio.create_task(admission.acquire("big", 1, 2, 100))  # needs both seats
+        await asyncio.sleep(0)
+        # quiet's tag is earliest and one seat is free: it must not wait for holder
+        assert await asyncio.wait_for(admission.acquire("quiet", 1, 1, 1), 1) == 1
+        assert admission.in_use == 2 and admission.waiting("big") == 1
+        admission.release(1)
+        admission.release(1)
+        assert await big == 2
+
+    asyncio.run(main())

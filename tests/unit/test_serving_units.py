@@ -94,7 +94,7 @@ def test_schemas_validate_bounds() -> None:
         CompletionRequest(model="m", prompt="p", stop=["a", "b", "c", "d", "e"])
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[], max_tokens=3)
-    with pytest.raises(ValidationError, match="greedy decoding has one answer"):
+    with pytest.raises(ValidationError, match="greedy sampling has one answer"):
         CompletionRequest(model="m", prompt="p", n=2, temperature=0)
     assert CompletionRequest(model="m", prompt="p", n=2, temperature=0.5).n == 2
     chat = ChatCompletionRequest(

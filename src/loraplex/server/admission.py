@@ -70,6 +70,7 @@ class FairAdmission:
         waiter = _Waiter(start, next(self._order), tenant, seats, granted)
         heapq.heappush(self._heap, waiter)
         self._waiting[tenant] += 1
+        self._dispatch()  # it may be first in line with room free (the head needs more)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.granted), self.timeout)
         except TimeoutError:

@@ -188,14 +188,18 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         events = _sse_stream(deltas, chunk, usage if body.include_usage else None, lease)
         return _event_stream(events, headers, lease)
 
-    try:
-        results = await asyncio.gather(
-            *(
-                _collect(service.generate(ids, p, f"{request_id}-{i}", target, lease), body.n)
-                for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
-            )
+    collects = [
+        asyncio.ensure_future(
+            _collect(service.generate(ids, p, f"{request_id}-{i}", target, lease), body.n)
         )
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+    ]
+    try:
+        results = await asyncio.gather(*collects)
     finally:
+        for collect in collects:  # one failed: stop the others before their seats are freed
+            collect.cancel()
+        await asyncio.gather(*collects, return_exceptions=True)
         lease.release()
     choices = [
         {

@@ -6,9 +6,12 @@ as OpenAI clients send many of them. Bounds here turn nonsense into a 400, not a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GREEDY_BELOW = 1e-5
+"""vLLM samples greedily (one answer) at temperatures below this."""
 
 
 class _Sampling(BaseModel):
@@ -34,9 +37,9 @@ class _Sampling(BaseModel):
         return stops
 
     @model_validator(mode="after")
-    def _choices_need_sampling(self) -> _Sampling:
-        if self.n > 1 and self.temperature == 0:
-            raise ValueError("n > 1 needs temperature > 0: greedy decoding has one answer")
+    def _greedy_gives_one_choice(self) -> Self:
+        if self.n > 1 and self.temperature < GREEDY_BELOW:
+            raise ValueError("n > 1 needs a temperature above 0 (greedy sampling has one answer)")
         return self
 
     def stop_list(self) -> list[str]:
