@@ -237,3 +237,9 @@ def test_a_database_of_the_previous_version_gets_the_new_tables(tmp_path: Path) 
         version = conn.execute(select(tables.info.c.value)).scalar_one()
     assert version == tables.SCHEMA_VERSION == "2"
     accounts.close()
+
+
+@pytest.mark.parametrize("name", ["admin", "anonymous"])
+def test_reserved_tenant_names(accounts, name: str) -> None:
+    with pytest.raises(Conflict, match="reserved"):
+        accounts.create_tenant(name)

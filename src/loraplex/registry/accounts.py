@@ -37,6 +37,10 @@ _AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _AGE_RE = re.compile(r"-?([0-9]{1,9})([smhdw])")
 
 
+RESERVED_TENANTS = ("admin", "anonymous")
+"""Names the server uses for the admin key and for callers when auth is off."""
+
+
 class Accounts:
     """Tenants, their API keys and their usage, on the registry's database engine (whose
     schema ``ensure_schema`` has created: ``Catalog`` and ``open_accounts`` do)."""
@@ -63,8 +67,13 @@ class Accounts:
         tpm: int | None = None,
         max_concurrency: int | None = None,
     ) -> Tenant:
-        """Add a tenant; ``Conflict`` if the name is taken."""
+        """Add a tenant; ``Conflict`` if the name is taken or reserved."""
         check_name(name, "tenant")
+        if name in RESERVED_TENANTS:
+            raise Conflict(
+                f"'{name}' is reserved: usage of the admin key and of servers without auth is "
+                "recorded under it. Choose another name."
+            )
         values = _checked(weight=weight, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
 
         def tx(conn: Connection) -> Tenant:

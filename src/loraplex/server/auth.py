@@ -20,6 +20,7 @@ from fastapi import Request
 
 from loraplex.config import Settings
 from loraplex.errors import Forbidden, Unauthorized
+from loraplex.registry.accounts import RESERVED_TENANTS
 
 if TYPE_CHECKING:
     from loraplex.registry.accounts import Accounts
@@ -55,8 +56,8 @@ class Caller:
         return None if self.sees_everything else f"tenant:{self.tenant}"
 
 
-ANONYMOUS = Caller("anonymous", sees_everything=True)
-ADMIN = Caller("admin", admin=True, sees_everything=True)
+ADMIN = Caller(RESERVED_TENANTS[0], admin=True, sees_everything=True)
+ANONYMOUS = Caller(RESERVED_TENANTS[1], sees_everything=True)
 
 
 def bearer_key(request: Request) -> str | None:
