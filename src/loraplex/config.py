@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         description="Sequences handed to the engine at once; the rest wait in per-tenant "
         "queues served by weight. Default: max_num_seqs.",
     )
+    reserved_sequences: int | None = Field(
+        None,
+        ge=0,
+        description="Engine sequences kept for tenants with nothing in flight, so a light "
+        "tenant starts at once beside a flood. Default: an eighth of max_engine_sequences.",
+    )
     tenant_queue_size: int = Field(
         64, ge=1, description="Requests one tenant may have waiting; more get 429."
     )

@@ -104,18 +104,19 @@ def run_admission(plan: list[tuple[str, float]], capacity: int = 1) -> list[str]
     async def main() -> list[str]:
         admission = FairAdmission(capacity, queue_size=100, timeout=30)
         granted: list[str] = []
-        await admission.acquire("holder", 1, capacity, 1)
+        holders = ["holder"] * await admission.acquire("holder", 1, capacity, 1)
 
         async def request(tenant: str, weight: float) -> None:
             await admission.acquire(tenant, weight, 1, 100)
             granted.append(tenant)
+            holders.append(tenant)
 
         tasks = [asyncio.create_task(request(t, w)) for t, w in plan]
         await asyncio.sleep(0)
         for _ in range(len(plan) + 1):
-            admission.release(1)
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            admission.release(holders.pop(0), 1)
+            for _ in range(3):
+                await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         return granted
 
@@ -133,6 +134,11 @@ def test_weights_share_the_engine_two_to_one() -> None:
     assert first.count("heavy") == 20 and first.count("light") == 10
 
 
+def admission_holder(admission: FairAdmission) -> str:
+    """Some tenant that holds a seat now."""
+    return next(iter(admission._held))
+
+
 def test_a_full_queue_is_429_and_others_still_queue() -> None:
     async def main() -> None:
         admission = FairAdmission(1, queue_size=2, timeout=30)
@@ -145,9 +151,10 @@ def test_a_full_queue_is_429_and_others_still_queue() -> None:
         await asyncio.sleep(0)
         assert admission.waiting("quiet") == 1
         for _ in range(3):
-            admission.release(1)
-            await asyncio.sleep(0)
-        await asyncio.gather(*waiting, other)
+            admission.release(admission_holder(admission), 1)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(*waiting, other), 5)
 
     asyncio.run(main())
 
@@ -159,7 +166,7 @@ def test_waiting_too_long_is_429_and_frees_the_place() -> None:
         with pytest.raises(RateLimited, match="waited") as refused:
             await admission.acquire("acme", 1, 1, 1)
         assert refused.value.retry_after and admission.waiting() == 0
-        admission.release(1)
+        admission.release("holder", 1)
         assert admission.in_use == 0
         await admission.acquire("acme", 1, 1, 1)
         assert admission.in_use == 1
@@ -176,7 +183,7 @@ def test_a_cancelled_waiter_leaves_no_seat_taken() -> None:
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        admission.release(1)
+        admission.release("holder", 1)
         assert admission.in_use == 0 and admission.waiting() == 0
 
     asyncio.run(main())
@@ -192,10 +199,10 @@ def test_a_request_that_timed_out_is_not_charged() -> None:
         acme = asyncio.create_task(admission.acquire("acme", 1, 1, 100))
         other = asyncio.create_task(admission.acquire("other", 1, 1, 100))
         await asyncio.sleep(0)
-        admission.release(1)
+        admission.release("holder", 1)
         await asyncio.wait_for(acme, 5)
         assert not other.done()  # acme's timed-out request cost it nothing: acme went first
-        admission.release(1)
+        admission.release("acme", 1)
         await asyncio.wait_for(other, 5)
 
     asyncio.run(main())
@@ -204,15 +211,45 @@ def test_a_request_that_timed_out_is_not_charged() -> None:
 def test_a_waiter_that_fits_goes_in_at_once() -> None:
     async def main() -> None:
         admission = FairAdmission(2, queue_size=5, timeout=30)
-        admission.release(await admission.acquire("big", 1, 1, 100))  # big's next tag is later
+        admission.release("big", await admission.acquire("big", 1, 1, 100))  # big's tag: later
         await admission.acquire("holder", 1, 1, 1)
         big = asyncio.create_task(admission.acquire("big", 1, 2, 100))  # needs both seats
         await asyncio.sleep(0)
         # quiet's tag is earliest and one seat is free: it must not wait for holder
         assert await asyncio.wait_for(admission.acquire("quiet", 1, 1, 1), 1) == 1
         assert admission.in_use == 2 and admission.waiting("big") == 1
-        admission.release(1)
-        admission.release(1)
+        admission.release("holder", 1)
+        admission.release("quiet", 1)
         assert await big == 2
+
+    asyncio.run(main())
+
+
+def test_reserved_seats_let_a_light_tenant_start_beside_a_flood() -> None:
+    async def main() -> None:
+        admission = FairAdmission(4, queue_size=10, timeout=30, reserve=1)
+        flood = [asyncio.create_task(admission.acquire("flood", 1, 1, 100)) for _ in range(6)]
+        await asyncio.sleep(0)
+        assert admission.in_use == 3 and admission.waiting("flood") == 3  # one seat kept
+        quiet = await asyncio.wait_for(admission.acquire("quiet", 1, 1, 10), 1)
+        assert quiet == 1 and admission.in_use == 4
+        other = asyncio.create_task(admission.acquire("other", 1, 1, 10))
+        await asyncio.sleep(0)
+        assert not other.done()  # the reserve is used up; others wait their turn
+        admission.release("quiet", 1)
+        await asyncio.wait_for(other, 1)  # a light tenant, next by tag, gets the seat
+        admission.release("flood", 1)
+        await asyncio.sleep(0)
+        assert admission.in_use == 3 and admission.waiting("flood") == 3  # one seat stays free
+        for task in flood:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_lone_tenant_with_a_large_request_still_runs() -> None:
+    async def main() -> None:
+        admission = FairAdmission(4, queue_size=10, timeout=30, reserve=1)
+        assert await asyncio.wait_for(admission.acquire("acme", 1, 8, 100), 1) == 3
 
     asyncio.run(main())

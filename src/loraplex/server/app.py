@@ -99,6 +99,8 @@ def create_app(
                 await flusher
             await usage.flush()
             engine.shutdown()
+            if accounts is not None:
+                accounts.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics

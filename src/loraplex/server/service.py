@@ -56,7 +56,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        self.service.admission.release(self.seats)
+        self.service.admission.release(self.caller.tenant, self.seats)
         self.reservation.release(self.prompt_tokens + self.completion_tokens)
         if self.label:
             self.service.usage.record(
@@ -88,10 +88,13 @@ class Service:
         self.metrics = metrics
         self.usage = usage
         self.limits = TenantLimits()
+        capacity = settings.max_engine_sequences or settings.max_num_seqs
+        reserve = settings.reserved_sequences
         self.admission = FairAdmission(
-            settings.max_engine_sequences or settings.max_num_seqs,
+            capacity,
             settings.tenant_queue_size,
             settings.queue_timeout_seconds,
+            reserve=capacity // 8 if reserve is None else reserve,
         )
 
     @property
