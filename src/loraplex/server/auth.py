@@ -63,12 +63,14 @@ ANONYMOUS = Caller(RESERVED_TENANTS[1], sees_everything=True)
 def bearer_key(request: Request) -> str | None:
     """The key of ``Authorization: Bearer KEY``, or None."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    return key.strip() or None if scheme.lower() == "bearer" else None
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def same_key(sent: str, expected: str | None) -> bool:
     """Constant-time comparison with a configured key."""
-    return bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())  # type: ignore[union-attr]
+    if not expected:
+        return False
+    return hmac.compare_digest(sent.encode(), expected.encode())
 
 
 class Authenticator:
