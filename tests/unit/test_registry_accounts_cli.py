@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cli_runner import run
 
-from loraplex.cli import main
 from loraplex.registry.models import UsageRow
 from loraplex.registry.registry import open_accounts
 
@@ -21,21 +20,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("LORAPLEX_REGISTRY_URL", raising=False)
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
     return tmp_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``loraplex ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["loraplex", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_tenants(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from cli_runner import run
 from safetensors.numpy import save_file
 
-from loraplex.cli import main
 from loraplex.registry.basedims import BaseDims
 from loraplex.testing.random_adapters import write_random_adapter
 
@@ -31,21 +30,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dims: BaseDims) ->
     monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(base))
     monkeypatch.setenv("LORAPLEX_USER", "tester")
     return tmp_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``loraplex ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["loraplex", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_push_promote_rollback_show_delete(
