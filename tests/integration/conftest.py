@@ -12,7 +12,6 @@ Fixtures:
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
-from loraplex.testing.launcher import RunningServer, loraplex_server
+from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
 
 BASE_NAME = "smollm2-135m"
 DEMO_NAMES = ("pirate", "shout")
@@ -89,18 +88,13 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, adapters_dir: Path
 ) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("server-home")
-    env = {
-        "LORAPLEX_HOME": str(home),
-        "LORAPLEX_BASE_MODEL": str(base_model_dir),
-        "LORAPLEX_ADAPTERS_DIR": str(adapters_dir),
-        "LORAPLEX_DTYPE": "float32",
-        "LORAPLEX_KV_CACHE_GIB": "1",
-        "LORAPLEX_MAX_LORA_RANK": "16",
-        "LORAPLEX_AUTH": "off",
-        "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
-        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-    }
+    env = server_env(
+        home,
+        base_model_dir,
+        adapters_dir=adapters_dir,
+        admin_key=ADMIN_KEY,
+        served_model_name=BASE_NAME,
+    )
     with loraplex_server(home / "server.log", env=env) as running:
         running.base = BASE_NAME  # type: ignore[attr-defined]
         running.admin_key = ADMIN_KEY  # type: ignore[attr-defined]

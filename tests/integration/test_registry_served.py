@@ -12,7 +12,7 @@ import pytest
 
 from loraplex.config import Settings
 from loraplex.registry.registry import Registry, open_registry
-from loraplex.testing.launcher import RunningServer, loraplex_server
+from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
 
 pytestmark = pytest.mark.integration
 BASE_NAME = "smollm2-135m"
@@ -45,16 +45,7 @@ def registry(
 def registry_server(
     home: Path, base_model_dir: Path, registry: Registry
 ) -> Iterator[RunningServer]:
-    env = {
-        "LORAPLEX_HOME": str(home),
-        "LORAPLEX_BASE_MODEL": str(base_model_dir),
-        "LORAPLEX_DTYPE": "float32",
-        "LORAPLEX_KV_CACHE_GIB": "1",
-        "LORAPLEX_MAX_LORA_RANK": "16",
-        "LORAPLEX_AUTH": "off",
-        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-    }
+    env = server_env(home, base_model_dir, served_model_name=BASE_NAME)
     inherited = {k for k in os.environ if k.startswith("LORAPLEX_") and k not in env}
     assert not inherited & {"LORAPLEX_ADAPTERS_DIR", "LORAPLEX_REGISTRY_URL", "LORAPLEX_BLOB_URL"}
     with loraplex_server(home / "server.log", env=env) as running:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,8 @@ import pytest
 
 from loraplex.config import Settings
 from loraplex.registry.registry import Registry, open_registry
-from loraplex.testing.launcher import RunningServer, loraplex_server
+from loraplex.testing.bystander import Bystander
+from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
 
 pytestmark = pytest.mark.integration
 BASE_NAME = "smollm2-135m"
@@ -63,58 +63,27 @@ def new_key(registry: Registry, tenant: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(home: Path, base_model_dir: Path, registry: Registry) -> Iterator[RunningServer]:
-    env = {
-        "LORAPLEX_HOME": str(home),
-        "LORAPLEX_BASE_MODEL": str(base_model_dir),
-        "LORAPLEX_DTYPE": "float32",
-        "LORAPLEX_KV_CACHE_GIB": "1",
-        "LORAPLEX_MAX_LORA_RANK": "16",
-        "LORAPLEX_AUTH": "on",
-        "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
-        "LORAPLEX_METRICS_KEY": METRICS_KEY,
-        "LORAPLEX_KEY_CACHE_SECONDS": "0.5",
-        "LORAPLEX_USAGE_FLUSH_SECONDS": "0.5",
-        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-        **{f"LORAPLEX_{k.upper()}": str(v) for k, v in CAPS.items()},
-    }
+    env = server_env(
+        home,
+        base_model_dir,
+        auth="on",
+        admin_key=ADMIN_KEY,
+        metrics_key=METRICS_KEY,
+        key_cache_seconds=0.5,
+        usage_flush_seconds=0.5,
+        served_model_name=BASE_NAME,
+        **CAPS,
+    )
     for unset in ("LORAPLEX_ADAPTERS_DIR", "LORAPLEX_REGISTRY_URL", "LORAPLEX_BLOB_URL"):
         assert unset not in os.environ
     with loraplex_server(home / "server.log", env=env) as running:
         yield running
 
 
-class Background:
-    """Sequential requests of one tenant on its own thread; keeps every failure."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-        self.sent = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=120, headers=auth(self.key)) as client:
-            while not self._stop.is_set():
-                model = ("shared-bot", BASE_NAME)[self.sent % 2]
-                response = client.post(self.url + "/v1/completions", json=completion(model))
-                self.sent += 1
-                if response.status_code != 200:
-                    self.failures.append(f"{response.status_code} {response.text[:200]}")
-
-    def __enter__(self) -> Background:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(180)
-
-
 @pytest.fixture(scope="module")
-def background(server: RunningServer, registry: Registry) -> Iterator[Background]:
-    with Background(server.url, new_key(registry, "steady")) as load:
+def background(server: RunningServer, registry: Registry) -> Iterator[Bystander]:
+    models = ("shared-bot", BASE_NAME)
+    with Bystander(server.url, models, key=new_key(registry, "steady")) as load:
         yield load
 
 
@@ -323,5 +292,4 @@ def test_prefix_cache_is_kept_apart_per_tenant(server, registry, background) -> 
 
 def test_the_background_tenant_saw_no_errors(background) -> None:
     time.sleep(1)
-    assert background.sent > 5
-    assert background.failures == []
+    background.assert_clean(min_sent=6)

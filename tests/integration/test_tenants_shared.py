@@ -25,7 +25,7 @@ from loraplex.config import Settings
 from loraplex.registry.accounts import Accounts
 from loraplex.registry.models import UsageRow
 from loraplex.registry.registry import open_accounts
-from loraplex.testing.launcher import RunningServer, loraplex_server, stop
+from loraplex.testing.launcher import RunningServer, loraplex_server, server_env, stop
 from loraplex.testing.postgres import fresh_database
 
 pytestmark = pytest.mark.integration
@@ -67,20 +67,16 @@ def servers(
     with ExitStack() as stack:
         running = []
         for name in ("one", "two"):
-            env = {
-                "LORAPLEX_HOME": str(root / name),
-                "LORAPLEX_BASE_MODEL": str(base_model_dir),
-                "LORAPLEX_ADAPTERS_DIR": str(root / "adapters"),
-                "LORAPLEX_REGISTRY_URL": database,
-                "LORAPLEX_DTYPE": "float32",
-                "LORAPLEX_KV_CACHE_GIB": "1",
-                "LORAPLEX_MAX_LORA_RANK": "16",
-                "LORAPLEX_AUTH": "on",
-                "LORAPLEX_KEY_CACHE_SECONDS": "1",
-                "LORAPLEX_USAGE_FLUSH_SECONDS": "1",
-                "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-            }
+            env = server_env(
+                root / name,
+                base_model_dir,
+                adapters_dir=root / "adapters",
+                registry_url=database,
+                auth="on",
+                key_cache_seconds=1,
+                usage_flush_seconds=1,
+                served_model_name=BASE_NAME,
+            )
             log = root / f"server-{name}.log"
             running.append(stack.enter_context(loraplex_server(log, env=env)))
         yield running

@@ -131,6 +131,27 @@ def running_server(
         stop(server)
 
 
+TEST_BASE_NAME = "smollm2-135m"
+"""The name test servers give the bundled base model."""
+
+
+def server_env(home: Path, base_model_dir: Path, **settings: object) -> dict[str, str]:
+    """Environment of a test server: fp32 (batched == solo), a small KV cache, rank 16, auth
+    off, then ``settings`` (``field=value`` of ``Settings``) as ``LORAPLEX_FIELD``."""
+    defaults: dict[str, object] = {
+        "home": home,
+        "base_model": base_model_dir,
+        "dtype": "float32",
+        "kv_cache_gib": 1,
+        "max_lora_rank": 16,
+        "auth": "off",
+        "served_model_name": TEST_BASE_NAME,
+    }
+    env = {f"LORAPLEX_{k.upper()}": str(v) for k, v in {**defaults, **settings}.items()}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "2")
+    return env
+
+
 def loraplex_server(
     log_path: Path, env: dict[str, str] | None = None, timeout: float = 600
 ) -> AbstractContextManager[RunningServer]:
