@@ -2,7 +2,9 @@
 
 Both turn the ``model`` a client sent into a ``ResolvedAdapter``: an immutable version key
 and a local folder holding ``adapter_config.json`` + ``adapter_model.safetensors``. The
-engine gives one LoRA id per version key, so a key must never name other weights.
+engine gives one LoRA id per version key, so a key must never name other weights. Both
+hand the engine only adapters that passed ``loraplex.registry.validate`` (the folder source
+checks its own snapshot; the registry checked at push).
 
 The registry source looks the alias up again on every ``resolve``, so a promote or rollback
 is seen by every server at once; a version recorded against another base model, or above
@@ -13,6 +15,9 @@ blocking I/O (files, database, maybe a download): call it from a worker thread i
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +31,14 @@ from loraplex.adapters import (
     anyone,
     unknown_model,
 )
-from loraplex.errors import IncompatibleAdapter, NotFound
+from loraplex.errors import (
+    IncompatibleAdapter,
+    InvalidAdapter,
+    LoraplexError,
+    NotFound,
+    TooLarge,
+)
+from loraplex.registry.validate import BaseSpec, collect_files, validate_adapter
 
 if TYPE_CHECKING:
     from loraplex.basemodel import BaseModelInfo
@@ -37,14 +49,23 @@ if TYPE_CHECKING:
 class FolderAdapterSource:
     """Adapters as sub-folders of one local folder, named by the folder; all are shared.
 
-    The version is ``N@sha-<first 12 hex of the weights' sha256>`` so that replacing a
-    folder's weights gives a new version (and a new LoRA id) instead of reusing the old one.
-    A folder whose path or files a symlink leads outside the root is not served.
+    What is served is a snapshot: the adapter's files are copied into ``snapshots/<digest>``
+    (the sha256 over the bytes actually copied), checked there as a registry push checks
+    them (``loraplex.registry.validate``: safetensors bounds, shapes, finite values, rank,
+    modules; pickles refused), and only then handed to the engine. The version is
+    ``N@sha-<first 12 hex of that digest>``, so a version key always names the bytes the
+    engine reads, and editing a folder mid-load gives a new version or a refusal, never two
+    versions under one key. The outcome, a refusal included, is remembered until the
+    folder's files change. A folder whose path or files a symlink leads outside the root
+    is not served.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, base: BaseSpec, snapshots: Path) -> None:
         self.root = root
-        self._hashes: dict[tuple[str, int, int], str] = {}
+        self.base = base
+        self.snapshots = snapshots
+        self._checked: dict[str, tuple[tuple[object, ...], ResolvedAdapter | LoraplexError]] = {}
+        self._locks: dict[str, threading.Lock] = {}
 
     def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
         if not may_use(None):
@@ -55,10 +76,10 @@ class FolderAdapterSource:
         folder = self._adapter_folder(name)
         if folder is None:
             raise NotFound(f"The model '{model}' does not exist.")
-        version = f"{name}@sha-{self._weights_hash(folder / WEIGHTS_FILE)[:12]}"
-        if model not in (name, version):
-            raise NotFound(f"The model '{model}' does not exist; '{name}' is {version}.")
-        return ResolvedAdapter(name=name, version=version, path=folder)
+        adapter = self._checked_snapshot(name, folder)
+        if model not in (name, adapter.version):
+            raise NotFound(f"The model '{model}' does not exist; '{name}' is {adapter.version}.")
+        return adapter
 
     def names(self, may_use: MayUse = anyone) -> list[str]:
         if not self.root.is_dir() or not may_use(None):
@@ -86,12 +107,76 @@ class FolderAdapterSource:
             return None
         return folder
 
-    def _weights_hash(self, weights: Path) -> str:
-        stat = weights.stat()
-        key = (str(weights), stat.st_mtime_ns, stat.st_size)
-        if key not in self._hashes:
-            self._hashes[key] = hashlib.sha256(weights.read_bytes()).hexdigest()
-        return self._hashes[key]
+    def _checked_snapshot(self, name: str, folder: Path) -> ResolvedAdapter:
+        """The snapshot of ``folder``, made and checked once per state of its files."""
+        with self._locks.setdefault(name, threading.Lock()):
+            try:
+                files = collect_files(folder)  # pickles next to the weights are refused
+            except InvalidAdapter as exc:
+                message = exc.message.replace(str(folder), "its folder")
+                raise InvalidAdapter(f"Adapter '{name}' is refused: {message}") from None
+            stamp = tuple((n, *_stat_key(p)) for n, p in sorted(files.items()))
+            cached = self._checked.get(name)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, self._snapshot(name, files))
+                self._checked[name] = cached
+        outcome = cached[1]
+        if isinstance(outcome, LoraplexError):
+            raise type(outcome)(outcome.message)
+        return outcome
+
+    def _snapshot(self, name: str, files: dict[str, Path]) -> ResolvedAdapter | LoraplexError:
+        """Copy ``files`` (at most ``max_bytes`` + 1 in all), validate the copy, and keep it
+        as ``snapshots/<digest>``; a validation failure is returned, not raised."""
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.snapshots))
+        try:
+            digest = _copy_files(files, staging, self.base.max_bytes + 1)
+            validate_adapter(staging, name, self.base)
+        except FileNotFoundError:
+            shutil.rmtree(staging)
+            raise NotFound(f"The model '{name}' does not exist (its files vanished).") from None
+        except (InvalidAdapter, IncompatibleAdapter, TooLarge) as exc:
+            shutil.rmtree(staging)
+            return type(exc)(f"Adapter '{name}' is refused: {exc.message}")
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+        target = self.snapshots / digest
+        try:
+            staging.rename(target)
+        except OSError:  # the same content is already there (another name, or a race)
+            shutil.rmtree(staging)
+        return ResolvedAdapter(name=name, version=f"{name}@sha-{digest[:12]}", path=target)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file's content is replaced or edited."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _copy_files(files: dict[str, Path], into: Path, budget: int) -> str:
+    """Copy ``files`` into ``into`` (``budget`` bytes at most in all); the sha256 over each
+    file's name and the sha256 of the bytes copied."""
+    digest = hashlib.sha256()
+    for file_name, source in sorted(files.items()):
+        file_digest = hashlib.sha256()
+        with source.open("rb") as reader, (into / file_name).open("wb") as writer:
+            while budget > 0 and (chunk := reader.read(min(1 << 20, budget))):
+                file_digest.update(chunk)
+                writer.write(chunk)
+                budget -= len(chunk)
+        digest.update(f"{file_name}\0{file_digest.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_source(root: Path, settings: Settings, base: BaseModelInfo) -> FolderAdapterSource:
+    """Source of the adapters folder ``root``, checked against ``base`` with the server's
+    limits; snapshots live under ``<home>/cache/folder-adapters``."""
+    return FolderAdapterSource(
+        root, BaseSpec.of(base, settings), settings.home / "cache" / "folder-adapters"
+    )
 
 
 class RegistryAdapterSource:

@@ -4,6 +4,7 @@ server app over a fake engine."""
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from route_checks import Serve
 from stub_server import StubServer, stub_server
 
 from loraplex.adapters import AdapterSource
+from loraplex.basemodel import bundled_model_dir
 from loraplex.config import Settings
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blob_cache import BlobCache
@@ -26,6 +28,7 @@ from loraplex.registry.validate import BaseSpec
 from loraplex.server import app as app_module
 from loraplex.server.app import create_app, default_source
 from loraplex.server.prompts import PromptBuilder
+from loraplex.testing.random_adapters import write_random_adapter
 
 # ---- registry: a tiny fake base model, and registries on SQLite + local blobs under tmp_path
 
@@ -94,20 +97,25 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def write_adapter_files(folder: Path, weights: bytes = b"weights") -> Path:
-    """A folder with both PEFT file names; the contents are never parsed by these tests."""
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text("{}")
-    (folder / "adapter_model.safetensors").write_bytes(weights)
-    return folder
+@functools.cache
+def served_dims() -> BaseDims:
+    """The layer dims of the bundled base model the ``serve``d app prepares."""
+    return BaseDims.from_model_dir(bundled_model_dir(Settings().models_dir))
+
+
+def write_adapter_files(folder: Path, seed: int = 0) -> Path:
+    """A valid rank-1 ``q_proj`` adapter for the bundled model (distinct per ``seed``)."""
+    return write_random_adapter(
+        folder, served_dims(), rank=1, alpha=2, targets=["q_proj"], seed=seed
+    )
 
 
 @pytest.fixture
 def adapters_root(tmp_path: Path) -> Path:
     """An adapters folder holding ``sales`` and ``support``."""
     root = tmp_path / "adapters"
-    write_adapter_files(root / "sales", b"sales weights")
-    write_adapter_files(root / "support", b"support weights")
+    write_adapter_files(root / "sales", seed=1)
+    write_adapter_files(root / "support", seed=2)
     return root
 
 
@@ -117,14 +125,13 @@ def escapes(adapters_root: Path) -> Path:
     ``../outside/evil``, ``team/sales`` below it, and the symlinks ``link`` (to
     ``../outside/evil``) and ``sneaky/adapter_model.safetensors`` leading out of it."""
     parent, outside = adapters_root.parent, adapters_root.parent / "outside" / "evil"
-    write_adapter_files(outside, b"evil")
-    write_adapter_files(adapters_root / "team" / "sales", b"nested")
-    (parent / "adapter_config.json").write_text("{}")
-    (parent / "adapter_model.safetensors").write_bytes(b"parent")
+    write_adapter_files(outside, seed=3)
+    write_adapter_files(adapters_root / "team" / "sales", seed=4)
+    write_adapter_files(parent, seed=5)
     (adapters_root / "link").symlink_to(outside, target_is_directory=True)
     sneaky = adapters_root / "sneaky"
     sneaky.mkdir()
-    (sneaky / "adapter_config.json").write_text("{}")
+    shutil.copy(outside / "adapter_config.json", sneaky)
     (sneaky / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
     return adapters_root
 

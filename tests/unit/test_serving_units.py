@@ -1,4 +1,4 @@
-"""Pure logic of serving: LoRA id allocation, the folder source, request schemas, fallback."""
+"""Pure logic of serving: LoRA id allocation, request schemas, fallback."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from loraplex.adapter_sources import FolderAdapterSource
 from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.lora_ids import LoraIdAllocator
-from loraplex.errors import IncompatibleAdapter, NotFound
+from loraplex.errors import IncompatibleAdapter
 from loraplex.server.metrics import Metrics
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.server.service import Service, new_request_id
@@ -34,54 +33,6 @@ def test_lora_ids_unique_and_stable_across_threads() -> None:
         t.join()
     assert sorted({ids.id_for(f"a@v{i}") for i in range(50)}) == list(range(1, 51))
     assert ids.known("never") is None
-
-
-def make_adapter(root: Path, name: str, weights: bytes) -> None:
-    (root / name).mkdir(parents=True)
-    (root / name / "adapter_config.json").write_text("{}")
-    (root / name / "adapter_model.safetensors").write_bytes(weights)
-
-
-def test_folder_source_versions_follow_content(tmp_path: Path) -> None:
-    make_adapter(tmp_path, "sales", b"one")
-    source = FolderAdapterSource(tmp_path)
-    first = source.resolve("sales")
-    assert first.version.startswith("sales@sha-") and source.resolve(first.version) == first
-    (tmp_path / "sales" / "adapter_model.safetensors").write_bytes(b"two!")
-    assert source.resolve("sales").version != first.version
-    assert source.names() == ["sales"]
-
-
-@pytest.mark.parametrize("model", ["Sales", "sales@v2", "sales@sha-000000000000", "missing"])
-def test_folder_source_refuses_unknown(tmp_path: Path, model: str) -> None:
-    make_adapter(tmp_path, "sales", b"one")
-    with pytest.raises(NotFound):
-        FolderAdapterSource(tmp_path).resolve(model)
-
-
-@pytest.mark.parametrize(
-    "model",
-    ["..", "../outside/evil", "../outside/evil@v1", "team/sales", "sales\x00", "{outside}"],
-)
-def test_folder_source_refuses_paths_to_real_adapters(escapes: Path, model: str) -> None:
-    model = model.format(outside=escapes.parent / "outside" / "evil")
-    with pytest.raises(NotFound, match="is not a valid adapter name"):
-        FolderAdapterSource(escapes).resolve(model)
-
-
-@pytest.mark.parametrize("model", ["link", "sneaky"])
-def test_folder_source_refuses_symlinks_out_of_its_root(escapes: Path, model: str) -> None:
-    source = FolderAdapterSource(escapes)
-    with pytest.raises(NotFound, match="does not exist"):
-        source.resolve(model)
-    assert source.names() == ["sales", "support"]
-
-
-def test_folder_source_follows_symlinks_that_stay_inside(escapes: Path) -> None:
-    (escapes / "alias").symlink_to(escapes / "sales", target_is_directory=True)
-    source = FolderAdapterSource(escapes)
-    assert source.resolve("alias").version.startswith("alias@sha-")
-    assert source.names() == ["alias", "sales", "support"]
 
 
 def test_request_ids_are_unique() -> None:

@@ -37,7 +37,6 @@ from loraplex.adapters import (
 from loraplex.config import Settings
 from loraplex.errors import NotFound
 from loraplex.registry.accounts import Accounts
-from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import BlobStore, open_blob_store, sha256_file
 from loraplex.registry.catalog import Catalog
@@ -231,14 +230,7 @@ def base_spec(settings: Settings) -> BaseSpec:
         raise NotFound(
             f"The base model {base_dir} is not prepared; run `loraplex model prepare` first."
         )
-    info = describe(base_dir)
-    return BaseSpec(
-        fingerprint=info.fingerprint,
-        dims=BaseDims.from_model_dir(info.path),
-        name=info.name,
-        max_rank=settings.max_lora_rank,
-        max_bytes=settings.max_adapter_mb * 2**20,
-    )
+    return BaseSpec.of(describe(base_dir), settings)
 
 
 def open_registry(settings: Settings | None = None) -> Registry:

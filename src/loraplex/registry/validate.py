@@ -13,12 +13,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplex.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_name
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter, TooLarge
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.tensorfile import FLOAT_DTYPES, nonfinite_tensors, read_header
+
+if TYPE_CHECKING:
+    from loraplex.basemodel import BaseModelInfo
+    from loraplex.config import Settings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_JSON_BYTES = 1 << 20
@@ -44,6 +48,17 @@ class BaseSpec:
     name: str = "base"
     max_rank: int = 64
     max_bytes: int = 1 << 30
+
+    @classmethod
+    def of(cls, info: BaseModelInfo, settings: Settings) -> BaseSpec:
+        """The spec of a prepared base, with the rank and size limits of ``settings``."""
+        return cls(
+            fingerprint=info.fingerprint,
+            dims=BaseDims.from_model_dir(info.path),
+            name=info.name,
+            max_rank=settings.max_lora_rank,
+            max_bytes=settings.max_adapter_mb * 2**20,
+        )
 
 
 @dataclass(frozen=True)
@@ -152,7 +167,7 @@ def _check_manifest(manifest: dict[str, Any], base: BaseSpec) -> None:
     if trained_on is not None and trained_on != base.fingerprint:
         raise IncompatibleAdapter(
             f"Adapter was trained on a different base model (fingerprint {str(trained_on)[:12]}), "
-            f"this registry serves {base.name} (fingerprint {base.fingerprint[:12]}); "
+            f"the base here is {base.name} (fingerprint {base.fingerprint[:12]}); "
             "retrain it on this base."
         )
 

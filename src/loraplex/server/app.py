@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 
-from loraplex.adapter_sources import FolderAdapterSource, registry_source
+from loraplex.adapter_sources import folder_source, registry_source
 from loraplex.adapters import AdapterSource
 from loraplex.basemodel import BaseModelInfo, prepare
 from loraplex.config import Settings
@@ -51,7 +51,7 @@ def vllm_engine_factory(settings: Settings, model_dir: Path) -> Engine:
 def default_source(settings: Settings, base: BaseModelInfo) -> AdapterSource:
     """A plain adapters folder when ``adapters_dir`` is set, else the registry."""
     if settings.adapters_dir is not None:
-        return FolderAdapterSource(settings.adapters_dir)
+        return folder_source(settings.adapters_dir, settings, base)
     return registry_source(settings, base)
 
 
