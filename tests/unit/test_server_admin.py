@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 ADMIN_KEY = "admin-secret"
+DORA_REFUSED = "Adapter 'sales' is refused: adapter_config.json uses DoRA, which vLLM cannot serve."
 
 
 async def version_of(client: httpx.AsyncClient, name: str) -> str:
@@ -78,6 +79,29 @@ async def test_admin_load_pin_unload_and_residency(serve: Serve, engine: FakeEng
         assert listing["loaded"] == [{"version": support, "residency": "pinned"}]
         missing = await client.post("/admin/adapters/nope/load", headers=admin())
         assert_error(missing, 404, "model_not_found")
+
+
+async def test_an_invalid_folder_adapter_fails_alone_before_the_engine(
+    serve: Serve, engine: FakeEngine, adapters_root: Path
+) -> None:
+    config = adapters_root / "sales" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"use_dora": false', '"use_dora": true'))
+    async with serve(admin_key=ADMIN_KEY) as client:
+        for path in ("/v1/chat/completions", "/admin/adapters/sales/load"):
+            body = chat("sales") if path.startswith("/v1") else None
+            response = await client.post(path, json=body, headers=admin())
+            message = assert_error(response, 400, "invalid_adapter")
+            assert message == DORA_REFUSED
+        listing = (await client.get("/admin/adapters", headers=admin())).json()["adapters"]
+        assert listing[0] == {
+            "name": "sales",
+            "version": None,
+            "residency": "refused",
+            "error": message,
+        }
+        assert (await client.post("/v1/chat/completions", json=chat("support"))).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+    assert engine.loads == [listing[1]["version"]]
 
 
 # ---- health and readiness

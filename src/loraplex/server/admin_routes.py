@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from loraplex.adapters import ResolvedAdapter
-from loraplex.errors import Unavailable
+from loraplex.errors import Conflict, InvalidRequest, TooLarge, Unavailable
 from loraplex.server.service import Service
 
 
@@ -56,12 +56,19 @@ async def pin(model: str, request: Request) -> dict[str, Any]:
 
 @router.get("/adapters")
 async def adapters(request: Request) -> dict[str, Any]:
-    """Every servable adapter with the version it resolves to and where it lives now."""
+    """Every servable adapter with the version it resolves to and where it lives now; one
+    that fails its checks is listed with ``version`` null and the ``error`` a request gets."""
     service: Service = request.app.state.service
     residency = service.engine.residency()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in await asyncio.to_thread(service.source.names):
-        version = (await _resolve(request, name))[1].version
+        try:
+            version = (await _resolve(request, name))[1].version
+        except (InvalidRequest, Conflict, TooLarge) as exc:
+            rows.append(
+                {"name": name, "version": None, "residency": "refused", "error": exc.message}
+            )
+            continue
         rows.append({"name": name, "version": version, "residency": residency.get(version, "cold")})
     loaded = [{"version": v, "residency": where} for v, where in residency.items()]
     return {"adapters": rows, "loaded": loaded}
