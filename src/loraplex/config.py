@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         None, description="Serve PEFT adapters from this plain folder instead of the registry."
     )
     max_request_bytes: int = Field(1_000_000, ge=1, description="Largest request body, bytes.")
+    # --- bad input (issue 11): the request head's size is capped in the parser and the app
+    max_header_bytes: int = Field(
+        32_768, ge=1024, description="Largest request target + headers, bytes (413 past it)."
+    )
 
     # --- per-request caps and fair admission ---
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask.")

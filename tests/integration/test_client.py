@@ -8,6 +8,7 @@ not answer those on demand).
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import pytest
@@ -68,9 +69,10 @@ def test_unknown_adapter_is_a_typed_404_and_never_falls_back(server) -> None:
 def test_broken_adapter_falls_back_to_base_only_when_asked(server, adapters_dir) -> None:
     broken = adapters_dir / "client-broken"
     broken.mkdir(exist_ok=True)
-    shutil.copy(adapters_dir / "random2" / "adapter_config.json", broken)
-    data = (adapters_dir / "random2" / "adapter_model.safetensors").read_bytes()
-    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    shutil.copy(adapters_dir / "random2" / "adapter_model.safetensors", broken)
+    config = json.loads((adapters_dir / "random2" / "adapter_config.json").read_text())
+    # rank 4 in the config, 8 in the tensors: shapes that do not fit the base (409)
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
     try:
         with Client(server.url, retry=RetryPolicy(max_retries=1)) as client:
             with pytest.raises(IncompatibleAdapterError):

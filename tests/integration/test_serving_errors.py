@@ -99,7 +99,8 @@ def test_broken_adapter_fails_alone(server, adapters_dir) -> None:
     (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
     try:
         response = httpx.post(server.url + "/v1/chat/completions", json=chat("broken"), timeout=120)
-        assert_error(response, 409, "adapter_incompatible")
+        error = assert_error(response, 400, "invalid_adapter")
+        assert "is not a valid safetensors file" in error["message"]
         assert_still_serving(server.url)
         assert httpx.get(server.url + "/ready", timeout=30).status_code == 200
     finally:

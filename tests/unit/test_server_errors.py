@@ -155,6 +155,25 @@ async def test_a_chunked_body_within_the_limit_is_served(serve: Serve) -> None:
     assert response.json()["choices"][0]["text"] == "hello"
 
 
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/v1/completions", {"x-big": "a" * 3000}),
+        ("/v1/completions", {f"x-h{i}": "a" for i in range(400)}),
+        ("/v1/completions?" + "q" * 3000, {}),
+        ("/health", {"x-big": "a" * 3000}),
+    ],
+)
+async def test_headers_over_the_limit_are_413(
+    serve: Serve, engine: FakeEngine, path: str, headers: dict[str, str]
+) -> None:
+    async with serve(max_header_bytes=2048) as client:
+        response = await client.post(path, json={"model": "sales", "prompt": "x"}, headers=headers)
+        assert "the limit is 2048" in assert_error(response, 413, "too_large")
+        assert (await client.get("/health", headers={"x-small": "a" * 1000})).status_code == 200
+    assert not engine.generations
+
+
 # ---- fallback: only where the adapter's policy allows it, and labelled
 
 

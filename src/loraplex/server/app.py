@@ -26,6 +26,7 @@ from loraplex.server import admin_routes, health, openai_routes
 from loraplex.server.auth import Authenticator
 from loraplex.server.body_limit import BodyLimit
 from loraplex.server.errors import install_error_handlers
+from loraplex.server.header_limit import HeaderLimit
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.service import Service
@@ -118,7 +119,8 @@ def create_app(
             metrics.requests.labels(route.path, adapter, str(response.status_code)).inc()
         return response
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # outermost: added last
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # outermost: added last
     app.include_router(openai_routes.router)
     app.include_router(health.router)
     app.include_router(admin_routes.router)

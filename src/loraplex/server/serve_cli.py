@@ -140,7 +140,13 @@ def serve_command(**flags: Any) -> None:
 
     from loraplex.server.app import create_app
 
-    config = uvicorn.Config(create_app(settings), log_level="info")
+    # h11, not httptools: h11 stops buffering a request head past the limit (httptools has none)
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="info",
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
