@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from loraplex.adapters import (
     CONFIG_FILE,
     DEFAULT_ALIAS,
+    MANIFEST_FILE,
     NAME_RE,
     WEIGHTS_FILE,
     MayUse,
@@ -87,7 +88,9 @@ class FolderAdapterSource:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if NAME_RE.fullmatch(p.name) and self._adapter_folder(p.name) is not None
+            if NAME_RE.fullmatch(p.name)
+            and self._adapter_folder(p.name) is not None
+            and all((p / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE))
         )
 
     def check(self) -> None:
@@ -96,14 +99,14 @@ class FolderAdapterSource:
         next(self.root.iterdir(), None)
 
     def _adapter_folder(self, name: str) -> Path | None:
-        """``root/name`` if it holds both adapter files and, symlinks followed, they and
-        the folder stay inside the root; else None."""
+        """``root/name`` if it is a folder that, symlinks followed, stays inside the root,
+        as do the adapter files it has; else None (what it lacks is for the checks to say)."""
         folder = self.root / name
-        files = (folder / WEIGHTS_FILE, folder / CONFIG_FILE)
-        if not all(f.is_file() for f in files):
+        if not folder.is_dir():
             return None
         root = self.root.resolve()
-        if not all(p.resolve().is_relative_to(root) for p in (folder, *files)):
+        files = [folder / f for f in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)]
+        if not all(p.resolve().is_relative_to(root) for p in (folder, *files) if p.exists()):
             return None
         return folder
 

@@ -128,6 +128,16 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[Path], None], type[LoraplexError], str]]
         InvalidAdapter,
         "holds pickle weights (adapter_model.bin)",
     ),
+    "pickle-only": (
+        lambda f: (f / WEIGHTS_FILE).rename(f / "adapter_model.bin"),
+        InvalidAdapter,
+        "holds pickle weights (adapter_model.bin)",
+    ),
+    "no-weights": (
+        lambda f: (f / WEIGHTS_FILE).unlink(),
+        InvalidAdapter,
+        "its folder has no adapter_model.safetensors",
+    ),
     "header-2-63": (
         lambda f: _raw_weights(f, {}, b"", length=2**63),
         InvalidAdapter,
