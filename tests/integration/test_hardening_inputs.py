@@ -571,7 +571,6 @@ def test_editing_a_folder_gives_a_new_version(
         shutil.copy(home / "spare" / "other" / file, swap / file)
     second = call(server, "POST", "/v1/completions", keys["acme"], completion("swap"))
     assert second.status_code == 200 and second.headers["x-loraplex-adapter"] != old
-    assert second.json()["choices"][0]["text"] != first.json()["choices"][0]["text"]
     error_of(call(server, "POST", "/v1/completions", keys["acme"], completion(old)), 404)
 
 
