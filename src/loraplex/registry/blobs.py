@@ -63,9 +63,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def copy_verified(
-    source: BinaryIO, dest: Path, digest: str, deadline: float | None = None
-) -> None:
+def copy_verified(source: BinaryIO, dest: Path, digest: str, deadline: float | None = None) -> None:
     """Copy a stream to ``dest`` atomically; ``Unavailable`` if its sha256 is not ``digest``
     or the copy is still running at ``deadline`` (a ``time.monotonic()`` value)."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")

@@ -136,9 +136,7 @@ def transaction(
 
 
 def _pool_exhausted() -> Unavailable:
-    return Unavailable(
-        "Every registry database connection is busy; retry shortly.", retry_after=1
-    )
+    return Unavailable("Every registry database connection is busy; retry shortly.", retry_after=1)
 
 
 def ping(engine: Engine) -> None:

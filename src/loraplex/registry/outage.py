@@ -107,8 +107,7 @@ class BoundedCaller:
 
     def _unavailable(self, now: float) -> Unavailable:
         return Unavailable(
-            f"{self.what} is unreachable ({self._error}; down for "
-            f"{now - self._down_since:.0f} s).",
+            f"{self.what} is unreachable ({self._error}; down for {now - self._down_since:.0f} s).",
             retry_after=self.retry_seconds,
         )
 
