@@ -225,8 +225,7 @@ def test_pool_exhaustion_is_unavailable_not_a_crash(tmp_path: Path) -> None:
     engine = create_engine(
         f"sqlite:///{tmp_path / 'db'}", pool_size=1, max_overflow=0, pool_timeout=0.1
     )
-    with engine.connect():
-        with pytest.raises(Unavailable, match="connection is busy") as busy:
-            read(engine, lambda conn: conn.execute(text("SELECT 1")).scalar_one())
+    with engine.connect(), pytest.raises(Unavailable, match="connection is busy") as busy:
+        read(engine, lambda conn: conn.execute(text("SELECT 1")).scalar_one())
     assert busy.value.retry_after == 1
     engine.dispose()
