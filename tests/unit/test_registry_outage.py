@@ -4,6 +4,7 @@ calls with outage memory, last-known-good answers, pool exhaustion as 503."""
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from loraplex.adapter_sources import RegistryAdapterSource
 from loraplex.errors import NotFound, Unavailable
 from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blob_cache import BlobCache
-from loraplex.registry.blobs import LocalBlobStore
+from loraplex.registry.blobs import LocalBlobStore, copy_verified
 from loraplex.registry.database import read
 from loraplex.registry.outage import BoundedCaller, LastKnownGood
 from loraplex.registry.registry import Registry
@@ -229,3 +230,19 @@ def test_pool_exhaustion_is_unavailable_not_a_crash(tmp_path: Path) -> None:
         read(engine, lambda conn: conn.execute(text("SELECT 1")).scalar_one())
     assert busy.value.retry_after == 1
     engine.dispose()
+
+
+# ---- downloads that go wrong
+
+
+def test_a_truncated_or_late_download_is_unavailable_and_leaves_nothing(tmp_path: Path) -> None:
+    content = b"x" * 5000
+    digest = hashlib.sha256(content).hexdigest()
+    dest = tmp_path / "out"
+    with pytest.raises(Unavailable, match="truncated: 2500 of 5000 bytes"):
+        copy_verified(io.BytesIO(content[:2500]), dest, digest, size=5000)
+    with pytest.raises(Unavailable, match="still arriving at its deadline"):
+        copy_verified(io.BytesIO(content), dest, digest, deadline=time.monotonic() - 1)
+    assert list(tmp_path.iterdir()) == []
+    copy_verified(io.BytesIO(content), dest, digest, deadline=time.monotonic() + 60, size=5000)
+    assert dest.read_bytes() == content

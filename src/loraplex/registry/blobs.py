@@ -63,11 +63,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def copy_verified(source: BinaryIO, dest: Path, digest: str, deadline: float | None = None) -> None:
-    """Copy a stream to ``dest`` atomically; ``Unavailable`` if its sha256 is not ``digest``
-    or the copy is still running at ``deadline`` (a ``time.monotonic()`` value)."""
+def copy_verified(
+    source: BinaryIO,
+    dest: Path,
+    digest: str,
+    deadline: float | None = None,
+    size: int | None = None,
+) -> None:
+    """Copy a stream to ``dest`` atomically; ``Unavailable`` if it ends before ``size``
+    bytes, its sha256 is not ``digest``, or the copy is still running at ``deadline`` (a
+    ``time.monotonic()`` value)."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     hasher = hashlib.sha256()
+    received = 0
     try:
         with tmp.open("wb") as out:
             while chunk := source.read(_CHUNK):
@@ -78,8 +86,13 @@ def copy_verified(source: BinaryIO, dest: Path, digest: str, deadline: float | N
                     )
                 hasher.update(chunk)
                 out.write(chunk)
+                received += len(chunk)
             out.flush()
             os.fsync(out.fileno())
+        if size is not None and received != size:
+            raise Unavailable(
+                f"Blob {digest[:12]} arrived truncated: {received} of {size} bytes; retry later."
+            )
         if hasher.hexdigest() != digest:
             raise Unavailable(
                 f"Content for blob {digest[:12]} arrived with sha256 {hasher.hexdigest()[:12]}: "

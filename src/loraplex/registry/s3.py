@@ -81,9 +81,9 @@ class S3BlobStore:
             raise Unavailable(f"Cannot read {self.url}: {exc}; retry later.") from exc
         try:
             with response["Body"] as body:
-                copy_verified(body, dest, digest, deadline)
-        except Unavailable:
-            raise
+                copy_verified(body, dest, digest, deadline, response.get("ContentLength"))
+        except Unavailable as exc:
+            raise Unavailable(f"Reading from {self.url}: {exc.message}") from exc
         except Exception as exc:  # noqa: BLE001 - truncated body, read timeout, reset...
             raise Unavailable(
                 f"Reading blob {digest[:12]} from {self.url} failed: {exc}; retry later."
