@@ -29,6 +29,8 @@ import httpx
 import pytest
 
 from loraplex.config import Settings
+from loraplex.errors import Unavailable
+from loraplex.registry.catalog import Catalog
 from loraplex.registry.registry import Registry, open_registry
 from loraplex.testing.bystander import Bystander
 from loraplex.testing.launcher import RunningServer, loraplex_server, reserved_port, server_env
@@ -291,6 +293,27 @@ def test_concurrent_cold_requests_download_a_version_once(
 
 
 # ---- PostgreSQL faults
+
+
+def test_postgres_waits_are_bounded_and_an_exhausted_pool_is_unavailable(
+    postgres: tuple[Postgres, str],
+) -> None:
+    catalog = Catalog(postgres[1], timeout=REGISTRY_TIMEOUT)
+    try:
+        with catalog.engine.connect() as conn:
+            shown = conn.exec_driver_sql("SHOW statement_timeout").scalar_one()
+        assert shown == f"{REGISTRY_TIMEOUT}s"
+        held = [catalog.engine.connect() for _ in range(10)]  # pool_size 5 + max_overflow 5
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="connection is busy") as busy:
+            catalog.check()
+        assert time.monotonic() - started < 3 * REGISTRY_TIMEOUT
+        assert busy.value.retry_after == 1
+        for conn in held:
+            conn.close()
+        catalog.check()
+    finally:
+        catalog.close()
 
 
 def test_postgres_stopped_keeps_serving_what_is_resolved(
