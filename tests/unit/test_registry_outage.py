@@ -21,6 +21,7 @@ from loraplex.registry.database import read
 from loraplex.registry.outage import BoundedCaller, LastKnownGood
 from loraplex.registry.registry import Registry
 from loraplex.registry.single_flight import SingleFlight
+from loraplex.server.health import REGISTRY_WAIT_SECONDS, registry_state
 from loraplex.testing.random_adapters import write_random_adapter
 
 
@@ -246,3 +247,27 @@ def test_a_truncated_or_late_download_is_unavailable_and_leaves_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
     copy_verified(io.BytesIO(content), dest, digest, deadline=time.monotonic() + 60, size=5000)
     assert dest.read_bytes() == content
+
+
+# ---- /ready's report
+
+
+class SlowSource:
+    def __init__(self, error: Exception | None = None, seconds: float = 0.0) -> None:
+        self.error, self.seconds = error, seconds
+
+    def check(self) -> None:
+        time.sleep(self.seconds)
+        if self.error:
+            raise self.error
+
+
+@pytest.mark.anyio
+async def test_ready_reports_the_registry_state_without_waiting_on_a_hung_one() -> None:
+    assert await registry_state(SlowSource()) == {"ok": True}
+    down = Unavailable("The registry database is unreachable (connection refused).")
+    assert await registry_state(SlowSource(down)) == {"ok": False, "error": down.message}
+    started = time.monotonic()
+    hung = await registry_state(SlowSource(seconds=REGISTRY_WAIT_SECONDS + 2))
+    assert hung == {"ok": False, "error": f"no answer within {REGISTRY_WAIT_SECONDS:g} s"}
+    assert time.monotonic() - started < REGISTRY_WAIT_SECONDS + 1.5

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -43,20 +43,14 @@ def make_engine(url: str, timeout: float | None = None) -> Engine:
     bounds PostgreSQL connects, statements and pool checkouts."""
     url = normalize_url(url)
     if not url.startswith("sqlite"):
-        if timeout is None:
-            return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-        connect_args = {
-            "connect_timeout": max(2, math.ceil(timeout)),  # libpq: whole seconds, at least 2
-            "options": f"-c statement_timeout={math.ceil(timeout * 1000)}",
-        }
-        return create_engine(
-            url,
-            pool_pre_ping=True,
-            pool_size=5,
-            max_overflow=5,
-            pool_timeout=timeout,
-            connect_args=connect_args,
-        )
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5}
+        if timeout is not None:
+            options["pool_timeout"] = timeout
+            options["connect_args"] = {
+                "connect_timeout": max(2, math.ceil(timeout)),  # libpq: whole seconds, >= 2
+                "options": f"-c statement_timeout={math.ceil(timeout * 1000)}",
+            }
+        return create_engine(url, **options)
     database = url.split("///", 1)[-1]
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from loraplex.errors import LoraplexError, Unavailable
 
 router = APIRouter()
+REGISTRY_WAIT_SECONDS = 1.0
+"""Longest ``/ready`` waits for the registry's state (probes have short timeouts)."""
 
 
 @router.get("/health")
@@ -37,15 +39,18 @@ async def ready(request: Request) -> dict[str, Any]:
     return {
         "status": "ready",
         "model": service.base_name,
-        "registry": await asyncio.to_thread(registry_state, service.source),
+        "registry": await registry_state(service.source),
     }
 
 
-def registry_state(source: Any) -> dict[str, Any]:
+async def registry_state(source: Any) -> dict[str, Any]:
     """``{"ok": True}``, or ``{"ok": False, "error": why}`` when the adapter source (registry
-    database and blob store, or folder) cannot be read; bounded by the source's timeouts."""
+    database and blob store, or folder) cannot be read, or gives no answer within
+    ``REGISTRY_WAIT_SECONDS`` (the check goes on in the background, bounded by the source)."""
     try:
-        source.check()
+        await asyncio.wait_for(asyncio.to_thread(source.check), REGISTRY_WAIT_SECONDS)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {REGISTRY_WAIT_SECONDS:g} s"}
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         message = exc.message if isinstance(exc, LoraplexError) else str(exc)
         return {"ok": False, "error": message}
