@@ -8,8 +8,11 @@ checks its own snapshot; the registry checked at push).
 
 The registry source looks the alias up again on every ``resolve``, so a promote or rollback
 is seen by every server at once; a version recorded against another base model, or above
-this server's rank limit, is refused (409) before it reaches the engine. ``resolve`` does
-blocking I/O (files, database, maybe a download): call it from a worker thread in async code.
+this server's rank limit, is refused (409) before it reaches the engine. Each lookup is
+bounded in time; while the registry is down, what this server resolved in the last
+``stale_seconds`` is served from memory and anything else is a 503 at once (``outage.py``).
+``resolve`` does blocking I/O (files, database, maybe a download): call it from a worker
+thread in async code.
 """
 
 from __future__ import annotations
@@ -38,12 +41,15 @@ from loraplex.errors import (
     LoraplexError,
     NotFound,
     TooLarge,
+    Unavailable,
 )
+from loraplex.registry.outage import BoundedCaller, LastKnownGood
 from loraplex.registry.validate import BaseSpec, collect_files, validate_adapter
 
 if TYPE_CHECKING:
     from loraplex.basemodel import BaseModelInfo
     from loraplex.config import Settings
+    from loraplex.registry.models import VersionRecord
     from loraplex.registry.registry import Registry
 
 
@@ -186,15 +192,26 @@ class RegistryAdapterSource:
     """Adapters served from the registry, by ``N``, ``N:alias`` or ``N@vK``."""
 
     def __init__(
-        self, registry: Registry, base_fingerprint: str | None = None, max_rank: int | None = None
+        self,
+        registry: Registry,
+        base_fingerprint: str | None = None,
+        max_rank: int | None = None,
+        *,
+        timeout: float = 5.0,
+        retry_seconds: float = 1.0,
+        stale_seconds: float = 300.0,
+        blob_timeout: float = 10.0,
     ) -> None:
         self.registry = registry
         self.base_fingerprint = base_fingerprint
         self.max_rank = max_rank
+        self.database = BoundedCaller("The registry database", timeout, retry_seconds)
+        self.storage = BoundedCaller("The blob store", blob_timeout, retry_seconds)
+        self.known: LastKnownGood[VersionRecord] = LastKnownGood(stale_seconds)
 
     def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
         """The version ``model`` names now, with a local folder holding its files."""
-        version = self.registry.resolve(model)
+        version = self._lookup(model)
         if not may_use(version.tenant):
             raise unknown_model(model)
         if self.base_fingerprint and version.base_fingerprint != self.base_fingerprint:
@@ -216,21 +233,62 @@ class RegistryAdapterSource:
             fallback_to_base=version.fallback_to_base,
         )
 
+    def _lookup(self, model: str) -> VersionRecord:
+        """The version ``model`` names: from the registry, or its last-known-good answer
+        while the registry is down."""
+        try:
+            version = self.database.call(lambda: self.registry.resolve(model))
+        except NotFound:
+            self.known.drop(model)
+            raise
+        except Unavailable as exc:
+            known = self.known.get(model)
+            if known is None:
+                raise Unavailable(
+                    f"'{model}' cannot be resolved now: {exc.message} It was not resolved on "
+                    f"this server in the last {self.known.max_age:g} s, so it is served again "
+                    "once the registry is back; the base model and recently used adapters "
+                    "still are.",
+                    retry_after=exc.retry_after,
+                ) from exc
+            return known
+        self.known.put(model, version)
+        return version
+
     def names(self, may_use: MayUse = anyone) -> list[str]:
         """Names with a ``stable`` alias (what a bare ``N`` serves) the caller may use."""
         return [
             record.name
-            for record in self.registry.catalog.adapters()
+            for record in self.database.call(self.registry.catalog.adapters)
             if DEFAULT_ALIAS in record.aliases and may_use(record.tenant)
         ]
 
     def check(self) -> None:
-        """Raise ``Unavailable`` unless the catalog and blob store answer."""
-        self.registry.check()
+        """Raise ``Unavailable`` unless the catalog and blob store answer (each in bounded
+        time, and at once while known to be down)."""
+        errors = []
+        for caller, probe in (
+            (self.database, self.registry.catalog.check),
+            (self.storage, self.registry.blobs.check),
+        ):
+            try:
+                caller.call(probe)
+            except Unavailable as exc:
+                errors.append(exc.message)
+        if errors:
+            raise Unavailable(" ".join(errors), retry_after=self.database.retry_seconds)
 
 
 def registry_source(settings: Settings, base: BaseModelInfo) -> RegistryAdapterSource:
     """Source factory for the server app: the configured registry, checked against ``base``."""
     from loraplex.registry.registry import open_registry
 
-    return RegistryAdapterSource(open_registry(settings), base.fingerprint, settings.max_lora_rank)
+    return RegistryAdapterSource(
+        open_registry(settings),
+        base.fingerprint,
+        settings.max_lora_rank,
+        timeout=settings.registry_timeout_seconds,
+        retry_seconds=settings.registry_retry_seconds,
+        stale_seconds=settings.registry_stale_seconds,
+        blob_timeout=settings.blob_timeout_seconds,
+    )

@@ -121,6 +121,31 @@ class Settings(BaseSettings):
     )
     max_adapter_mb: int = Field(1024, description="Largest adapter (all its files) accepted, MiB.")
 
+    # --- registry and storage faults: bounded waits, last-known-good aliases ---
+    registry_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Longest wait for the registry database: connect, statement, a pooled "
+        "connection, and one lookup as a whole; past it the request gets 503.",
+    )
+    registry_retry_seconds: float = Field(
+        1.0, gt=0, description="How often a server asks a registry it found down again."
+    )
+    registry_stale_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="While the registry is down, an alias or version resolved this long ago "
+        "or less is still served from memory; older ones get 503.",
+    )
+    blob_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="S3 connect and read timeout (a stalled connection fails after this).",
+    )
+    blob_fetch_timeout_seconds: float = Field(
+        120.0, gt=0, description="Longest download of one adapter file from the blob store."
+    )
+
     # --- engine ---
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",

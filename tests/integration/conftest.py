@@ -8,6 +8,7 @@ Fixtures:
 - ``server``: a running server over ``adapters_dir``; ``.url``, ``.base``, ``.admin_key``,
   ``.startup_seconds``, ``.log_tail()``.
 - ``make_random_adapter(path, seed, rank=8)``: a PEFT adapter with random non-zero weights.
+- ``s3_endpoint``: a ``moto_server`` S3 endpoint per module, dummy AWS credentials set.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import pytest
 
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
-from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
+from loraplex.testing.launcher import (
+    RunningServer,
+    loraplex_server,
+    reserved_port,
+    running_server,
+    server_env,
+)
 
 BASE_NAME = "smollm2-135m"
 DEMO_NAMES = ("pirate", "shout")
@@ -99,3 +106,27 @@ def server(
         running.base = BASE_NAME  # type: ignore[attr-defined]
         running.admin_key = ADMIN_KEY  # type: ignore[attr-defined]
         yield running
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server process for this module, with dummy credentials in the environment."""
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
+        "moto_server"
+    )
+    assert moto, "moto_server not found: pip install 'moto[server]'"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            mp.delenv(key, raising=False)
+        with reserved_port() as port:
+            command = [moto, "-H", "127.0.0.1", "-p", str(port)]
+            url = f"http://127.0.0.1:{port}"
+            with running_server(command, log, url=url, ready_path="/", timeout=60):
+                yield url

@@ -5,10 +5,7 @@ reached through the same boto3 code as production (``LORAPLEX_BLOB_URL=s3://...`
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -23,36 +20,11 @@ from loraplex.registry.basedims import BaseDims
 from loraplex.registry.blobs import blob_key
 from loraplex.registry.registry import base_spec, open_registry, registry_url
 from loraplex.registry.s3 import S3BlobStore
-from loraplex.testing.launcher import reserved_port, running_server
 from loraplex.testing.random_adapters import write_random_adapter
 
 pytestmark = pytest.mark.integration
 DIMS = BaseDims(64, 96, 4, 2, 16, 2)
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server process for this module, with dummy credentials in the environment."""
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
-        "moto_server"
-    )
-    assert moto, "moto_server not found: pip install 'moto[server]'"
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-            mp.delenv(key, raising=False)
-        with reserved_port() as port:
-            command = [moto, "-H", "127.0.0.1", "-p", str(port)]
-            url = f"http://127.0.0.1:{port}"
-            with running_server(command, log, url=url, ready_path="/", timeout=60):
-                yield url
 
 
 @pytest.fixture

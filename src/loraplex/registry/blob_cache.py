@@ -4,18 +4,22 @@ Each entry is a folder named by the version's content digest holding the version
 under their PEFT names, so the engine can load it as it is. Files are sha256-verified on
 arrival and the folder appears atomically (rename), so a half-fetched entry is never seen.
 Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
-Entries are immutable: a digest always names the same files. Safe for several processes.
+Entries are immutable: a digest always names the same files. Safe for several processes;
+within one, concurrent requests for a missing entry fetch it once (``SingleFlight``), and
+``fetches`` counts the downloads started.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
 from loraplex.errors import NotFound, Unavailable
 from loraplex.registry.blobs import BlobStore, sha256_file
+from loraplex.registry.single_flight import SingleFlight
 
 
 class BlobCache:
@@ -25,6 +29,9 @@ class BlobCache:
         self.root = root
         self.store = store
         self.max_bytes = max_bytes
+        self.fetches = 0
+        self._count_lock = threading.Lock()
+        self._flight: SingleFlight[Path] = SingleFlight()
 
     def folder(self, content_digest: str, files: dict[str, str]) -> Path:
         """The local folder with ``files`` (PEFT file name -> blob sha256), fetched if needed."""
@@ -32,6 +39,13 @@ class BlobCache:
         if _complete(target, files):
             os.utime(target)
             return target
+        return self._flight.do(content_digest, lambda: self._fetch(target, files))
+
+    def _fetch(self, target: Path, files: dict[str, str]) -> Path:
+        if _complete(target, files):  # a concurrent flight just finished it
+            return target
+        with self._count_lock:
+            self.fetches += 1
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".fetch-{uuid.uuid4().hex}"
         staging.mkdir()

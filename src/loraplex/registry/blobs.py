@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -62,17 +63,36 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def copy_verified(source: BinaryIO, dest: Path, digest: str) -> None:
-    """Copy a stream to ``dest`` atomically; ``Unavailable`` if its sha256 is not ``digest``."""
+def copy_verified(
+    source: BinaryIO,
+    dest: Path,
+    digest: str,
+    deadline: float | None = None,
+    size: int | None = None,
+) -> None:
+    """Copy a stream to ``dest`` atomically; ``Unavailable`` if it ends before ``size``
+    bytes, its sha256 is not ``digest``, or the copy is still running at ``deadline`` (a
+    ``time.monotonic()`` value)."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     hasher = hashlib.sha256()
+    received = 0
     try:
         with tmp.open("wb") as out:
             while chunk := source.read(_CHUNK):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"Blob {digest[:12]} was still arriving at its deadline: the blob "
+                        "store is too slow; retry later."
+                    )
                 hasher.update(chunk)
                 out.write(chunk)
+                received += len(chunk)
             out.flush()
             os.fsync(out.fileno())
+        if size is not None and received != size:
+            raise Unavailable(
+                f"Blob {digest[:12]} arrived truncated: {received} of {size} bytes; retry later."
+            )
         if hasher.hexdigest() != digest:
             raise Unavailable(
                 f"Content for blob {digest[:12]} arrived with sha256 {hasher.hexdigest()[:12]}: "
@@ -118,12 +138,21 @@ class LocalBlobStore:
             raise Unavailable(f"Blob folder {self.root} cannot be read.")
 
 
-def open_blob_store(url: str, *, s3_endpoint_url: str | None = None) -> BlobStore:
-    """A store from a URL: ``s3://bucket/prefix``, ``file:///path`` or a plain path."""
+def open_blob_store(
+    url: str,
+    *,
+    s3_endpoint_url: str | None = None,
+    timeout: float = 10.0,
+    fetch_timeout: float = 120.0,
+) -> BlobStore:
+    """A store from a URL: ``s3://bucket/prefix``, ``file:///path`` or a plain path.
+    ``timeout`` bounds an S3 connect or read; ``fetch_timeout`` one whole download."""
     if url.startswith("s3://"):
         from loraplex.registry.s3 import S3BlobStore
 
-        return S3BlobStore.from_url(url, endpoint_url=s3_endpoint_url)
+        return S3BlobStore.from_url(
+            url, endpoint_url=s3_endpoint_url, timeout=timeout, fetch_timeout=fetch_timeout
+        )
     path = Path(url.removeprefix("file://")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return LocalBlobStore(path)

@@ -31,8 +31,8 @@ from loraplex.registry.models import (
 class Catalog:
     """Adapter metadata in SQLite (default) or PostgreSQL."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
+    def __init__(self, url: str, timeout: float | None = None) -> None:
+        self.engine = make_engine(url, timeout)
         self.url = self.engine.url.render_as_string(hide_password=True)
         ensure_schema(self.engine)
 

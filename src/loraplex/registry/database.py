@@ -4,19 +4,23 @@ SQLite (the default, a file under LORAPLEX_HOME) gets WAL, a busy timeout, forei
 ``BEGIN IMMEDIATE`` for writes, so that writers from several processes queue instead of
 failing on lock upgrade; reads use a plain deferred ``BEGIN``. PostgreSQL URLs use psycopg 3.
 ``transaction`` retries a write when a concurrent writer won a race (unique violation,
-lock timeout, serialization failure), so no push or promote is lost. No queries live here.
+lock timeout, serialization failure), so no push or promote is lost. With a ``timeout``,
+PostgreSQL connects, statements and waits for a pooled connection are bounded by it, and a
+pool that stays exhausted is ``Unavailable`` (503), not a crash. No queries live here.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from loraplex.errors import Conflict, Unavailable
 from loraplex.registry import tables
@@ -34,11 +38,19 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` with the locking behaviour described above."""
+def make_engine(url: str, timeout: float | None = None) -> Engine:
+    """An engine for ``url`` with the locking behaviour described above; ``timeout`` (seconds)
+    bounds PostgreSQL connects, statements and pool checkouts."""
     url = normalize_url(url)
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5}
+        if timeout is not None:
+            options["pool_timeout"] = timeout
+            options["connect_args"] = {
+                "connect_timeout": max(2, math.ceil(timeout)),  # libpq: whole seconds, >= 2
+                "options": f"-c statement_timeout={math.ceil(timeout * 1000)}",
+            }
+        return create_engine(url, **options)
     database = url.split("///", 1)[-1]
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +96,9 @@ def read(engine: Engine, fn: Callable[[Connection], T]) -> T:
     try:
         with engine.execution_options(**{_READ: True}).begin() as conn:
             return fn(conn)
-    except OperationalError as exc:
+    except PoolTimeout as exc:
+        raise _pool_exhausted() from exc
+    except (OperationalError, InterfaceError) as exc:
         raise Unavailable(f"The registry database cannot be read: {exc.orig}") from exc
 
 
@@ -101,6 +115,8 @@ def transaction(
         try:
             with engine.begin() as conn:
                 return fn(conn)
+        except PoolTimeout as exc:
+            raise _pool_exhausted() from exc
         except retry_on as exc:
             if attempt == attempts - 1:
                 if isinstance(exc, IntegrityError):
@@ -111,6 +127,10 @@ def transaction(
                 raise Unavailable(f"The registry database is busy or unreachable: {exc}") from exc
             time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
     raise AssertionError("unreachable")
+
+
+def _pool_exhausted() -> Unavailable:
+    return Unavailable("Every registry database connection is busy; retry shortly.", retry_after=1)
 
 
 def ping(engine: Engine) -> None:

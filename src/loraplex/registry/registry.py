@@ -236,16 +236,23 @@ def base_spec(settings: Settings) -> BaseSpec:
 def open_registry(settings: Settings | None = None) -> Registry:
     """The registry configured by ``settings`` (default: from the environment)."""
     settings = settings or Settings()
-    blobs = open_blob_store(blob_url(settings), s3_endpoint_url=settings.s3_endpoint_url)
+    blobs = open_blob_store(
+        blob_url(settings),
+        s3_endpoint_url=settings.s3_endpoint_url,
+        timeout=settings.blob_timeout_seconds,
+        fetch_timeout=settings.blob_fetch_timeout_seconds,
+    )
     cache = BlobCache(
         settings.home / "cache" / "adapters", blobs, int(settings.blob_cache_gib * 2**30)
     )
-    return Registry(Catalog(registry_url(settings)), blobs, cache, lambda: base_spec(settings))
+    catalog = Catalog(registry_url(settings), settings.registry_timeout_seconds)
+    return Registry(catalog, blobs, cache, lambda: base_spec(settings))
 
 
 def open_accounts(settings: Settings | None = None) -> Accounts:
     """Tenants, keys and usage in the registry database of ``settings`` (no blob store: for
     servers of a plain adapters folder and for the ``tenants``/``keys``/``usage`` commands)."""
-    engine = make_engine(registry_url(settings or Settings()))
+    settings = settings or Settings()
+    engine = make_engine(registry_url(settings), settings.registry_timeout_seconds)
     ensure_schema(engine)
     return Accounts(engine)

@@ -2,11 +2,15 @@
 
 ``LORAPLEX_BLOB_URL=s3://bucket/prefix`` selects it; ``LORAPLEX_S3_ENDPOINT_URL`` points it at
 a non-AWS server. Credentials come from boto3's usual chain (environment, profile, role).
-Blobs are keyed ``prefix/sha256/ab/<digest>`` and written once. Only storage lives here.
+Blobs are keyed ``prefix/sha256/ab/<digest>`` and written once. Connects and reads time out
+after ``timeout`` seconds and a whole download after ``fetch_timeout``; any failure on the
+way (an error status, a truncated or corrupt body, a stalled connection) is ``Unavailable``.
+Only storage lives here.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +23,36 @@ _MISSING = {"404", "NoSuchKey", "NotFound"}
 class S3BlobStore:
     """Blobs as objects in one bucket under a prefix."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        *,
+        timeout: float = 10.0,
+        fetch_timeout: float = 120.0,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3})
+        self.fetch_timeout = fetch_timeout
+        config = Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
         self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
     @classmethod
-    def from_url(cls, url: str, endpoint_url: str | None = None) -> S3BlobStore:
-        """Parse ``s3://bucket[/prefix]``."""
+    def from_url(cls, url: str, endpoint_url: str | None = None, **timeouts: float) -> S3BlobStore:
+        """Parse ``s3://bucket[/prefix]``; ``timeouts``: ``timeout``, ``fetch_timeout``."""
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
             raise InvalidRequest(f"Blob URL {url!r} names no bucket; use s3://bucket/prefix.")
-        return cls(bucket, prefix, endpoint_url)
+        return cls(bucket, prefix, endpoint_url, **timeouts)
 
     def _key(self, digest: str) -> str:
         key = blob_key(digest)
@@ -55,14 +72,22 @@ class S3BlobStore:
         )
 
     def get(self, digest: str, dest: Path) -> None:
+        deadline = time.monotonic() + self.fetch_timeout
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(digest))
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
             if _is_missing(exc):
                 raise NotFound(f"Blob {digest[:12]} is missing from {self.url}.") from None
-            raise Unavailable(f"Cannot read {self.url}: {exc}") from exc
-        with response["Body"] as body:
-            copy_verified(body, dest, digest)
+            raise Unavailable(f"Cannot read {self.url}: {exc}; retry later.") from exc
+        try:
+            with response["Body"] as body:
+                copy_verified(body, dest, digest, deadline, response.get("ContentLength"))
+        except Unavailable as exc:
+            raise Unavailable(f"Reading from {self.url}: {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001 - truncated body, read timeout, reset...
+            raise Unavailable(
+                f"Reading blob {digest[:12]} from {self.url} failed: {exc}; retry later."
+            ) from exc
 
     def exists(self, digest: str) -> bool:
         try:

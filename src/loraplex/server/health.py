@@ -1,8 +1,10 @@
 """Liveness, readiness and metrics routes.
 
-``/health``: the process answers. ``/ready``: the engine serves and the adapter source can
-be read (503 with the reason otherwise). ``/metrics``: Prometheus text; it names tenants and
-adapters, so with auth on it needs the admin key or the metrics key.
+``/health``: the process answers. ``/ready``: the engine serves (503 with the reason
+otherwise); its body reports whether the adapter registry (or folder) can be read, which alone
+never makes it 503: a registry outage must not take every replica out of rotation, since the
+base model and adapters already resolved are still served. ``/metrics``: Prometheus text; it
+names tenants and adapters, so with auth on it needs the admin key or the metrics key.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from loraplex.errors import Unavailable
+from loraplex.errors import LoraplexError, Unavailable
 
 router = APIRouter()
+REGISTRY_WAIT_SECONDS = 1.0
+"""Longest ``/ready`` waits for the registry's state (probes have short timeouts)."""
 
 
 @router.get("/health")
@@ -26,16 +30,31 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> dict[str, Any]:
-    """200 when the engine is healthy and adapters are readable, else 503 with the reason."""
+    """200 when the engine is healthy (503 with the reason otherwise), with the registry's
+    state in the body."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise Unavailable("The engine is starting.")
     await service.engine.check_health()
+    return {
+        "status": "ready",
+        "model": service.base_name,
+        "registry": await registry_state(service.source),
+    }
+
+
+async def registry_state(source: Any) -> dict[str, Any]:
+    """``{"ok": True}``, or ``{"ok": False, "error": why}`` when the adapter source (registry
+    database and blob store, or folder) cannot be read, or gives no answer within
+    ``REGISTRY_WAIT_SECONDS`` (the check goes on in the background, bounded by the source)."""
     try:
-        await asyncio.to_thread(service.source.check)
-    except Exception as exc:
-        raise Unavailable(f"The adapter store cannot be read: {exc}") from exc
-    return {"status": "ready", "model": service.base_name}
+        await asyncio.wait_for(asyncio.to_thread(source.check), REGISTRY_WAIT_SECONDS)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {REGISTRY_WAIT_SECONDS:g} s"}
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        message = exc.message if isinstance(exc, LoraplexError) else str(exc)
+        return {"ok": False, "error": message}
+    return {"ok": True}
 
 
 @router.get("/metrics")
