@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import UTC, datetime
 
 import pytest
 
-from loraplex.errors import InvalidRequest, RateLimited
+from loraplex.config import Settings
+from loraplex.errors import InvalidRequest, RateLimited, Unavailable
+from loraplex.registry.models import Tenant
 from loraplex.server.admission import FairAdmission
-from loraplex.server.auth import ADMIN, ANONYMOUS, Caller
+from loraplex.server.auth import ADMIN, ANONYMOUS, Authenticator, Caller
 from loraplex.server.limits import TenantLimits, TokenBucket
 
 
@@ -253,3 +257,42 @@ def test_a_lone_tenant_with_a_large_request_still_runs() -> None:
         assert await asyncio.wait_for(admission.acquire("acme", 1, 8, 100), 1) == 3
 
     asyncio.run(main())
+
+
+class FlakyAccounts:
+    """Accounts whose database can be switched off; counts lookups."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant = tenant
+        self.down = False
+        self.lookups = 0
+
+    def authenticate(self, key: str) -> Tenant | None:
+        self.lookups += 1
+        if self.down:
+            raise Unavailable("The registry database cannot be read: connection refused")
+        return self.tenant if key == "good" else None
+
+
+def test_known_keys_keep_working_through_a_registry_outage(monkeypatch) -> None:
+    tenant = Tenant("acme", 1.0, None, None, None, datetime.now(UTC))
+    accounts = FlakyAccounts(tenant)
+    settings = Settings(auth="on", key_cache_seconds=0, registry_retry_seconds=0.001)
+    auth = Authenticator(settings, accounts)  # type: ignore[arg-type]
+    real_sleep = time.sleep
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    assert asyncio.run(auth._lookup("good")) == tenant
+    accounts.down = True
+    clock[0] += 60
+    assert asyncio.run(auth._lookup("good")) == tenant  # last known good
+    with pytest.raises(Unavailable, match="API key cannot be checked now"):
+        asyncio.run(auth._lookup("never-seen"))  # 503, not 401: the key may be valid
+    clock[0] += settings.registry_stale_seconds
+    with pytest.raises(Unavailable):
+        asyncio.run(auth._lookup("good"))  # staleness is bounded
+    accounts.down = False
+    real_sleep(0.01)  # past the outage's retry interval
+    assert asyncio.run(auth._lookup("good")) == tenant
+    assert asyncio.run(auth._lookup("bad")) is None

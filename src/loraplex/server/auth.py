@@ -2,7 +2,9 @@
 
 ``Authorization: Bearer KEY`` decides the tenant. Keys live (hashed) in the registry database,
 so every server sharing it knows the same keys; a lookup is trusted for
-``key_cache_seconds``, so a revoked key stops working everywhere within that time. The admin
+``key_cache_seconds``, so a revoked key stops working everywhere within that time. While the
+database cannot answer (each lookup waits at most ``registry_timeout_seconds``), a key known
+good within ``registry_stale_seconds`` keeps working and any other key is a 503. The admin
 key (``LORAPLEX_ADMIN_KEY``) may use everything; with auth off every caller may.
 """
 
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from loraplex.config import Settings
-from loraplex.errors import Forbidden, Unauthorized
+from loraplex.errors import Forbidden, Unauthorized, Unavailable
 from loraplex.registry.accounts import RESERVED_TENANTS
+from loraplex.registry.outage import BoundedCaller
 
 if TYPE_CHECKING:
     from loraplex.registry.accounts import Accounts
@@ -79,7 +82,13 @@ class Authenticator:
     def __init__(self, settings: Settings, accounts: Accounts | None) -> None:
         self.settings = settings
         self.accounts = accounts
+        self._database = BoundedCaller(
+            "The registry database (API keys)",
+            settings.registry_timeout_seconds,
+            settings.registry_retry_seconds,
+        )
         self._cache: OrderedDict[str, tuple[float, Tenant | None]] = OrderedDict()
+        """Key digest -> (when it was looked up, its tenant or None)."""
 
     async def caller(self, request: Request) -> Caller:
         """The caller of an API request (401 without a valid key when auth is on)."""
@@ -127,10 +136,24 @@ class Authenticator:
         digest = _digest(key)
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and now - cached[0] < self.settings.key_cache_seconds:
             return cached[1]
-        tenant = await asyncio.to_thread(self.accounts.authenticate, key) if self.accounts else None
-        self._cache[digest] = (now + self.settings.key_cache_seconds, tenant)
+        if self.accounts is None:
+            return None
+        accounts = self.accounts
+        try:
+            tenant = await asyncio.to_thread(
+                self._database.call, lambda: accounts.authenticate(key)
+            )
+        except Unavailable as exc:
+            stale_ok = cached is not None and cached[1] is not None
+            if stale_ok and now - cached[0] < self.settings.registry_stale_seconds:
+                return cached[1]  # last known good while the database is down
+            raise Unavailable(
+                f"The API key cannot be checked now: {exc.message} Retry shortly.",
+                retry_after=exc.retry_after,
+            ) from exc
+        self._cache[digest] = (now, tenant)
         self._cache.move_to_end(digest)
         while len(self._cache) > KEY_CACHE_ENTRIES:
             self._cache.popitem(last=False)
