@@ -249,8 +249,8 @@ class VllmEngine:
     async def pin(self, adapter: ResolvedAdapter) -> None:
         self._failed.check(adapter.version)
         async with self._lock:
-            await self._load_locked(adapter)
             self._residency.check_pin(adapter.version)
+            await self._load_locked(adapter)
             await self._llm.pin_lora(self._ids.id_for(adapter.version))
             self._residency.pin(adapter.version)
 
