@@ -79,12 +79,15 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
 class VllmEngine:
     """The ``Engine`` protocol over vLLM's ``AsyncLLM``."""
 
-    def __init__(self, settings: Settings, model_dir: str) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+    def __init__(self, settings: Settings, model_dir: str, llm: Any = None) -> None:
+        """``llm``: an ``AsyncLLM`` already made (tests); default: one from ``settings``."""
         self.settings = settings
         self._fit = AdapterFit(settings, Path(model_dir), resolve_dtype(settings.dtype))
-        self._llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
+        if llm is None:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
+        self._llm = llm
         self._ids = LoraIdAllocator()
         self._residency = Residency(
             settings.max_cpu_loras, settings.adapter_cache_mb * 2**20, settings.pin_limit
