@@ -46,7 +46,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._token_plan = LoraPlan.build(self.token_lora_indices)
         self._sampler_plan = None
-        self._resized: dict[tuple[str, int], LoraPlan] = {}
+        self._resized = {}
 
     def _token(self, num_rows: int) -> LoraPlan:
         return self._fit(self._token_plan, self.token_lora_indices, num_rows, "token")
@@ -61,9 +61,10 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
     def _fit(self, plan: LoraPlan, indices: torch.Tensor, num_rows: int, kind: str) -> LoraPlan:
         """The step's plan for ``num_rows`` input rows; never raises in the forward pass.
 
-        A request's shape cannot make rows and mapping disagree, but padding can: rows
-        beyond the mapping (padded batches) get no adapter, and a mapping longer than the
-        rows is cut to them.
+        vLLM maps one slot per row. Should a step's rows and mapping ever differ (padding,
+        or logits for more rows than requests), rows beyond the mapping get no adapter and
+        a longer mapping is cut to the rows: an exception here would fail every request in
+        the batch and the engine with it.
         """
         if num_rows == plan.num_tokens:
             return plan
