@@ -165,6 +165,32 @@ class Settings(BaseSettings):
     fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
     seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
 
+    # --- adapter residency and memory budget (engine hardening) ---
+    adapter_cache_mb: int = Field(
+        1024,
+        ge=1,
+        description="Bytes of adapter weights the engine keeps loaded (CPU cache), MiB; the "
+        "least recently used unpinned adapters are unloaded to stay under it.",
+    )
+    max_pinned_adapters: int | None = Field(
+        None,
+        ge=0,
+        description="Most adapters pinned at once (< max_loras: a pin holds an engine slot). "
+        "Default: half of max_loras.",
+    )
+    failed_load_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="How long an adapter version that failed to load is refused without "
+        "asking the engine again.",
+    )
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Host memory the server may plan to use (weights, KV cache, LoRA slots, "
+        "adapter cache); the server refuses to start above it. Default: physical memory.",
+    )
+
     # --- audit ---
     user: str | None = Field(
         None, description="Who is acting, recorded in the registry's history; default: OS user."
@@ -176,6 +202,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
                 "every adapter in a batch is also in the CPU cache"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pins_leave_engine_slots(self) -> Settings:
+        if self.max_pinned_adapters is not None and self.max_pinned_adapters >= self.max_loras:
+            raise ValueError(
+                f"max_pinned_adapters ({self.max_pinned_adapters}) must be < max_loras "
+                f"({self.max_loras}): a pinned adapter keeps an engine slot, and other adapters "
+                "need at least one"
             )
         return self
 
@@ -195,6 +231,13 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         """Where prepared base models are cached."""
         return self.home / "models"
+
+    @property
+    def pin_limit(self) -> int:
+        """The pin bound in effect."""
+        if self.max_pinned_adapters is None:
+            return self.max_loras // 2
+        return self.max_pinned_adapters
 
     @property
     def resolved_adapters_dir(self) -> Path:

@@ -76,8 +76,9 @@ class FakeEngine:
         self.resident.setdefault(adapter.version, "cpu")
         return hit
 
-    async def unload(self, adapter: ResolvedAdapter) -> None:
+    async def unload(self, adapter: ResolvedAdapter) -> int:
         self.resident.pop(adapter.version, None)
+        return 0
 
     async def pin(self, adapter: ResolvedAdapter) -> None:
         await self.load(adapter)
@@ -89,6 +90,12 @@ class FakeEngine:
 
     def residency(self) -> dict[str, str]:
         return dict(self.resident)
+
+    async def engine_adapters(self) -> list[str]:
+        return sorted(self.resident)
+
+    def failed_loads(self) -> list[dict[str, object]]:
+        return []
 
     def shutdown(self) -> None:
         self.stopped = True

@@ -137,8 +137,36 @@ def test_embedding_expand():
         torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-4)
 
 
-def test_rows_that_do_not_match_the_mapping_are_rejected():
-    fast, _ = wrappers([7, 7, 3], [7, 3])
-    a, b = stacked(torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="rows"):
-        fast.add_lora_linear(torch.zeros(5, sum(SLICES)), torch.zeros(5, D_IN), a, b, 1.0, SLICES)
+def test_rows_that_do_not_match_the_mapping_never_raise():
+    """Padded rows get no adapter, a shorter input uses the mapping's first rows: no
+    request shape can make the forward pass raise."""
+    ids = [7, 7, 3]
+    fast, _ = wrappers(ids, [7, 3])
+    gen = torch.Generator().manual_seed(0)
+    a, b = stacked(gen)
+    x = torch.randn(5, D_IN, generator=gen)
+    y = torch.randn(5, sum(SLICES), generator=gen)
+    for rows, slots in [(5, [*slots_of(ids), -1, -1]), (2, slots_of(ids[:2]))]:
+        got = y[:rows].clone()
+        fast.add_lora_linear(got, x[:rows], a, b, 1.0, SLICES)
+        want = reference(y[:rows], x[:rows], a, b, slots)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        buffers = tuple(torch.empty(rows, RANK) for _ in SLICES)
+        got = y[:rows].clone()
+        fast.add_shrink(buffers, x[:rows], a, 1.0)
+        fast.add_expand(got, buffers, b, SLICES, add_inputs=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_logits_of_every_token_use_the_token_mapping():
+    """Prompt logprobs compute logits for every token, not one row per request."""
+    tokens = [7] * 3 + [0] * 2 + [9] * 2
+    fast, _ = wrappers(tokens, [7, 0, 9])
+    gen = torch.Generator().manual_seed(3)
+    a, b = stacked(gen, (48,))
+    x = torch.randn(len(tokens), D_IN, generator=gen)
+    logits = torch.randn(len(tokens), 48, generator=gen)
+    got = logits.clone()
+    fast.add_lora_logits(got, x, a[0], b[0], 1.0)
+    expected = reference(logits, x, a, b, slots_of(tokens))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

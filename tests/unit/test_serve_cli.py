@@ -126,3 +126,13 @@ def test_exposure_check(host: str, auth: str, insecure: bool, refused: bool) -> 
             check_exposure(settings)
     else:
         check_exposure(settings)
+
+
+def test_settings_over_the_memory_budget_refuse_to_start() -> None:
+    result = run_serve("--port", "0", LORAPLEX_MEMORY_BUDGET_GIB="0.5")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: memory budget exceeded: these settings need ")
+    assert "1.00 GiB adapter cache (--adapter-cache-mb 1024)" in line
+    assert "more than the memory budget 0.50 GiB (--memory-budget-gib)" in line
+    assert "listening" not in result.stdout

@@ -74,7 +74,7 @@ async def test_admin_load_pin_unload_and_residency(serve: Serve, engine: FakeEng
             {"name": "support", "version": support, "residency": "pinned"},
         ]
         unload = await client.post("/admin/adapters/sales/unload", headers=admin())
-        assert unload.json() == {"adapter": version, "unloaded": True}
+        assert unload.json() == {"adapter": version, "unloaded": True, "streams_finishing": 0}
         listing = (await client.get("/admin/adapters", headers=admin())).json()
         assert listing["loaded"] == [{"version": support, "residency": "pinned"}]
         missing = await client.post("/admin/adapters/nope/load", headers=admin())

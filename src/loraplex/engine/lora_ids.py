@@ -29,3 +29,8 @@ class LoraIdAllocator:
         """The id of ``version`` if it has one, without allocating."""
         with self._lock:
             return self._ids.get(version)
+
+    def version_of(self, lora_id: int) -> str | None:
+        """The version key ``lora_id`` was given to, if any."""
+        with self._lock:
+            return next((v for v, i in self._ids.items() if i == lora_id), None)

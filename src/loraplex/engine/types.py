@@ -55,12 +55,13 @@ class Engine(Protocol):
         """Make the adapter resident; True if it was already loaded (a cache hit)."""
         ...
 
-    async def unload(self, adapter: ResolvedAdapter) -> None:
-        """Drop the adapter from the engine's caches."""
+    async def unload(self, adapter: ResolvedAdapter) -> int:
+        """Drop the adapter from the engine's caches once its streams end; returns how many
+        streams are still in flight on it (0: it is gone already)."""
         ...
 
     async def pin(self, adapter: ResolvedAdapter) -> None:
-        """Load the adapter and keep it from being evicted."""
+        """Load the adapter and keep it from being evicted (``Conflict`` beyond the pin bound)."""
         ...
 
     async def check_health(self) -> None:
@@ -68,7 +69,15 @@ class Engine(Protocol):
         ...
 
     def residency(self) -> dict[str, str]:
-        """Version -> where it lives now ("cpu", "pinned")."""
+        """Version -> where it lives now ("cpu", "pinned", "unloading")."""
+        ...
+
+    async def engine_adapters(self) -> list[str]:
+        """The versions the engine itself reports loaded (to compare with ``residency``)."""
+        ...
+
+    def failed_loads(self) -> list[dict[str, object]]:
+        """Versions that failed to load and are refused for now, with why."""
         ...
 
     def shutdown(self) -> None:

@@ -1,10 +1,13 @@
 """vLLM's AsyncLLM embedded in the server process, with per-version LoRA ids and residency.
 
 Creates the engine inside the running event loop (never at import: vLLM spawns workers),
-hands each adapter version its own LoRA id, loads an adapter before its first request so a
-bad adapter fails that request and not the engine, and mirrors vLLM's CPU LRU so that the
-server can report residency and cache hits. vLLM is imported lazily so that loraplex stays
-importable where it is not installed (training machines).
+hands each adapter version its own LoRA id, and checks and loads an adapter before its first
+request so that a bad adapter fails that request and not the engine (``adapter_fit``); a
+version that failed is refused for a while without asking the engine (``failed_loads``).
+Load, unload, pin and eviction run one at a time under one lock, and loraplex, not vLLM,
+decides what leaves the engine's CPU cache (``residency``: bounded in count and bytes, never
+a version with streams in flight), so the server's residency is what the engine holds.
+vLLM is imported lazily so that loraplex stays importable where it is not installed.
 """
 
 from __future__ import annotations
@@ -12,15 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
+from loraplex.engine.adapter_fit import AdapterFit
+from loraplex.engine.failed_loads import FailedLoads
 from loraplex.engine.lora_ids import LoraIdAllocator
+from loraplex.engine.residency import Residency
 from loraplex.engine.types import Delta, GenerationParams
-from loraplex.errors import IncompatibleAdapter, InvalidRequest, Unavailable
+from loraplex.errors import (
+    IncompatibleAdapter,
+    InvalidRequest,
+    LoraplexError,
+    TooLarge,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -67,15 +79,22 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
 class VllmEngine:
     """The ``Engine`` protocol over vLLM's ``AsyncLLM``."""
 
-    def __init__(self, settings: Settings, model_dir: str) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+    def __init__(self, settings: Settings, model_dir: str, llm: Any = None) -> None:
+        """``llm``: an ``AsyncLLM`` already made (tests); default: one from ``settings``."""
         self.settings = settings
-        self._llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
+        self._fit = AdapterFit(settings, Path(model_dir), resolve_dtype(settings.dtype))
+        if llm is None:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
+        self._llm = llm
         self._ids = LoraIdAllocator()
-        self._resident: OrderedDict[str, int] = OrderedDict()
-        self._pinned: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._residency = Residency(
+            settings.max_cpu_loras, settings.adapter_cache_mb * 2**20, settings.pin_limit
+        )
+        self._failed = FailedLoads(settings.failed_load_seconds)
+        self._lock = asyncio.Lock()  # one load/unload/pin/eviction at a time
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def stream(
         self,
@@ -87,12 +106,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
-        lora = None
-        if adapter is not None:
-            await self.load(adapter)
-            lora = self._request_for(adapter)
         try:
             sampling = SamplingParams(
                 n=params.n,
@@ -109,6 +123,23 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
         if params.cache_salt:
             prompt["cache_salt"] = params.cache_salt
+        lora = None
+        if adapter is not None:
+            await self._acquire(adapter)
+            lora = self._request_for(adapter)
+        try:
+            async for delta in self._generate(prompt, sampling, request_id, lora):
+                yield delta
+        finally:
+            if adapter is not None:
+                self._release(adapter.version)
+
+    async def _generate(
+        self, prompt: dict[str, Any], sampling: Any, request_id: str, lora: LoRARequest | None
+    ) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             async for output in self._llm.generate(prompt, sampling, request_id, lora_request=lora):
                 for choice in output.outputs:
@@ -126,34 +157,105 @@ class VllmEngine:
 
     async def load(self, adapter: ResolvedAdapter) -> bool:
         version = adapter.version
-        if version in self._resident:
-            self._resident.move_to_end(version)
+        if self._residency.serving(version):
+            self._residency.touch(version)
             return True
-        lock = self._locks.setdefault(version, asyncio.Lock())
-        async with lock:
-            if version in self._resident:
-                return True
-            try:
-                await self._llm.add_lora(self._request_for(adapter))
-            except Exception as exc:
-                log.warning("adapter %s failed to load: %s", version, exc)
-                raise IncompatibleAdapter(
-                    f"Adapter {version} could not be loaded by the engine: {exc}"
-                ) from exc
-            self._resident[version] = self._ids.id_for(version)
-            self._evict_mirror()
-            return False
+        self._failed.check(version)
+        async with self._lock:
+            return await self._load_locked(adapter)
 
-    async def unload(self, adapter: ResolvedAdapter) -> None:
-        lora_id = self._ids.known(adapter.version)
-        self._pinned.discard(adapter.version)
-        if self._resident.pop(adapter.version, None) is not None and lora_id is not None:
+    async def _load_locked(self, adapter: ResolvedAdapter) -> bool:
+        version = adapter.version
+        entry = self._residency.get(version)
+        if entry is not None:
+            if entry.leaving:
+                self._residency.keep(version)  # an unload still waiting on streams: cancel it
+            return True
+        self._failed.check(version)
+        log.info("engine: loading adapter %s", version)
+        try:
+            nbytes = await asyncio.to_thread(self._fit.check, adapter)
+            for victim in self._residency.victims(version, nbytes):
+                log.info("engine: evicting adapter %s to make room for %s", victim, version)
+                self._residency.leave(victim)
+                await self._remove(victim)
+            await self._llm.add_lora(self._request_for(adapter))
+        except (Unavailable, TooLarge):
+            raise  # the cache is full or the engine is down: nothing to remember
+        except LoraplexError as exc:
+            self._remember(version, exc)
+            raise
+        except Exception as exc:
+            self._engine_error(exc)
+            error = IncompatibleAdapter(
+                f"Adapter {version} could not be loaded by the engine: {exc}"
+            )
+            self._remember(version, error)
+            raise error from exc
+        self._failed.forget(version)
+        self._residency.add(version, nbytes)
+        return False
+
+    def _remember(self, version: str, error: LoraplexError) -> None:
+        self._failed.record(version, error)
+        log.warning(
+            "engine: adapter %s failed to load: %s (refused for %.0f s without asking the engine)",
+            version,
+            error.message,
+            self._failed.ttl,
+        )
+
+    def _engine_error(self, exc: Exception) -> None:
+        """Raise ``Unavailable`` if ``exc`` means the engine is dead (not the adapter's fault)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            raise Unavailable("The inference engine stopped; restart the server.") from exc
+
+    async def _acquire(self, adapter: ResolvedAdapter) -> None:
+        """Make ``adapter`` serve and count a stream on it (it cannot leave meanwhile)."""
+        while True:
+            await self.load(adapter)
+            if self._residency.acquire(adapter.version):
+                return
+
+    def _release(self, version: str) -> None:
+        if self._residency.release(version):
+            task = asyncio.get_running_loop().create_task(self._finish_leaving(version))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _finish_leaving(self, version: str) -> None:
+        """Remove a version whose unload waited for its last stream, unless it was kept."""
+        async with self._lock:
+            entry = self._residency.get(version)
+            if entry is not None and entry.leaving and entry.in_flight == 0:
+                await self._remove(version)
+
+    async def _remove(self, version: str) -> None:
+        lora_id = self._ids.known(version)
+        if lora_id is not None:
             await self._llm.remove_lora(lora_id)
+        self._residency.remove(version)
+        log.info("engine: removed adapter %s", version)
+
+    async def unload(self, adapter: ResolvedAdapter) -> int:
+        version = adapter.version
+        async with self._lock:
+            if self._residency.get(version) is None:
+                return 0
+            in_flight = self._residency.leave(version)
+            if in_flight == 0:
+                await self._remove(version)
+            return in_flight
 
     async def pin(self, adapter: ResolvedAdapter) -> None:
-        await self.load(adapter)
-        await self._llm.pin_lora(self._ids.id_for(adapter.version))
-        self._pinned.add(adapter.version)
+        self._failed.check(adapter.version)
+        async with self._lock:
+            self._residency.check_pin(adapter.version)
+            await self._load_locked(adapter)
+            await self._llm.pin_lora(self._ids.id_for(adapter.version))
+            self._residency.pin(adapter.version)
 
     async def check_health(self) -> None:
         try:
@@ -162,7 +264,14 @@ class VllmEngine:
             raise Unavailable(f"The inference engine is not healthy: {exc}") from exc
 
     def residency(self) -> dict[str, str]:
-        return {v: ("pinned" if v in self._pinned else "cpu") for v in self._resident}
+        return self._residency.snapshot()
+
+    async def engine_adapters(self) -> list[str]:
+        ids = await self._llm.list_loras()
+        return sorted(self._ids.version_of(lora_id) or f"id {lora_id}" for lora_id in ids)
+
+    def failed_loads(self) -> list[dict[str, object]]:
+        return self._failed.report()
 
     def shutdown(self) -> None:
         self._llm.shutdown()
@@ -175,12 +284,3 @@ class VllmEngine:
             lora_int_id=self._ids.id_for(adapter.version),
             lora_path=str(adapter.path),
         )
-
-    def _evict_mirror(self) -> None:
-        """Forget the least recently used unpinned versions beyond vLLM's CPU cache size."""
-        capacity = self.settings.max_cpu_loras
-        for version in list(self._resident):
-            if len(self._resident) <= capacity:
-                break
-            if version not in self._pinned:
-                del self._resident[version]

@@ -37,6 +37,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
         self._token_plan = LoraPlan(0, [], None)
         self._sampler_plan: LoraPlan | None = None
+        self._resized: dict[tuple[str, int], LoraPlan] = {}
         self._weights = LoraWeights()
         self._key = next(_KEYS)
         _WRAPPERS[self._key] = self
@@ -45,14 +46,34 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._token_plan = LoraPlan.build(self.token_lora_indices)
         self._sampler_plan = None
+        self._resized = {}
 
     def _token(self, num_rows: int) -> LoraPlan:
-        return _checked(self._token_plan, num_rows, "tokens")
+        return self._fit(self._token_plan, self.token_lora_indices, num_rows, "token")
 
     def _sampler(self, num_rows: int) -> LoraPlan:
+        if num_rows == self._token_plan.num_tokens != len(self.sampler_indices):
+            return self._token_plan  # logits of every token (prompt logprobs): token mapping
         if self._sampler_plan is None:
             self._sampler_plan = LoraPlan.build(self.sampler_indices)
-        return _checked(self._sampler_plan, num_rows, "sampled rows")
+        return self._fit(self._sampler_plan, self.sampler_indices, num_rows, "sampler")
+
+    def _fit(self, plan: LoraPlan, indices: torch.Tensor, num_rows: int, kind: str) -> LoraPlan:
+        """The step's plan for ``num_rows`` input rows; never raises in the forward pass.
+
+        vLLM maps one slot per row. Should a step's rows and mapping ever differ (padding,
+        or logits for more rows than requests), rows beyond the mapping get no adapter and
+        a longer mapping is cut to the rows: an exception here would fail every request in
+        the batch and the engine with it.
+        """
+        if num_rows == plan.num_tokens:
+            return plan
+        key = (kind, num_rows)
+        resized = self._resized.get(key)
+        if resized is None:
+            resized = LoraPlan.build(_resize(indices, num_rows))
+            self._resized[key] = resized
+        return resized
 
     def add_shrink(self, y, x, lora_a_stacked, scale: float, **kwargs: Any) -> None:
         x = x.view(-1, x.shape[-1])
@@ -117,12 +138,12 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._weights)
 
 
-def _checked(plan: LoraPlan, num_rows: int, what: str) -> LoraPlan:
-    if num_rows != plan.num_tokens:
-        raise ValueError(
-            f"LoRA input has {num_rows} rows but the step maps {plan.num_tokens} {what}"
-        )
-    return plan
+def _resize(indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``indices`` cut to ``num_rows``, or padded with -1 (no adapter) up to it."""
+    if indices.numel() >= num_rows:
+        return indices[:num_rows]
+    padding = torch.full((num_rows - indices.numel(),), -1, dtype=indices.dtype)
+    return torch.cat([indices, padding.to(indices.device)])
 
 
 def _lora_linear(

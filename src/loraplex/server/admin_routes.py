@@ -42,13 +42,13 @@ async def load(model: str, request: Request) -> dict[str, Any]:
 async def unload(model: str, request: Request) -> dict[str, Any]:
     """Drop an adapter version from the engine; it loads again on its next request."""
     service, adapter = await _resolve(request, model)
-    await service.engine.unload(adapter)
-    return {"adapter": adapter.version, "unloaded": True}
+    in_flight = await service.engine.unload(adapter)
+    return {"adapter": adapter.version, "unloaded": True, "streams_finishing": in_flight}
 
 
 @router.post("/adapters/{model}/pin")
 async def pin(model: str, request: Request) -> dict[str, Any]:
-    """Load an adapter version and keep it from being evicted."""
+    """Load an adapter version and keep it from being evicted (409 beyond the pin bound)."""
     service, adapter = await _resolve(request, model)
     await service.engine.pin(adapter)
     return {"adapter": adapter.version, "pinned": True}
@@ -56,8 +56,13 @@ async def pin(model: str, request: Request) -> dict[str, Any]:
 
 @router.get("/adapters")
 async def adapters(request: Request) -> dict[str, Any]:
-    """Every servable adapter with the version it resolves to and where it lives now; one
-    that fails its checks is listed with ``version`` null and the ``error`` a request gets."""
+    """Every servable adapter with the version it resolves to and where it lives now.
+
+    An adapter that fails its checks is listed with ``version`` null and the ``error`` a
+    request gets. ``loaded`` is the server's residency, ``engine`` what the engine itself
+    reports loaded (the two agree), ``failed`` the versions refused for now because their
+    load failed.
+    """
     service: Service = request.app.state.service
     residency = service.engine.residency()
     rows: list[dict[str, Any]] = []
@@ -71,7 +76,12 @@ async def adapters(request: Request) -> dict[str, Any]:
             continue
         rows.append({"name": name, "version": version, "residency": residency.get(version, "cold")})
     loaded = [{"version": v, "residency": where} for v, where in residency.items()]
-    return {"adapters": rows, "loaded": loaded}
+    return {
+        "adapters": rows,
+        "loaded": loaded,
+        "engine": await service.engine.engine_adapters(),
+        "failed": service.engine.failed_loads(),
+    }
 
 
 @router.get("/usage")

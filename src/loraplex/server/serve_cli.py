@@ -18,6 +18,7 @@ import typer
 from pydantic.fields import FieldInfo
 
 from loraplex.config import Settings, load_settings
+from loraplex.engine.memory import check_memory
 from loraplex.errors import LoraplexError
 
 EXTRA_FLAG_NAMES = {"base_model": ["--base"]}
@@ -125,6 +126,7 @@ def serve_command(**flags: Any) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     settings = load_settings(**{k: v for k, v in flags.items() if v is not None})
     check_exposure(settings)
+    check_memory(settings)
     sock = bind_socket(settings.host, settings.port)
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
     typer.echo(f"loraplex listening on {url_of(sock)} (loading the engine)")

@@ -1,0 +1,45 @@
+"""What the engine checks before it loads an adapter version, and what the version weighs.
+
+vLLM reads an adapter's tensors at ``add_lora`` but copies them into its LoRA slots only in
+a forward step, so a tensor of the wrong shape would fail that step: every request in the
+batch, and the engine with it. The engine therefore runs the registry's own validation
+(files, config, rank, every tensor's shape against the base's layers, finite values) on
+each version before vLLM sees it, whatever source resolved it, and weighs the version in
+engine bytes (elements times the engine dtype's size) for the adapter cache's byte budget.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from loraplex.adapters import WEIGHTS_FILE, ResolvedAdapter
+from loraplex.basemodel import describe
+from loraplex.config import Settings
+from loraplex.registry.basedims import BaseDims
+from loraplex.registry.tensorfile import read_header
+from loraplex.registry.validate import BaseSpec, validate_adapter
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class AdapterFit:
+    """Validation against the served base model, and engine bytes, of adapter versions."""
+
+    def __init__(self, settings: Settings, model_dir: Path, dtype: str) -> None:
+        info = describe(model_dir)
+        self.itemsize = ITEMSIZE[dtype]
+        self.spec = BaseSpec(
+            fingerprint=info.fingerprint,
+            dims=BaseDims.from_model_dir(info.path),
+            name=info.name,
+            max_rank=settings.max_lora_rank,
+            max_bytes=settings.max_adapter_mb * 2**20,
+        )
+
+    def check(self, adapter: ResolvedAdapter) -> int:
+        """Raise the registry's error if ``adapter`` cannot serve; else its engine bytes."""
+        validate_adapter(adapter.path, adapter.name, self.spec)
+        header = read_header(adapter.path / WEIGHTS_FILE)
+        elements = sum(math.prod(info.shape) for info in header.tensors.values())
+        return elements * self.itemsize
