@@ -136,6 +136,26 @@ class Settings(BaseSettings):
     fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
     seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
 
+    # --- process lifecycle: liveness, drain, deadlines ---
+    stall_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="/health answers 503 when requests wait and the engine has produced no "
+        "token for this many seconds (a stopped or wedged engine).",
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM or Ctrl-C, seconds requests in progress may take to finish "
+        "before they are stopped; new requests get 503 meanwhile.",
+    )
+    request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Deadline of every request (adapter load and generation); past it the "
+        "request is stopped with 504.",
+    )
+
     # --- audit ---
     user: str | None = Field(
         None, description="Who is acting, recorded in the registry's history; default: OS user."

@@ -90,5 +90,8 @@ class FakeEngine:
     def residency(self) -> dict[str, str]:
         return dict(self.resident)
 
+    def unfinished_requests(self) -> int:
+        return 0
+
     def shutdown(self) -> None:
         self.stopped = True

@@ -71,6 +71,10 @@ class Engine(Protocol):
         """Version -> where it lives now ("cpu", "pinned")."""
         ...
 
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds now (queued or generating)."""
+        ...
+
     def shutdown(self) -> None:
         """Stop the engine and its worker processes."""
         ...

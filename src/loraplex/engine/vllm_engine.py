@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -61,6 +62,9 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
         disable_log_stats=True,
+        # A stop signal that reaches the engine's process too (Ctrl-C, a process-group
+        # SIGTERM) lets its requests finish like the server's drain does, not abort them.
+        shutdown_timeout=math.ceil(settings.shutdown_timeout),
     )
 
 
@@ -163,6 +167,9 @@ class VllmEngine:
 
     def residency(self) -> dict[str, str]:
         return {v: ("pinned" if v in self._pinned else "cpu") for v in self._resident}
+
+    def unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests()
 
     def shutdown(self) -> None:
         self._llm.shutdown()
