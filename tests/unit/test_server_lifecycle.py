@@ -5,11 +5,13 @@ and processes are in tests/integration/test_lifecycle.py."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import uvicorn
 from route_checks import BASE, assert_error
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -21,6 +23,7 @@ from loraplex.errors import IncompatibleAdapter, Unavailable
 from loraplex.server.drain import Lifecycle, RequestGate
 from loraplex.server.liveness import ProgressTracker, watch_engine
 from loraplex.server.metrics import Metrics
+from loraplex.server.serve_cli import draining_server
 from loraplex.server.service import Service
 from loraplex.server.usage import UsageRecorder
 
@@ -208,3 +211,19 @@ async def test_dead_engine_is_never_a_reason_to_fall_back() -> None:
     with pytest.raises(Unavailable, match="engine stopped"):
         await service.target(allowed)
     assert metrics.fallbacks.labels("sales")._value.get() == 0
+
+
+async def test_first_stop_signal_drains_and_is_not_reraised_at_exit() -> None:
+    lifecycle = Lifecycle(shutdown_timeout=30)
+    server = draining_server(uvicorn.Config(app=gated_app(lifecycle, asyncio.Event())), lifecycle)
+    server.started = True
+    server.loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
+    server.handle_exit(signal.SIGTERM, None)
+    await asyncio.sleep(0.05)
+    assert lifecycle.draining and not server.should_exit
+    server.handle_exit(signal.SIGINT, None)  # a second Ctrl-C: stop now
+    assert server.should_exit and not server.force_exit
+    server.handle_exit(signal.SIGINT, None)
+    assert server.force_exit
+    assert server._captured_signals == []  # uvicorn would re-raise these at exit (status != 0)
+    lifecycle._drain.cancel()  # type: ignore[union-attr]
