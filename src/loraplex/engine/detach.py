@@ -26,14 +26,16 @@ PR_SET_PDEATHSIG = 1
 
 def detach_engine_process() -> None:
     """In a process vLLM started: die with the parent; the EngineCore also leaves the group."""
-    if not sys.platform.startswith("linux") or multiprocessing.parent_process() is None:
+    # The name is set before vLLM's objects are unpickled (when vLLM calls its plugins);
+    # ``parent_process()`` is not yet.
+    name = multiprocessing.current_process().name
+    if not sys.platform.startswith("linux") or name == "MainProcess":
         return  # the server process itself, or not Linux
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        is_core = multiprocessing.current_process().name.startswith("EngineCore")
-        if is_core and os.getpgid(0) != os.getpid():
+        if name.startswith("EngineCore") and os.getpgid(0) != os.getpid():
             os.setpgid(0, 0)
     except OSError as exc:
         log.warning("could not detach the engine process from the server's group: %s", exc)
