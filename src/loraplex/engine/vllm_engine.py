@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -62,9 +61,6 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
         disable_log_stats=True,
-        # A stop signal that reaches the engine's process too (Ctrl-C, a process-group
-        # SIGTERM) lets its requests finish like the server's drain does, not abort them.
-        shutdown_timeout=math.ceil(settings.shutdown_timeout),
     )
 
 
