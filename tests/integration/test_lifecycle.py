@@ -203,7 +203,7 @@ def test_dead_engine_is_503_everywhere_and_the_server_exits_1(
         assert server.process.wait(60) == 1
     assert statuses, "no request was answered between the engine's death and the exit"
     for status, text, headers in statuses:
-        assert status == 503, text
+        assert status == 503, f"{text}\n{server.log_tail(80)}"
         assert "engine" in json.loads(text)["error"]["message"]
         assert "x-loraplex-fallback" not in headers
     # The bystander may lose the request in flight when the engine died and those sent until

@@ -133,12 +133,13 @@ async def test_engine_death_refuses_requests_and_exits_1() -> None:
     lifecycle = Lifecycle(shutdown_timeout=30)
     stopped: list[str] = []
     lifecycle.stop_serving = lambda: stopped.append("serving")
+    lifecycle.stop_requests = stopped.append
     transport = httpx.ASGITransport(gated_app(lifecycle, asyncio.Event()))
     async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
         lifecycle.engine_died("engine core exited")
         message = assert_error(await client.get("/v1/slow"), 503, "unavailable")
     assert "engine core exited" in message
-    assert lifecycle.exit_code == 1 and stopped == ["serving"]
+    assert lifecycle.exit_code == 1 and stopped == [message, "serving"]
 
 
 async def test_health_is_503_while_requests_wait_on_a_stalled_engine(

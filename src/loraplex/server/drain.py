@@ -57,8 +57,10 @@ class Lifecycle:
         return None
 
     def engine_died(self, reason: str) -> None:
-        """Refuse requests from now on and exit with status 1 (unless already draining)."""
+        """Refuse requests, end those in progress (a call into a dead engine may never
+        return), and exit with status 1 (unless already draining)."""
         self.engine_dead = reason
+        self.stop_requests(self.refusal() or reason)
         if not self.draining:
             self.exit_code = 1
             log.error("exiting with status 1 so that a supervisor restarts the server")
