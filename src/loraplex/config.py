@@ -191,6 +191,26 @@ class Settings(BaseSettings):
         "adapter cache); the server refuses to start above it. Default: physical memory.",
     )
 
+    # --- process lifecycle: liveness, drain, deadlines ---
+    stall_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="/health answers 503 when requests wait and the engine has produced no "
+        "token for this many seconds (a stopped or wedged engine).",
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM or Ctrl-C, seconds requests in progress may take to finish "
+        "before they are stopped; new requests get 503 meanwhile.",
+    )
+    request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Deadline of every request (adapter load and generation); past it the "
+        "request is stopped with 504.",
+    )
+
     # --- audit ---
     user: str | None = Field(
         None, description="Who is acting, recorded in the registry's history; default: OS user."

@@ -95,3 +95,11 @@ class InvalidAdapter(InvalidRequest):
     """An adapter folder or file fails validation (400 on upload, refused before storage)."""
 
     code = "invalid_adapter"
+
+
+class DeadlineExceeded(LoraplexError):
+    """The request ran past its deadline and was stopped (504)."""
+
+    status_code = 504
+    error_type = "server_error"
+    code = "deadline_exceeded"

@@ -97,5 +97,8 @@ class FakeEngine:
     def failed_loads(self) -> list[dict[str, object]]:
         return []
 
+    def unfinished_requests(self) -> int:
+        return 0
+
     def shutdown(self) -> None:
         self.stopped = True

@@ -116,12 +116,12 @@ async def test_health_and_ready(client: httpx.AsyncClient) -> None:
     assert "loraplex_ready 1.0" in (await client.get("/metrics")).text
 
 
-async def test_not_ready_when_the_engine_is_unhealthy(
+async def test_neither_alive_nor_ready_when_the_engine_is_dead(
     client: httpx.AsyncClient, engine: FakeEngine
 ) -> None:
-    engine.health_error = Unavailable("engine stalled")
-    assert assert_error(await client.get("/ready"), 503, "unavailable") == "engine stalled"
-    assert (await client.get("/health")).status_code == 200
+    engine.health_error = Unavailable("engine died")
+    assert assert_error(await client.get("/ready"), 503, "unavailable") == "engine died"
+    assert assert_error(await client.get("/health"), 503, "unavailable") == "engine died"
 
 
 async def test_ready_reports_adapters_that_cannot_be_read_without_turning_503(

@@ -58,6 +58,9 @@ class FailingEngine:
     async def load(self, adapter: ResolvedAdapter) -> bool:
         raise IncompatibleAdapter("bad weights")
 
+    async def check_health(self) -> None:
+        return None
+
 
 def test_fallback_only_when_policy_allows_and_labelled() -> None:
     metrics = Metrics()

@@ -80,6 +80,10 @@ class Engine(Protocol):
         """Versions that failed to load and are refused for now, with why."""
         ...
 
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds now (queued or generating)."""
+        ...
+
     def shutdown(self) -> None:
         """Stop the engine and its worker processes."""
         ...

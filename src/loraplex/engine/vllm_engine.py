@@ -273,6 +273,9 @@ class VllmEngine:
     def failed_loads(self) -> list[dict[str, object]]:
         return self._failed.report()
 
+    def unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
     def shutdown(self) -> None:
         self._llm.shutdown()
 

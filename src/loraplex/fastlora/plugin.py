@@ -32,8 +32,15 @@ def fast_lora_enabled() -> bool:
 
 
 def platform_plugin() -> str | None:
-    """vLLM platform plugin: the fast-LoRA CPU platform, or None to leave vLLM's choice."""
+    """vLLM platform plugin: the fast-LoRA CPU platform, or None to leave vLLM's choice.
+
+    In the processes vLLM starts it first detaches them from the server's process group
+    (``loraplex.engine.detach``), fast LoRA or not: this is the hook vLLM runs there.
+    """
     from loraplex.config import SettingsError
+    from loraplex.engine.detach import detach_engine_process
+
+    detach_engine_process()
 
     try:
         enabled = fast_lora_enabled()

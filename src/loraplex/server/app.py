@@ -3,6 +3,8 @@
 ``create_app`` takes settings and, for tests, engine, adapter-source and accounts factories;
 the real engine is vLLM's AsyncLLM created inside the lifespan (never at import, since vLLM
 spawns processes). Tenants, keys and usage live in the registry database (``Accounts``).
+``app.state.lifecycle`` (``drain.Lifecycle``) gates requests while draining or after engine
+death; the lifespan watches the engine and shuts it down only after the HTTP side has drained.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from loraplex.engine.types import Engine
 from loraplex.server import admin_routes, health, openai_routes
 from loraplex.server.auth import Authenticator
 from loraplex.server.body_limit import BodyLimit
+from loraplex.server.drain import Lifecycle, RequestGate
 from loraplex.server.errors import install_error_handlers
 from loraplex.server.header_limit import HeaderLimit
+from loraplex.server.liveness import watch_engine
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.service import Service
@@ -71,6 +75,7 @@ def create_app(
 ) -> FastAPI:
     """A server app; the engine starts when the app's lifespan starts."""
     metrics = Metrics()
+    lifecycle = Lifecycle(settings.shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,8 +87,12 @@ def create_app(
         engine = engine_factory(settings, base.path)
         prompts = PromptBuilder(base.path, settings.max_model_len, settings.max_tokens_limit)
         source = source_factory(settings, base)
-        app.state.service = Service(settings, engine, source, prompts, metrics, usage)
+        service = Service(settings, engine, source, prompts, metrics, usage)
+        app.state.service = service
+        lifecycle.stop_requests = service.stop_all
+        metrics.engine_requests.set_function(engine.unfinished_requests)
         flusher = asyncio.create_task(usage.run())
+        watcher = asyncio.create_task(watch_engine(engine, lifecycle.engine_died))
         metrics.ready.set(1)
         log.info(
             "loraplex ready on http://%s:%s (model %s)",
@@ -95,9 +104,10 @@ def create_app(
             yield
         finally:
             metrics.ready.set(0)
-            flusher.cancel()
-            with suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, watcher):
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             await usage.flush()
             engine.shutdown()
             if accounts is not None:
@@ -105,6 +115,7 @@ def create_app(
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
     app.state.settings = settings
     install_error_handlers(app)
 
@@ -119,6 +130,7 @@ def create_app(
             metrics.requests.labels(route.path, adapter, str(response.status_code)).inc()
         return response
 
+    app.add_middleware(RequestGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # outermost: added last
     app.include_router(openai_routes.router)

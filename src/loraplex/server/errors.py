@@ -1,7 +1,8 @@
 """The one place where errors become HTTP responses with an OpenAI error body.
 
 ``{"error": {"message", "type", "code"}}``; 429/503 carry ``Retry-After``. Request body
-validation errors are 400 (not FastAPI's 422) because OpenAI clients expect 400.
+validation errors are 400 (not FastAPI's 422) because OpenAI clients expect 400. An adapter
+that "did not load" because the engine is dead is the engine's 503, never a 409.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.errors import LoraplexError
+from loraplex.errors import IncompatibleAdapter, LoraplexError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,13 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map loraplex errors, validation errors and stray exceptions to OpenAI bodies."""
 
     @app.exception_handler(LoraplexError)
-    async def _loraplex(_: Request, exc: LoraplexError) -> JSONResponse:
+    async def _loraplex(request: Request, exc: LoraplexError) -> JSONResponse:
+        service = getattr(request.app.state, "service", None)
+        if isinstance(exc, IncompatibleAdapter) and service is not None:
+            try:
+                await service.engine.check_health()
+            except LoraplexError as dead:
+                exc = dead
         return error_response(
             exc.status_code, exc.message, exc.error_type, exc.code, exc.retry_after
         )

@@ -1,10 +1,12 @@
 """Liveness, readiness and metrics routes.
 
-``/health``: the process answers. ``/ready``: the engine serves (503 with the reason
-otherwise); its body reports whether the adapter registry (or folder) can be read, which alone
-never makes it 503: a registry outage must not take every replica out of rotation, since the
-base model and adapters already resolved are still served. ``/metrics``: Prometheus text; it
-names tenants and adapters, so with auth on it needs the admin key or the metrics key.
+``/health`` (liveness): 503 when the engine is dead, or stalled (requests wait and it has
+produced no token for ``stall_seconds``); 200 while it loads or drains. ``/ready``: the engine
+serves and the server is not draining (503 with the reason otherwise); its body reports whether
+the adapter registry (or folder) can be read, which alone never makes it 503: a registry outage
+must not take every replica out of rotation, since the base model and adapters already resolved
+are still served. ``/metrics``: Prometheus text; it names tenants and adapters, so with auth on
+it needs the admin key or the metrics key.
 """
 
 from __future__ import annotations
@@ -16,15 +18,32 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplex.errors import LoraplexError, Unavailable
+from loraplex.server.service import Service
 
 router = APIRouter()
 REGISTRY_WAIT_SECONDS = 1.0
 """Longest ``/ready`` waits for the registry's state (probes have short timeouts)."""
 
 
+async def check_engine_alive(service: Service) -> None:
+    """Raise ``Unavailable`` if the engine is dead or stalled."""
+    await service.engine.check_health()
+    stalled = service.progress.stalled_for()
+    limit = service.settings.stall_seconds
+    if stalled > limit:
+        raise Unavailable(
+            f"The inference engine is stalled: {service.progress.waiting} request(s) wait and "
+            f"it has produced no token for {stalled:.0f} s (limit {limit:g} s)."
+        )
+
+
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """Always 200 while the process runs."""
+async def health(request: Request) -> dict[str, str]:
+    """200 while the engine is alive and making progress (or still loading), else 503."""
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        return {"status": "starting"}
+    await check_engine_alive(service)
     return {"status": "ok"}
 
 
@@ -35,7 +54,9 @@ async def ready(request: Request) -> dict[str, Any]:
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise Unavailable("The engine is starting.")
-    await service.engine.check_health()
+    if request.app.state.lifecycle.draining:
+        raise Unavailable("The server is shutting down.", retry_after=2)
+    await check_engine_alive(service)
     return {
         "status": "ready",
         "model": service.base_name,

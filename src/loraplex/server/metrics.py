@@ -67,4 +67,9 @@ class Metrics:
         self.in_flight = Gauge(
             "loraplex_requests_in_flight", "Requests being generated now.", registry=r
         )
+        self.engine_requests = Gauge(
+            "loraplex_engine_requests",
+            "Requests the engine holds now (queued or generating in it).",
+            registry=r,
+        )
         self.ready = Gauge("loraplex_ready", "1 when the server can serve.", registry=r)

@@ -3,8 +3,9 @@ models, and ``/generate`` (plain ``{prompt, lora_name}`` in, ``{text}`` out, no 
 
 Each route authenticates the caller, parses its body, checks the server's caps, asks the
 ``Service`` to resolve, admit and load (all before any generation), and shapes the OpenAI wire
-format. Headers: ``x-request-id``, ``x-loraplex-adapter`` and, after a labelled fallback,
-``x-loraplex-fallback: base``.
+format. A client that disconnects stops its generation (streams: Starlette cancels them;
+otherwise ``unless_disconnected``). Headers: ``x-request-id``, ``x-loraplex-adapter`` and,
+after a labelled fallback, ``x-loraplex-fallback: base``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.background import BackgroundTask
 from loraplex.engine.types import Delta, GenerationParams
 from loraplex.errors import InvalidRequest, LoraplexError
 from loraplex.server.auth import Caller
+from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.limits import check_caps
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from loraplex.server.service import Lease, Service, Target, new_request_id
@@ -76,7 +78,7 @@ async def _admitted(
     adapter = await service.resolve(model, caller)
     lease = await service.admit(caller, prompts, params)
     try:
-        return await service.target(adapter), lease
+        return await service.target(adapter, lease.deadline), lease
     except BaseException:
         lease.release()
         raise
@@ -195,7 +197,7 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
     ]
     try:
-        results = await asyncio.gather(*collects)
+        results = await unless_disconnected(request, asyncio.gather(*collects))
     finally:
         for collect in collects:  # one failed: stop the others before their seats are freed
             collect.cancel()
@@ -264,7 +266,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
         return _event_stream(events, headers, lease)
 
     try:
-        result = await _collect(deltas, body.n)
+        result = await unless_disconnected(request, _collect(deltas, body.n))
     finally:
         lease.release()
     choices = [
@@ -315,7 +317,7 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep) -
     request_id = new_request_id("gen")
     try:
         deltas = service.generate(prompt_ids, params, request_id, target, lease)
-        (choice,) = await _collect(deltas, 1)
+        (choice,) = await unless_disconnected(request, _collect(deltas, 1))
     finally:
         lease.release()
     return _json({"text": "".join(choice.text)}, _headers(request_id, target))

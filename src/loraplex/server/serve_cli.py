@@ -4,6 +4,9 @@ The flags are generated from ``Settings``' fields, so a new setting is a flag at
 listening socket is bound before the engine loads (a minute on CPU): a taken port fails at
 once, and ``--port 0`` gets a free port that is printed as
 ``loraplex listening on http://HOST:PORT`` before loading starts.
+
+SIGTERM and Ctrl-C drain (``drain.Lifecycle``) and exit 0; a second Ctrl-C exits at once. After
+an engine death the process exits 1, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import logging
+import signal
 import socket
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from pydantic.fields import FieldInfo
@@ -20,6 +25,11 @@ from pydantic.fields import FieldInfo
 from loraplex.config import Settings, load_settings
 from loraplex.engine.memory import check_memory
 from loraplex.errors import LoraplexError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from loraplex.server.drain import Lifecycle
 
 EXTRA_FLAG_NAMES = {"base_model": ["--base"]}
 """Short names kept beside the generated ``--field-name`` flags."""
@@ -122,6 +132,39 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def draining_server(config: uvicorn.Config, lifecycle: Lifecycle) -> uvicorn.Server:
+    """A uvicorn server whose first stop signal drains (``lifecycle``) instead of closing."""
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            lifecycle.stop_serving = self.stop
+            await super().serve(sockets)
+
+        def stop(self) -> None:
+            self.should_exit = True
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Not uvicorn's handler: it would close the port at once and re-raise the signal
+            # at exit (a nonzero status after a clean drain).
+            if self.started and not lifecycle.draining and self.loop is not None:
+                logging.getLogger("loraplex.server").info(
+                    "%s received: draining", signal.Signals(sig).name
+                )
+                self.loop.call_soon_threadsafe(lifecycle.begin_drain)
+            elif self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    return DrainingServer(config)
+
+
 def serve_command(**flags: Any) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     settings = load_settings(**{k: v for k, v in flags.items() if v is not None})
@@ -142,14 +185,18 @@ def serve_command(**flags: Any) -> None:
 
     from loraplex.server.app import create_app
 
+    app = create_app(settings)
     # h11, not httptools: h11 stops buffering a request head past the limit (httptools has none)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         log_level="info",
         http="h11",
         h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    draining_server(config, app.state.lifecycle).run(sockets=[sock])
+    if app.state.lifecycle.exit_code:
+        raise typer.Exit(app.state.lifecycle.exit_code)
 
 
 serve_command.__signature__ = inspect.Signature(serve_parameters())  # type: ignore[attr-defined]

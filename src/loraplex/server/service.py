@@ -4,7 +4,11 @@ Routes parse HTTP; this module decides which weights serve the request, holds it
 tenant's limits and its fair share of the engine, and counts usage and metrics. An unknown
 adapter is a 404, never a base-model answer; so is another tenant's adapter, with the same body
 so that names do not leak. A base fallback happens only where the adapter's policy allows it,
-and is labelled.
+and is labelled. A dead engine is never a reason to fall back: it is a 503.
+
+Every request has a deadline (``request_timeout_seconds``, from admission) over its adapter load
+and its generation; a drain that runs out of time stops what is left with ``stop_all``.
+Generation feeds the ``ProgressTracker`` that ``/health`` reads.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from loraplex.adapters import AdapterSource, ResolvedAdapter, unknown_model
 from loraplex.config import Settings
 from loraplex.engine.types import Delta, Engine, GenerationParams
-from loraplex.errors import IncompatibleAdapter, NotFound, Unavailable
+from loraplex.errors import DeadlineExceeded, IncompatibleAdapter, NotFound, Unavailable
 from loraplex.server.admission import FairAdmission
 from loraplex.server.auth import Caller
 from loraplex.server.limits import Reservation, TenantLimits
+from loraplex.server.liveness import ProgressTracker
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.usage import UsageRecorder
@@ -47,6 +53,7 @@ class Lease:
     caller: Caller
     reservation: Reservation
     seats: int
+    deadline: float  # event-loop time by which the request must be done
     label: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -96,6 +103,9 @@ class Service:
             settings.queue_timeout_seconds,
             reserve=capacity // 8 if reserve is None else reserve,
         )
+        self.progress = ProgressTracker()
+        self._timeouts: set[asyncio.Timeout] = set()
+        self._stop_reason: str | None = None
 
     @property
     def base_name(self) -> str:
@@ -126,16 +136,58 @@ class Service:
         except BaseException:
             reservation.release(0)
             raise
-        return Lease(self, caller, reservation, seats)
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_seconds
+        return Lease(self, caller, reservation, seats, deadline)
 
-    async def target(self, adapter: ResolvedAdapter | None) -> Target:
-        """Make the adapter resident, or fall back to the base where its policy allows."""
+    def stop_all(self, reason: str) -> None:
+        """Stop every load and generation in progress, and any later one, with 503 ``reason``."""
+        self._stop_reason = reason
+        now = asyncio.get_running_loop().time()
+        for timeout in list(self._timeouts):
+            timeout.reschedule(now)
+
+    @asynccontextmanager
+    async def _within(self, deadline: float) -> AsyncIterator[None]:
+        """Run a step until ``deadline`` (504 past it), or until ``stop_all`` (503)."""
+        if self._stop_reason is not None:
+            raise Unavailable(self._stop_reason, retry_after=1)
+        timeout = asyncio.timeout_at(deadline)
+        try:
+            async with timeout:
+                self._timeouts.add(timeout)
+                try:
+                    yield
+                finally:
+                    self._timeouts.discard(timeout)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            if self._stop_reason is not None:
+                raise Unavailable(self._stop_reason, retry_after=1) from None
+            raise DeadlineExceeded(
+                f"The request ran past its {self.settings.request_timeout_seconds:.0f} s "
+                "deadline and was stopped; ask for fewer tokens, or raise "
+                "--request-timeout-seconds."
+            ) from None
+
+    async def target(
+        self, adapter: ResolvedAdapter | None, deadline: float | None = None
+    ) -> Target:
+        """Make the adapter resident, or fall back to the base where its policy allows.
+
+        ``deadline`` (event-loop time) defaults to the request timeout from now. A load that
+        failed because the engine is dead is a 503, never a fallback.
+        """
         if adapter is None:
             return Target(None, self.base_name)
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_seconds
         started = time.perf_counter()
         try:
-            hit = await self.engine.load(adapter)
+            async with self._within(deadline):
+                hit = await self.engine.load(adapter)
         except (IncompatibleAdapter, Unavailable):
+            await self.engine.check_health()
             if not adapter.fallback_to_base:
                 raise
             self.metrics.fallbacks.labels(adapter.name).inc()
@@ -163,14 +215,19 @@ class Service:
         first = True
         self.metrics.in_flight.inc()
         self.metrics.prompt_tokens.labels(label).inc(len(prompt_ids) * params.n)
+        self.progress.started()
         try:
-            async for delta in self.engine.stream(prompt_ids, params, request_id, target.adapter):
-                if first and delta.token_count:
-                    self.metrics.ttft.labels(label).observe(time.perf_counter() - started)
-                    first = False
-                lease.completion_tokens += delta.token_count
-                self.metrics.completion_tokens.labels(label).inc(delta.token_count)
-                yield delta
+            async with self._within(lease.deadline):
+                deltas = self.engine.stream(prompt_ids, params, request_id, target.adapter)
+                async for delta in deltas:
+                    self.progress.progressed()
+                    if first and delta.token_count:
+                        self.metrics.ttft.labels(label).observe(time.perf_counter() - started)
+                        first = False
+                    lease.completion_tokens += delta.token_count
+                    self.metrics.completion_tokens.labels(label).inc(delta.token_count)
+                    yield delta
         finally:
+            self.progress.finished()
             self.metrics.in_flight.dec()
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)

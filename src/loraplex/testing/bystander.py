@@ -59,6 +59,10 @@ class Bystander:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
+    def last_request(self) -> None:
+        """Send nothing after the request in flight (``stop`` still waits for it)."""
+        self._stop.set()
+
     def stop(self) -> None:
         """Stop after the request in flight."""
         self._stop.set()
