@@ -95,19 +95,26 @@ def test_a_shared_prefix_never_crosses_adapters(server) -> None:
     """Checklist case 11: two adapters (and the base) alternate 1,000 times on one long
     prompt with prefix caching on; every answer equals that model's first answer, and the
     cache was used (so a cached block of one adapter would have been a chance to cross)."""
-    prefix = "The harbour log for the season records ships, weather and cargo. " * 20
+    system = "You answer questions about geography for a harbour office. " * 20
     models = ["pirate", "shout", server.base]
-    body = {"prompt": prefix + "Today the harbour", "max_tokens": 4, "temperature": 0}
+    body = {
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": PROMPTS[0]},
+        ],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
 
     async def alternate() -> tuple[dict[str, str], list[tuple[str, str, int]]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
 
             async def one(model: str) -> tuple[str, str, int]:
-                response = await client.post("/v1/completions", json={**body, "model": model})
+                response = await client.post("/v1/chat/completions", json={**body, "model": model})
                 response.raise_for_status()
                 payload = response.json()
                 cached = payload["usage"]["prompt_tokens_details"]["cached_tokens"]
-                return model, payload["choices"][0]["text"], cached
+                return model, payload["choices"][0]["message"]["content"], cached
 
             first = {m: (await one(m))[1] for m in models}
             limit = asyncio.Semaphore(16)
@@ -120,6 +127,6 @@ def test_a_shared_prefix_never_crosses_adapters(server) -> None:
             return first, await asyncio.gather(*runs)
 
     first, runs = asyncio.run(alternate())
-    assert len(set(first.values())) == len(models), first  # the models answer differently
+    assert first["pirate"] != first[server.base], first  # a crossed block would show
     assert [text for _, text, _ in runs] == [first[model] for model, _, _ in runs]
     assert sum(cached > 0 for _, _, cached in runs) > 900  # the prefix cache served them
