@@ -5,7 +5,8 @@ real S3-compatible server (moto) reached through a small fault-injecting HTTP pr
 every fault a ``Bystander`` sends base-model requests and requests for an adapter this server
 has already resolved; it must see no error. The faults: S3 answering 500, a truncated object,
 a stalled connection (each fails its own request with 503 within its deadline), concurrent
-cold requests (one download), PostgreSQL stopped, PostgreSQL hung (SIGSTOP).
+cold requests (one download), PostgreSQL stopped, PostgreSQL hung (SIGSTOP). Auth is on, so
+the API keys (checked in the same database) must ride out the outages as well.
 """
 
 from __future__ import annotations
@@ -225,8 +226,13 @@ def server(
         registry_retry_seconds=1,
         blob_timeout_seconds=3,
         blob_fetch_timeout_seconds=FETCH_DEADLINE,
+        auth="on",  # key lookups must ride out an outage too
     )
+    for tenant in ("caller", "steady"):
+        registry.accounts.create_tenant(tenant)
     with loraplex_server(home / "server.log", env=env) as running:
+        running.key = registry.accounts.create_key("caller")[1]  # type: ignore[attr-defined]
+        running.steady_key = registry.accounts.create_key("steady")[1]  # type: ignore[attr-defined]
         assert complete(running, "known")[0] == 200  # resolved (and loaded) before any fault
         yield running
 
@@ -235,7 +241,8 @@ def complete(server: RunningServer, model: str) -> tuple[int, str, str, float]:
     """(status, x-loraplex-adapter, error message or text, seconds taken)."""
     body = {"model": model, "prompt": "The sea is", "max_tokens": 4, "temperature": 0}
     started = time.monotonic()
-    response = httpx.post(server.url + "/v1/completions", json=body, timeout=180)
+    headers = {"Authorization": f"Bearer {server.key}"}  # type: ignore[attr-defined]
+    response = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=180)
     took = time.monotonic() - started
     payload = response.json()
     text = payload["error"]["message"] if "error" in payload else payload["choices"][0]["text"]
@@ -248,7 +255,7 @@ def ready(server: RunningServer) -> tuple[int, dict]:
 
 
 def bystander(server: RunningServer) -> Bystander:
-    return Bystander(server.url, [BASE_NAME, "known"])
+    return Bystander(server.url, [BASE_NAME, "known"], key=server.steady_key)  # type: ignore[attr-defined]
 
 
 # ---- storage faults
