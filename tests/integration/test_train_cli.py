@@ -130,7 +130,8 @@ def wrap(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> dict
     args = ["train", "--data", str(write_jsonl(root / "train.jsonl", TRAIN_WORDS)),
             "--eval-data", str(write_jsonl(root / "eval.jsonl", EVAL_WORDS)),
             "--name", "wrap", "--output", str(out), "--push", "--batch-size", "8",
-            "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3", "--seed", "0"]  # fmt: skip
+            "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3", "--seed", "0",
+            "--format", "completion"]  # fmt: skip
     done = loraplex(args, env)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"path": out, "stdout": done.stdout, "stderr": done.stderr, "env": env}
@@ -150,6 +151,8 @@ def test_adapter_folder_and_manifest(wrap: dict, base_model_dir: Path) -> None:
     assert len(doc["data"]["train"]["sha256"]) == 64
     assert doc["hyperparameters"]["r"] == 16 and doc["hyperparameters"]["alpha"] == 32
     assert doc["hyperparameters"]["precision"] == "fp32"
+    assert doc["prompt_format"] == doc["hyperparameters"]["prompt_format"] == "completion"
+    assert doc["hyperparameters"]["auto"] == []
     assert {"torch", "transformers", "peft"} <= set(doc["versions"])
     results = doc["results"]
     assert results["eval_loss"] < results["eval_loss_before"] / 4
@@ -176,6 +179,9 @@ def test_push_registers_a_new_version_without_promoting_it(wrap: dict, tmp_path:
     # the registry points "stable" at a name's first version; a later push moves nothing
     assert record["aliases"] == {"stable": "wrap@v1"}
     assert [v["number"] for v in record["versions"]] == [1, 2]
+    text = loraplex(["adapters", "show", "wrap"], wrap["env"]).stdout
+    assert [line.split("format=")[1].split()[0] for line in text.splitlines()
+            if "format=" in line] == ["completion", "chat"]  # fmt: skip
 
 
 def completion(url: str, model: str, text: str) -> str:
@@ -215,7 +221,7 @@ def test_bad_data_reports_every_line_and_trains_nothing(
     out = tmp_path / "out"
     done = loraplex(
         ["train", "--data", str(data), "--name", "bad", "--output", str(out),
-         "--base", str(base_model_dir), "--max-seq-len", "32"],
+         "--base", str(base_model_dir), "--max-seq-len", "32", "--format", "completion"],
         {"LORAPLEX_HOME": str(tmp_path / "home")},
     )  # fmt: skip
     assert done.returncode != 0

@@ -9,7 +9,7 @@ import pytest
 
 from loraplex.errors import InvalidRequest
 from loraplex.train.data import DataError, Example
-from loraplex.train.encode import IGNORE_INDEX, Encoder, encode_file, pad_batch
+from loraplex.train.encode import IGNORE_INDEX, Encoder, encode_file, pad_batch, resolve_format
 
 EOS, BOS = 1, 2
 
@@ -87,6 +87,35 @@ def test_chat_needs_a_template() -> None:
     messages = ({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"})
     with pytest.raises(InvalidRequest, match="no chat template"):
         Encoder(tok).encode(Example(1, "chat", messages=messages))
+
+
+def test_input_output_rows_train_as_one_chat_turn() -> None:
+    tok = CharTokenizer()
+    row = Encoder(tok, prompt_format="chat").encode(Example(1, "completion", prompt="hi",
+                                                           answer="yo"))  # fmt: skip
+    turns = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"})
+    assert row == Encoder(tok).encode(Example(1, "chat", messages=turns))
+
+
+def test_format_auto_is_chat_only_with_a_template() -> None:
+    tok = CharTokenizer()
+    assert resolve_format("auto", tok) == "chat"
+    assert resolve_format("completion", tok) == "completion"
+    tok.chat_template = None
+    assert resolve_format("auto", tok) == "completion"
+    with pytest.raises(InvalidRequest, match="--format completion"):
+        resolve_format("chat", tok)
+
+
+def test_messages_rows_refused_for_completion_format(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    path.write_text(json.dumps({"input": "q", "output": "a"}) + "\n"
+                    + json.dumps({"messages": turns}) + "\n")  # fmt: skip
+    with pytest.raises(DataError) as info:
+        encode_file(Encoder(CharTokenizer(), prompt_format="completion"), path, max_seq_len=99)
+    assert [e.line for e in info.value.errors] == [2]
+    assert "--format completion" in info.value.errors[0].problem
 
 
 def test_too_long_lines_reported_with_shape_errors(tmp_path: Path) -> None:

@@ -42,9 +42,9 @@ def test_no_interrupt_leaves_control_alone() -> None:
 
 
 def test_out_of_memory_names_the_knobs() -> None:
-    opts = TrainOptions(data=Path("d"), name="x", grad_accum=4, max_seq_len=1024)
+    opts = TrainOptions(data=Path("d"), name="x", max_seq_len=1024)
     plan = memory.Plan(8, False, 0, 0)
-    with pytest.raises(OutOfMemory) as info, oom_guard(opts, plan):
+    with pytest.raises(OutOfMemory) as info, oom_guard(opts, plan, 4):
         raise torch.OutOfMemoryError("CUDA out of memory")
     message = info.value.message
     assert "--batch-size 4 --grad-accum 8" in message
@@ -68,6 +68,7 @@ def test_progress_prints_plain_lines_off_terminal(capsys: pytest.CaptureFixture[
 def test_manifest_round_trip(tmp_path: Path) -> None:
     doc = manifest.build(
         name="x",
+        prompt_format="chat",
         base={"name": "b", "fingerprint": "f" * 64},
         data={"train": {"sha256": "d" * 64}},
         hyperparameters={"r": 16},
@@ -77,6 +78,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     back = manifest.read(tmp_path)
     assert back == json.loads(json.dumps(doc))
     assert back["base_fingerprint"] == "f" * 64 and back["data_sha256"] == "d" * 64
+    assert back["prompt_format"] == "chat"
     assert {"torch", "transformers", "peft"} <= set(back["versions"])
     (tmp_path / manifest.MANIFEST_FILE).write_text("{broken")
     assert manifest.read(tmp_path) is None

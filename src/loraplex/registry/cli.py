@@ -130,7 +130,8 @@ def _describe(rec: AdapterRecord) -> str:
         lines.append(
             f"  v{v.number:<4} {v.created_at:%Y-%m-%d %H:%M:%S}Z by {v.created_by:<12} "
             f"r={v.rank} alpha={v.alpha:g} {v.size / 2**20:.2f} MiB sha256={v.sha256[:16]} "
-            f"modules={','.join(v.target_modules)}"
+            f"modules={','.join(v.target_modules)} "
+            f"format={(v.manifest or {}).get('prompt_format') or 'unknown'}"
             + (f"  {v.description}" if v.description else "")
         )
     if rec.events:

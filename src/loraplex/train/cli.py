@@ -40,16 +40,20 @@ def train_command(
     target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")] = ",".join(
         DEFAULT_TARGET_MODULES
     ),
-    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 3.0,
+    epochs: Annotated[
+        float | None, typer.Option(help="Passes over the data (default: auto, from data size).")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
     warmup_ratio: Annotated[
         float, typer.Option(help="Share of the steps spent warming the learning rate up.")
     ] = 0.03,
     batch_size: Annotated[
-        int | None, typer.Option(help="Sequences per step (default: from memory).")
+        int | None, typer.Option(help="Sequences per pass (default: auto, from data and memory).")
     ] = None,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Gradient accumulation steps (default: auto).")
+    ] = None,
     max_seq_len: Annotated[int, typer.Option(help="Longest example in tokens.")] = 2048,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same adapter).")] = 0,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")] = 50,
@@ -61,6 +65,14 @@ def train_command(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    prompt_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="chat or completion: how clients will prompt the adapter (default: chat if "
+            "the base has a chat template; {input, output} rows become a user/assistant turn).",
+        ),
+    ] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     force: Annotated[
         bool, typer.Option(help="Replace an existing adapter or checkpoints.")
@@ -95,6 +107,7 @@ def train_command(
         save_steps=save_steps,
         gradient_checkpointing=gradient_checkpointing,
         device=chosen,
+        prompt_format=prompt_format,  # type: ignore[arg-type]  # checked by opts.check()
         resume=resume,
         force=force,
     )
@@ -107,6 +120,8 @@ def train_command(
     summary = f"train loss {figures['final_train_loss']:.4f}"
     if figures.get("eval_loss") is not None:
         summary += f", eval loss {figures['eval_loss_before']:.4f} -> {figures['eval_loss']:.4f}"
+    hyper = result.manifest["hyperparameters"]
+    summary += f", {hyper['steps']} steps, trained for {result.manifest['prompt_format']} prompts"
     typer.echo(f"{name}: {summary}, {figures['seconds']:.0f}s", err=True)
     typer.echo(str(result.path))
     if push:

@@ -1,13 +1,14 @@
 """Turning checked examples into token ids and labels, the way the server will prompt.
 
 The prompt is tokenized exactly as vLLM does for the matching request, so the adapter is
-trained on what it will be served:
+trained on what it will be served. The prompt format is one per run (``resolve_format``):
 
 - completion: ``tokenizer(input, add_special_tokens=True)`` (as ``/v1/completions``), then
-  the output's tokens and EOS;
+  the output's tokens and EOS; ``{"messages"}`` rows cannot be trained this way;
 - chat: the base model's chat template over all messages but the last, with the generation
   prompt, encoded without special tokens (as ``/v1/chat/completions``); then the last
-  assistant message as the template renders it, cut after its first stop token.
+  assistant message as the template renders it, cut after its first stop token. An
+  ``{"input", "output"}`` row is the user turn ``input`` and the assistant answer ``output``.
 
 Labels equal the input ids with every prompt position set to -100, so the loss counts only
 the answer (including its stop token). Over-long examples are reported by line number.
@@ -19,13 +20,28 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loraplex.errors import InvalidRequest
 from loraplex.train import data
 from loraplex.train.data import Dataset, Example, LineError
 
 IGNORE_INDEX = -100
+Format = Literal["chat", "completion"]
+
+
+def resolve_format(requested: str, tokenizer: Any) -> Format:
+    """``auto`` -> chat if the base has a chat template (what most clients call), else
+    completion; ``chat`` on a base without a template is refused."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "auto":
+        return "chat" if has_template else "completion"
+    if requested == "chat" and not has_template:
+        raise InvalidRequest(
+            "--format chat: the base model's tokenizer has no chat template; "
+            "use --format completion."
+        )
+    return "chat" if requested == "chat" else "completion"
 
 
 @dataclass(frozen=True)
@@ -45,8 +61,11 @@ class Encoded:
 class Encoder:
     """Encodes examples with one tokenizer; ``stop_ids`` end an answer (EOS, end of turn)."""
 
-    def __init__(self, tokenizer: Any, stop_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self, tokenizer: Any, stop_ids: Iterable[int] = (), prompt_format: Format = "completion"
+    ) -> None:
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
         eos = tokenizer.eos_token_id
         if eos is None:
             raise InvalidRequest("The base model's tokenizer has no EOS token; it cannot be used.")
@@ -60,6 +79,10 @@ class Encoder:
         """Ids and masked labels of one example."""
         if example.kind == "chat":
             prompt, answer = self._chat(example.messages)
+        elif self.prompt_format == "chat":
+            turns = ({"role": "user", "content": example.prompt},
+                     {"role": "assistant", "content": example.answer})  # fmt: skip
+            prompt, answer = self._chat(turns)
         else:
             prompt = self._ids(example.prompt, special=True)
             answer = [*self._ids(example.answer, special=False), self.eos_id]
@@ -94,6 +117,11 @@ def encode_file(encoder: Encoder, path: Path, max_seq_len: int) -> tuple[Dataset
     dataset, errors = data.read(path)
     encoded = []
     for example in dataset.examples:
+        if example.kind == "chat" and encoder.prompt_format == "completion":
+            errors.append(
+                LineError(example.line, '"messages" rows train as chat; drop --format completion')
+            )
+            continue
         item = encoder.encode(example)
         if len(item.input_ids) > max_seq_len:
             errors.append(

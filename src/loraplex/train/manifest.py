@@ -1,10 +1,13 @@
 """``loraplex.json``: what an adapter folder was trained from and how.
 
 Written last into the adapter folder, so its presence means the adapter is complete. It
-records the base model (name, fingerprint), the data (sha256, examples, shapes), the
-hyperparameters, the losses, and the versions of torch, transformers and peft. The
-registry reads it on push; ``loraplex.train.demo`` reads it to skip finished adapters.
-This module reads and writes the JSON; it does not train.
+records the base model (name, fingerprint), the prompt format the adapter was trained for
+(``prompt_format``: ``chat`` or ``completion``), the data (sha256, examples, shapes), the
+hyperparameters (with the chosen schedule and which parts of it were "auto"), the losses
+(with the eval history and best step when there was eval data), and the versions of torch,
+transformers and peft. The registry reads it on push (``adapters show`` prints the format);
+``loraplex.train.demo`` reads it to skip finished adapters. This module reads and writes
+the JSON; it does not train.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def library_versions() -> dict[str, str]:
 def build(
     *,
     name: str,
+    prompt_format: str,
     base: dict[str, str],
     data: dict[str, Any],
     hyperparameters: dict[str, Any],
@@ -43,6 +47,7 @@ def build(
     return {
         "schema": SCHEMA,
         "name": name,
+        "prompt_format": prompt_format,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_fingerprint": base["fingerprint"],
         "base": base,

@@ -1,9 +1,12 @@
 """The options of one training run (``TrainOptions``) and their defaults.
 
 Defaults: rank 16, alpha 32, dropout 0.05, every attention and MLP projection, learning rate
-2e-4 with 3% warmup, gradient accumulation 4, 3 epochs. ``batch_size`` and
-``gradient_checkpointing`` left as ``None`` are chosen from the memory the device has
-(``loraplex.train.memory``). This module holds plain data; it imports nothing heavy.
+2e-4 with 3% warmup. ``batch_size``, ``grad_accum`` and ``epochs`` left as ``None`` are chosen
+from the dataset size and the device's memory (``loraplex.train.schedule``,
+``loraplex.train.memory``), as is ``gradient_checkpointing``. ``prompt_format`` "auto" trains
+chat whenever the base model has a chat template (``{"input", "output"}`` rows become one user
+turn and one assistant turn), completion otherwise. This module holds plain data; it imports
+nothing heavy.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from loraplex.adapters import LINEAR_PROJECTIONS, NAME_RE
 from loraplex.errors import InvalidRequest
 
 DEFAULT_TARGET_MODULES = LINEAR_PROJECTIONS
+PROMPT_FORMATS = ("auto", "chat", "completion")
 
 
 @dataclass
@@ -31,17 +35,18 @@ class TrainOptions:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    epochs: float = 3.0
+    epochs: float | None = None
     max_steps: int | None = None
     lr: float = 2e-4
     warmup_ratio: float = 0.03
     batch_size: int | None = None
-    grad_accum: int = 4
+    grad_accum: int | None = None
     max_seq_len: int = 2048
     seed: int = 0
     save_steps: int = 50
     gradient_checkpointing: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt_format: Literal["auto", "chat", "completion"] = "auto"
     resume: bool = False
     force: bool = False
     show_progress: bool = True
@@ -59,15 +64,16 @@ class TrainOptions:
             "--r": self.r,
             "--alpha": self.alpha,
             "--lr": self.lr,
-            "--grad-accum": self.grad_accum,
             "--max-seq-len": self.max_seq_len,
             "--save-steps": self.save_steps,
-            "--epochs": self.epochs,
         }
-        if self.batch_size is not None:
-            positive["--batch-size"] = self.batch_size
-        if self.max_steps is not None:
-            positive["--max-steps"] = self.max_steps
+        optional = {
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--epochs": self.epochs,
+            "--max-steps": self.max_steps,
+        }
+        positive.update({flag: value for flag, value in optional.items() if value is not None})
         for flag, value in positive.items():
             if value <= 0:
                 raise InvalidRequest(f"{flag} must be greater than 0 (got {value}).")
@@ -75,11 +81,16 @@ class TrainOptions:
             raise InvalidRequest(f"--dropout must be in [0, 1) (got {self.dropout}).")
         if not 0 <= self.warmup_ratio < 1:
             raise InvalidRequest(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio}).")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise InvalidRequest(
+                f"--format {self.prompt_format}: use one of {', '.join(PROMPT_FORMATS)}."
+            )
         if not self.target_modules:
             raise InvalidRequest("--target-modules is empty; name at least one module.")
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The settings that shape the adapter (recorded in the manifest, checked on resume)."""
+        """The settings as given (``None``: auto), checked on resume; the manifest adds the
+        chosen schedule."""
         keys = (
             "r",
             "alpha",
@@ -92,6 +103,7 @@ class TrainOptions:
             "grad_accum",
             "max_seq_len",
             "seed",
+            "prompt_format",
         )
         values = asdict(self)
         out = {key: values[key] for key in keys}

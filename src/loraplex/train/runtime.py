@@ -3,8 +3,9 @@
 All heavy imports (torch, transformers, peft) happen inside these functions, so importing
 loraplex stays light. The device is CUDA when present (bf16 if it supports it, else fp32)
 and CPU otherwise (fp32). ``build_trainer`` wraps the base in a PEFT LoRA and returns a
-transformers ``Trainer`` with loraplex's progress and Ctrl-C callbacks; ``run`` turns
-out-of-memory into ``OutOfMemory`` with the knobs to turn. Orchestration is in
+transformers ``Trainer`` with loraplex's progress and Ctrl-C callbacks; with eval data it
+evaluates (and checkpoints) about ten times per run and ends on the checkpoint of lowest eval
+loss. ``run`` turns out-of-memory into ``OutOfMemory`` with the knobs to turn. Orchestration is in
 ``loraplex.train.trainer``.
 """
 
@@ -27,6 +28,9 @@ from loraplex.train.callbacks import InterruptCallback, ProgressCallback
 from loraplex.train.encode import Encoded
 from loraplex.train.loss import collate, trainer_class
 from loraplex.train.options import TrainOptions
+from loraplex.train.schedule import Schedule
+
+EVALS_PER_RUN = 10  # with eval data: evaluate (and checkpoint) about this often per run
 
 
 class OutOfMemory(LoraplexError):
@@ -129,6 +133,7 @@ def _training_args(**kwargs: Any) -> Any:
 def build_trainer(
     env: Env,
     opts: TrainOptions,
+    schedule: Schedule,
     plan: memory.Plan,
     ckpt_dir: Path,
     train_items: list[Encoded],
@@ -164,27 +169,37 @@ def build_trainer(
     pad_id = env.tokenizer.pad_token_id
     pad_id = env.tokenizer.eos_token_id if pad_id is None else pad_id
 
-    per_epoch = -(-len(train_items) // (plan.batch_size * opts.grad_accum))
-    total_steps = opts.max_steps or max(int(per_epoch * opts.epochs), 1)
+    total_steps = schedule.steps
+    every = opts.save_steps
+    evaluated: dict[str, Any] = {"eval_strategy": "no"}
+    if eval_items:
+        every = min(opts.save_steps, max(1, -(-total_steps // EVALS_PER_RUN)))
+        evaluated = {
+            "eval_strategy": "steps",
+            "eval_steps": every,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
     args = _training_args(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=plan.batch_size,
-        per_device_eval_batch_size=plan.batch_size,
-        gradient_accumulation_steps=opts.grad_accum,
-        num_train_epochs=opts.epochs,
-        max_steps=opts.max_steps or -1,
+        per_device_train_batch_size=schedule.batch_size,
+        per_device_eval_batch_size=schedule.batch_size,
+        gradient_accumulation_steps=schedule.grad_accum,
+        num_train_epochs=schedule.epochs,
+        max_steps=total_steps,
         learning_rate=opts.lr,
         lr_scheduler_type="linear",
-        warmup_steps=opts.warmup_ratio,
+        warmup_steps=schedule.warmup_steps,
         gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=env.precision == "bf16",
         use_cpu=env.device == "cpu",
         logging_steps=max(1, total_steps // 100),
         save_strategy="steps",
-        save_steps=opts.save_steps,
+        save_steps=every,
         save_total_limit=2,
-        eval_strategy="no",
+        **evaluated,
         report_to="none",
         disable_tqdm=True,
         seed=opts.seed,
@@ -209,7 +224,7 @@ def build_trainer(
 
 
 @contextmanager
-def oom_guard(opts: TrainOptions, plan: memory.Plan) -> Iterator[None]:
+def oom_guard(opts: TrainOptions, plan: memory.Plan, grad_accum: int) -> Iterator[None]:
     """Turn the device's out-of-memory error into ``OutOfMemory`` with advice."""
     import torch
 
@@ -220,8 +235,8 @@ def oom_guard(opts: TrainOptions, plan: memory.Plan) -> Iterator[None]:
         half = max(plan.batch_size // 2, 1)
         raise OutOfMemory(
             f"Out of device memory (batch size {plan.batch_size}, gradient accumulation "
-            f"{opts.grad_accum}, max length {opts.max_seq_len}, gradient checkpointing {ckpt}). "
-            f"Try --batch-size {half} --grad-accum {opts.grad_accum * 2} (same effective batch), "
+            f"{grad_accum}, max length {opts.max_seq_len}, gradient checkpointing {ckpt}). "
+            f"Try --batch-size {half} --grad-accum {grad_accum * 2} (same effective batch), "
             "a smaller --max-seq-len, or --gradient-checkpointing."
         ) from exc
 
@@ -247,8 +262,12 @@ def run(trainer: Any, callbacks: Callbacks, resume_from: Path | None) -> dict[st
         peak = int(torch.cuda.max_memory_allocated())
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    evals = [(e["step"], e["eval_loss"]) for e in state.log_history if "eval_loss" in e]
+    best = state.best_model_checkpoint
     return {
         "train_loss": float(out.training_loss),
+        "eval_history": [{"step": step, "eval_loss": loss} for step, loss in evals],
+        "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
         "final_train_loss": losses[-1] if losses else None,
         "first_train_loss": losses[0] if losses else None,
         "steps": int(state.global_step),

@@ -4,7 +4,10 @@
 the base model (bf16 on a CUDA device that supports it, fp32 on CPU), wraps it with a PEFT
 LoRA, and runs the transformers ``Trainer`` with checkpoints in ``OUTPUT/.checkpoints``.
 ``--resume`` continues from the last checkpoint, after checking that data, base and
-hyperparameters are the ones it was started with. The finished folder holds
+hyperparameters are the ones it was started with. Batch, accumulation, epochs and warmup
+not given are chosen from the dataset size (``loraplex.train.schedule``), printed, and
+recorded; with ``--eval-data`` the saved adapter is the checkpoint of lowest eval loss. The
+prompt format (chat or completion) is recorded as ``prompt_format``. The finished folder holds
 ``adapter_config.json``, ``adapter_model.safetensors`` and ``loraplex.json`` (written last).
 Device, model and Trainer set-up live in ``loraplex.train.runtime``, batch planning in
 ``loraplex.train.memory``; this module does not parse command lines.
@@ -14,16 +17,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
 from loraplex.errors import Conflict, InvalidRequest
-from loraplex.train import manifest, memory, runtime
+from loraplex.train import manifest, memory, runtime, schedule
 from loraplex.train.data import DataError
-from loraplex.train.encode import Encoded, Encoder, encode_file
+from loraplex.train.encode import Encoded, Encoder, encode_file, resolve_format
 from loraplex.train.options import TrainOptions
 from loraplex.train.runtime import Interrupted, OutOfMemory
 
@@ -119,6 +122,27 @@ def _check_resume(ckpt_dir: Path, record: dict) -> dict:
     return saved
 
 
+def _schedule(
+    env: Any, opts: TrainOptions, plan: memory.Plan, examples: int, longest: int,
+    saved: dict | None,
+) -> tuple[memory.Plan, schedule.Schedule]:  # fmt: skip
+    """The run's schedule, and the memory plan re-made for its batch if that is smaller."""
+    sched = schedule.choose(
+        examples,
+        device_batch=plan.batch_size,
+        batch_size=opts.batch_size,
+        grad_accum=opts.grad_accum,
+        epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        warmup_ratio=opts.warmup_ratio,
+    )
+    if sched.batch_size != plan.batch_size and saved is None:
+        fixed = replace(opts, batch_size=sched.batch_size,
+                        gradient_checkpointing=plan.gradient_checkpointing)  # fmt: skip
+        plan = memory.plan_batch(env, fixed, longest, None)
+    return plan, sched
+
+
 def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     """Train one adapter as ``opts`` says and return its folder and manifest."""
     opts.check()
@@ -126,7 +150,8 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     base = prepare(settings.models_dir, opts.base or settings.base_model)
     output = (opts.output or settings.resolved_adapters_dir / opts.name).expanduser()
     tokenizer = runtime.load_tokenizer(base.path)
-    encoder = Encoder(tokenizer, runtime.stop_token_ids(base.path))
+    prompt_format = resolve_format(opts.prompt_format, tokenizer)
+    encoder = Encoder(tokenizer, runtime.stop_token_ids(base.path), prompt_format)
     train_ds, train_items, eval_ds, eval_items = _read_data(opts, encoder)
     resume_from = _prepare_output(opts, output)
     record = _run_record(opts, base.fingerprint, train_ds, eval_ds)
@@ -136,16 +161,23 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
 
     longest = max(len(item.input_ids) for item in train_items + eval_items)
     plan = memory.plan_batch(env, opts, longest, saved)
+    plan, sched = _schedule(env, opts, plan, len(train_items), longest, saved)
     record.update(batch_size=plan.batch_size, gradient_checkpointing=plan.gradient_checkpointing)
-    runtime.log(f"{opts.name}: {len(train_items)} examples, {env.describe()}, {plan.describe()}")
+    runtime.log(
+        f"{opts.name}: {len(train_items)} examples as {prompt_format}, {env.describe()}, "
+        f"{plan.describe()}"
+    )
+    runtime.log(f"{opts.name}: {sched.describe()}")
     if plan.estimated_bytes > plan.available_bytes * memory.HEADROOM:
         runtime.log(
             "warning: this batch may not fit in memory; lower --batch-size (raise --grad-accum "
             "to keep the effective batch), lower --max-seq-len or add --gradient-checkpointing."
         )
 
-    trainer, callbacks = runtime.build_trainer(env, opts, plan, ckpt_dir, train_items, eval_items)
-    with runtime.oom_guard(opts, plan):
+    trainer, callbacks = runtime.build_trainer(
+        env, opts, sched, plan, ckpt_dir, train_items, eval_items
+    )
+    with runtime.oom_guard(opts, plan, sched.grad_accum):
         if saved is not None:
             eval_before = saved.get("eval_loss_before")
         else:
@@ -160,7 +192,7 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
             f"Stopped by Ctrl-C; checkpoint saved in {last}. Continue with the same command "
             "and --resume."
         )
-    with runtime.oom_guard(opts, plan):
+    with runtime.oom_guard(opts, plan, sched.grad_accum):
         eval_after = trainer.evaluate()["eval_loss"] if eval_items else None
     runtime.save_adapter(trainer.model, output)
     data_info = {
@@ -171,13 +203,15 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     }  # fmt: skip
     hyper = {
         **opts.hyperparameters(),
-        "batch_size": plan.batch_size,
+        **sched.record(),
+        "prompt_format": prompt_format,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "precision": env.precision,
     }
     results = {**stats, "eval_loss_before": eval_before, "eval_loss": eval_after}
     doc = manifest.build(
         name=opts.name,
+        prompt_format=prompt_format,
         base={"name": base.name, "fingerprint": base.fingerprint},
         data=data_info,
         hyperparameters=hyper,
