@@ -198,3 +198,12 @@ async def client(serve: Serve) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app with default settings and the ``adapters_root`` adapters."""
     async with serve() as client:
         yield client
+
+
+@pytest.fixture
+def model_dir() -> Path:
+    """The prepared bundled model (skips where it is not prepared; CI prepares it)."""
+    path = bundled_model_dir(Settings().models_dir)
+    if not (path / "config.json").is_file():
+        pytest.skip("the bundled model is not prepared (loraplex model prepare)")
+    return path

@@ -7,17 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.basemodel import bundled_model_dir
-from loraplex.config import Settings, SettingsError, load_settings
+from loraplex.config import SettingsError, load_settings
 from loraplex.engine.memory import GIB, check_memory, planned_bytes
-
-
-@pytest.fixture
-def model_dir() -> Path:
-    path = bundled_model_dir(Settings().models_dir)
-    if not (path / "config.json").is_file():
-        pytest.skip("the bundled model is not prepared (loraplex model prepare)")
-    return path
 
 
 def test_the_plan_adds_weights_kv_slots_and_adapter_cache(model_dir: Path) -> None:

@@ -19,8 +19,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from loraplex.adapters import ResolvedAdapter  # noqa: E402
-from loraplex.basemodel import bundled_model_dir  # noqa: E402
-from loraplex.config import Settings, load_settings  # noqa: E402
+from loraplex.config import load_settings  # noqa: E402
 from loraplex.engine.types import GenerationParams  # noqa: E402
 from loraplex.engine.vllm_engine import VllmEngine  # noqa: E402
 from loraplex.errors import IncompatibleAdapter  # noqa: E402
@@ -67,14 +66,6 @@ class StandInLLM:
                 await self.gate.wait()
             choice = SimpleNamespace(index=0, text="x", token_ids=[1], finish_reason=None)
             yield SimpleNamespace(outputs=[choice], num_cached_tokens=0)
-
-
-@pytest.fixture
-def model_dir() -> Path:
-    path = bundled_model_dir(Settings().models_dir)
-    if not (path / "config.json").is_file():
-        pytest.skip("the bundled model is not prepared (loraplex model prepare)")
-    return path
 
 
 def make(model_dir: Path, tmp_path: Path, names: list[str], **settings: Any):
