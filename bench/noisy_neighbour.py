@@ -1,10 +1,13 @@
 """Noisy neighbour: a quiet tenant's latency while another tenant floods, fair admission on/off.
 
 One server per mode, auth on, base model only, tenants and keys made in a scratch
-``LORAPLEX_HOME`` before it starts. Modes: ``fair`` (loraplex's weighted fair admission with
-its defaults: at most ``max_num_seqs`` sequences in the engine, the rest in per-tenant
-queues), ``fifo`` (``LORAPLEX_MAX_ENGINE_SEQUENCES=100000``: every request goes straight to
-vLLM's first-come scheduler) and, with ``--vllm``, vLLM's own server (no tenants: the two
+``LORAPLEX_HOME`` before it starts. Modes: ``fair`` (loraplex's weighted fair admission: at
+most ``max_num_seqs`` sequences in the engine, the rest in per-tenant queues, a light
+tenant's unused share of seats left free: ``LORAPLEX_LEND_SEQUENCES=0``), ``lend`` (the same,
+but the flood borrows up to ``--lend-sequences`` seats of the quiet tenant's unused share,
+all by default; the quiet tenant's requests take them back first), ``fifo``
+(``LORAPLEX_MAX_ENGINE_SEQUENCES=100000``: every request goes straight to vLLM's first-come
+scheduler) and, with ``--vllm``, vLLM's own server (no tenants: the two
 loads differ only client-side). In each server, in one run:
 
 1. quiet alone: ``--quiet-requests`` sequential requests of ``--quiet-tokens`` -> p50/p99;
@@ -24,6 +27,7 @@ alone, weights 2:1 within 10%. Writes ``bench/results/noisy_neighbour.json`` and
 
     .venv/bin/python -m bench.noisy_neighbour                     # fair + fifo: ~25 min on 2 cores
     .venv/bin/python -m bench.noisy_neighbour --floods 12,48,96,192 --vllm
+    .venv/bin/python -m bench.noisy_neighbour --modes fair,lend   # unused shares kept vs lent
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from bench._streams import Flood, Load, latency_summary, settle
 
 MODES = {
     "fair": "loraplex, fair admission",
+    "lend": "loraplex, fair admission, lending",
     "fifo": "loraplex, admission off",
     "vllm": "vLLM server",
 }
@@ -240,6 +245,9 @@ def run_mode(
         env = {"LORAPLEX_AUTH": "on", "LORAPLEX_HOME": str(home), "LORAPLEX_ADMIN_KEY": admin}
         if mode == "fifo":
             env["LORAPLEX_MAX_ENGINE_SEQUENCES"] = NO_ADMISSION
+        else:
+            env["LORAPLEX_LEND_SEQUENCES"] = str(args.lend_sequences if mode == "lend" else 0)
+        env.update(args.settings)
         adapters = home / "adapters"  # empty: base model only
         adapters.mkdir(parents=True, exist_ok=True)
         server = loraplex_server(engine, adapters, log_file, env)
@@ -319,7 +327,9 @@ def _met(goal: dict[str, Any]) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default="fair,fifo", help="of fair, fifo (comma-separated)")
+    parser.add_argument(
+        "--modes", default="fair,fifo", help="of fair, lend, fifo (comma-separated)"
+    )
     parser.add_argument("--vllm", action="store_true", help="also vLLM's own server")
     parser.add_argument("--floods", default="12,48,96", help="flood sizes (concurrent streams)")
     parser.add_argument("--quiet-requests", type=int, default=12)
@@ -336,6 +346,19 @@ def parse_args() -> argparse.Namespace:
         "(default: max_num_seqs, so both have a backlog; 0 skips the weights phase)",
     )
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument(
+        "--lend-sequences",
+        type=int,
+        default=None,
+        help="seats the lend mode may lend (default: max_num_seqs, all of them)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a loraplex setting for the loraplex modes (repeatable), e.g. reserved_sequences=4",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--fast-lora", choices=["on", "off"], default="on")
     parser.add_argument(
@@ -345,10 +368,18 @@ def parse_args() -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m] + (["vllm"] if args.vllm else [])
     unknown = set(args.modes) - set(MODES)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; choose from fair, fifo")
+        parser.error(f"unknown modes {sorted(unknown)}; choose from fair, lend, fifo")
+    if any("=" not in item for item in args.set):
+        parser.error("--set takes FIELD=VALUE")
+    args.settings = {
+        f"LORAPLEX_{field.upper()}": value
+        for field, value in (item.split("=", 1) for item in args.set)
+    }
     args.floods = [int(n) for n in args.floods.split(",")]
     if args.weight_streams is None:
         args.weight_streams = args.max_num_seqs
+    if args.lend_sequences is None:
+        args.lend_sequences = args.max_num_seqs
     return args
 
 
@@ -370,6 +401,8 @@ def main() -> None:
         "flood_tokens": args.flood_tokens,
         "flood_seconds": args.flood_seconds,
         "weight_streams": args.weight_streams,
+        "settings": args.settings,
+        "lend_sequences": args.lend_sequences,
         "tenant_weights": TENANTS,
         "endpoint": "completion",
         "stream": True,
@@ -397,7 +430,10 @@ def _readme(results: dict, goals_text: list[str], args: argparse.Namespace) -> N
         f"model. Quiet tenant: sequential {args.quiet_tokens}-token requests ({args.quiet_requests}"
         f" alone; with a flood, at least that many and for {args.flood_seconds:.0f} s). Flood: "
         f"N concurrent {args.flood_tokens}-token streams, tokens/s over {args.flood_seconds:.0f} s "
-        f"once the engine is full. All streamed, ignore_eos. Run "
+        f"once the engine is full. All streamed, ignore_eos. "
+        f"{'Settings: ' + str(args.settings) + '. ' if args.settings else ''}"
+        f"{f'Lend mode: up to {args.lend_sequences} seats lent. ' if 'lend' in results else ''}"
+        f"Run "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
     )
     goals_md = "\n".join(f"- {line}" for line in goals_text)

@@ -6,8 +6,13 @@ engine gives one LoRA id per version key, so a key must never name other weights
 hand the engine only adapters that passed ``loraplex.registry.validate`` (the folder source
 checks its own snapshot; the registry checked at push).
 
-The registry source looks the alias up again on every ``resolve``, so a promote or rollback
-is seen by every server at once; a version recorded against another base model, or above
+The registry source keeps what it resolved in memory while the registry's generation counter
+(bumped by every push, promote, rollback, delete and preload intent) is unchanged; a watcher
+thread reads that one number every ``refresh_seconds`` and names are trusted only while its
+last read began under ``2 * refresh_seconds`` ago, so a promote or rollback is served by every
+server within that bound, with one cheap query per interval instead of one per request
+(``refresh_seconds=0``: look up on every ``resolve``). A request keeps the version it
+resolved until it ends. A version recorded against another base model, or above
 this server's rank limit, is refused (409) before it reaches the engine. Each lookup is
 bounded in time; while the registry is down, what this server resolved in the last
 ``stale_seconds`` is served from memory and anything else is a 503 at once (``outage.py``).
@@ -18,9 +23,12 @@ thread in async code.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +39,10 @@ from loraplex.adapters import (
     NAME_RE,
     WEIGHTS_FILE,
     MayUse,
+    ModelCard,
     ResolvedAdapter,
     anyone,
+    trained_format,
     unknown_model,
 )
 from loraplex.errors import (
@@ -89,14 +99,21 @@ class FolderAdapterSource:
         return adapter
 
     def names(self, may_use: MayUse = anyone) -> list[str]:
+        return [card.id for card in self.models(may_use)]
+
+    def models(self, may_use: MayUse = anyone) -> list[ModelCard]:
+        """Shared adapters, created when their weights file was last written."""
         if not self.root.is_dir() or not may_use(None):
             return []
         return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if NAME_RE.fullmatch(p.name)
-            and self._adapter_folder(p.name) is not None
-            and all((p / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE))
+            (
+                ModelCard(p.name, None, int((p / WEIGHTS_FILE).stat().st_mtime))
+                for p in self.root.iterdir()
+                if NAME_RE.fullmatch(p.name)
+                and self._adapter_folder(p.name) is not None
+                and all((p / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE))
+            ),
+            key=lambda card: card.id,
         )
 
     def check(self) -> None:
@@ -156,7 +173,21 @@ class FolderAdapterSource:
             staging.rename(target)
         except OSError:  # the same content is already there (another name, or a race)
             shutil.rmtree(staging)
-        return ResolvedAdapter(name=name, version=f"{name}@sha-{digest[:12]}", path=target)
+        manifest = target / MANIFEST_FILE
+        return ResolvedAdapter(
+            name=name,
+            version=f"{name}@sha-{digest[:12]}",
+            path=target,
+            prompt_format=trained_format(
+                json.loads(manifest.read_text()) if manifest.is_file() else None
+            ),
+            checked_for=self.base,
+        )
+
+
+def _unix(when: datetime) -> int:
+    """Unix seconds of a stored time (stored in UTC; SQLite gives it back naive)."""
+    return int(when.replace(tzinfo=when.tzinfo or UTC).timestamp())
 
 
 def _stat_key(path: Path) -> tuple[int, int, int, int]:
@@ -201,19 +232,108 @@ class RegistryAdapterSource:
         retry_seconds: float = 1.0,
         stale_seconds: float = 300.0,
         blob_timeout: float = 10.0,
+        refresh_seconds: float = 0.0,
+        spec: BaseSpec | None = None,
     ) -> None:
         self.registry = registry
+        self.spec = spec
         self.base_fingerprint = base_fingerprint
         self.max_rank = max_rank
         self.database = BoundedCaller("The registry database", timeout, retry_seconds)
         self.storage = BoundedCaller("The blob store", blob_timeout, retry_seconds)
         self.known: LastKnownGood[VersionRecord] = LastKnownGood(stale_seconds)
+        self.refresh_seconds = refresh_seconds
+        self.generation: int | None = None  # as last read by the watcher
+        self._lock = threading.Lock()
+        self._fresh: dict[str, VersionRecord] = {}
+        self._confirmed_at = float("-inf")  # when the last generation read began
+        self._stopped = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._changed: list[threading.Event] = []
+
+    def watch(self) -> threading.Event:
+        """Start following the generation counter (once); the event returned is set whenever
+        it changes (the caller clears it)."""
+        changed = threading.Event()
+        with self._lock:
+            self._changed.append(changed)
+        self._start()
+        return changed
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._watcher is None and self.refresh_seconds > 0:
+                self._watcher = threading.Thread(
+                    target=self._follow, name="registry generation", daemon=True
+                )
+                self._watcher.start()
+
+    def close(self) -> None:
+        """Stop the watcher thread."""
+        self._stopped.set()
+
+    def _follow(self) -> None:
+        while not self._stopped.is_set():
+            self.refresh()
+            self._stopped.wait(self.refresh_seconds)
+
+    def refresh(self) -> None:
+        """Read the generation counter once; forget resolved names if it moved."""
+        began = time.monotonic()
+        try:
+            generation = self.database.call(self.registry.catalog.generation)
+        except Unavailable:
+            return  # names are no longer trusted once the last good read ages out
+        with self._lock:
+            moved = generation != self.generation
+            if moved:
+                self._fresh.clear()
+                self.generation = generation
+            self._confirmed_at = began
+            listeners = list(self._changed) if moved else []
+        for event in listeners:
+            event.set()
+
+    def _trusted(self) -> bool:
+        age = time.monotonic() - self._confirmed_at
+        return self.refresh_seconds > 0 and age < 2 * self.refresh_seconds
 
     def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
         """The version ``model`` names now, with a local folder holding its files."""
         version = self._lookup(model)
         if not may_use(version.tenant):
             raise unknown_model(model)
+        if not version.fallback_to_base:  # else the engine's load check refuses it: fallback
+            self._check_fits(version)
+        started = time.perf_counter()
+        local = self.registry.is_local(version)
+        path = self.registry.local_folder(version)
+        return ResolvedAdapter(
+            name=version.name,
+            version=version.key,
+            path=path,
+            fetch_seconds=0.0 if local else time.perf_counter() - started,
+            tenant=version.tenant,
+            fallback_to_base=version.fallback_to_base,
+            prompt_format=trained_format(version.manifest),
+            checked_for=self._checked_for(version),
+        )
+
+    def _checked_for(self, version: VersionRecord) -> BaseSpec | None:
+        """``spec`` if the push's validation holds for it: the version's files (sha256-checked
+        on arrival in the blob cache) passed ``validate_adapter`` at push against a base with
+        this fingerprint, and its rank and size are within this server's limits."""
+        spec = self.spec
+        fits = (
+            spec is not None
+            and version.base_fingerprint == spec.fingerprint
+            and version.rank <= spec.max_rank
+            and version.size <= spec.max_bytes
+        )
+        return spec if fits else None
+
+    def _check_fits(self, version: VersionRecord) -> None:
+        """Refuse (409) a version made for another base or above this server's rank."""
         if self.base_fingerprint and version.base_fingerprint != self.base_fingerprint:
             raise IncompatibleAdapter(
                 f"{version.key} was validated against base model "
@@ -225,17 +345,17 @@ class RegistryAdapterSource:
                 f"{version.key} has LoRA rank {version.rank}, above this server's maximum "
                 f"{self.max_rank} (LORAPLEX_MAX_LORA_RANK)."
             )
-        return ResolvedAdapter(
-            name=version.name,
-            version=version.key,
-            path=self.registry.local_folder(version),
-            tenant=version.tenant,
-            fallback_to_base=version.fallback_to_base,
-        )
 
     def _lookup(self, model: str) -> VersionRecord:
-        """The version ``model`` names: from the registry, or its last-known-good answer
-        while the registry is down."""
+        """The version ``model`` names: from memory while the generation is fresh, else from
+        the registry, or its last-known-good answer while the registry is down."""
+        if self._watcher is None:
+            self._start()
+        with self._lock:
+            generation = self.generation
+            fresh = self._fresh.get(model) if self._trusted() else None
+        if fresh is not None:
+            return fresh
         try:
             version = self.database.call(lambda: self.registry.resolve(model))
         except NotFound:
@@ -253,12 +373,19 @@ class RegistryAdapterSource:
                 ) from exc
             return known
         self.known.put(model, version)
+        with self._lock:
+            if generation is not None and generation == self.generation:
+                self._fresh[model] = version
         return version
 
     def names(self, may_use: MayUse = anyone) -> list[str]:
         """Names with a ``stable`` alias (what a bare ``N`` serves) the caller may use."""
+        return [card.id for card in self.models(may_use)]
+
+    def models(self, may_use: MayUse = anyone) -> list[ModelCard]:
+        """The same names with their tenant and when the name was first pushed."""
         return [
-            record.name
+            ModelCard(record.name, record.tenant, _unix(record.created_at))
             for record in self.database.call(self.registry.catalog.adapters)
             if DEFAULT_ALIAS in record.aliases and may_use(record.tenant)
         ]
@@ -291,4 +418,6 @@ def registry_source(settings: Settings, base: BaseModelInfo) -> RegistryAdapterS
         retry_seconds=settings.registry_retry_seconds,
         stale_seconds=settings.registry_stale_seconds,
         blob_timeout=settings.blob_timeout_seconds,
+        refresh_seconds=settings.alias_refresh_seconds,
+        spec=BaseSpec.of(base, settings),
     )

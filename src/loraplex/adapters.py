@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from loraplex.errors import InvalidAdapter, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from loraplex.registry.validate import BaseSpec
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,6 +37,27 @@ class ResolvedAdapter:
     path: Path
     tenant: str | None = None
     fallback_to_base: bool = False
+    prompt_format: str = "completion"  # how it was trained: "chat" or "completion"
+    # Spent fetching its files from the blob store for this request (0: local); not identity.
+    fetch_seconds: float = field(default=0.0, compare=False)
+    # The ``BaseSpec`` these very files passed ``validate_adapter`` against, when the source
+    # knows (None: unknown); the engine does not validate them again for an equal spec.
+    checked_for: BaseSpec | None = field(default=None, compare=False)
+
+
+def trained_format(manifest: object) -> str:
+    """The prompt format a loraplex manifest records; adapters from elsewhere: completion."""
+    chat = isinstance(manifest, dict) and manifest.get("prompt_format") == "chat"
+    return "chat" if chat else "completion"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``/v1/models`` says about one adapter name."""
+
+    id: str
+    owner: str | None  # the owning tenant; None: shared
+    created: int  # Unix seconds: when the adapter was first pushed (or its files written)
 
 
 MayUse = Callable[[str | None], bool]
@@ -59,7 +83,11 @@ class AdapterSource(Protocol):
         ...
 
     def names(self, may_use: MayUse = anyone) -> list[str]:
-        """Adapter names the caller can be served (for ``/v1/models``)."""
+        """Adapter names the caller can be served."""
+        ...
+
+    def models(self, may_use: MayUse = anyone) -> list[ModelCard]:
+        """The same adapters with owner and creation time (for ``/v1/models``)."""
         ...
 
     def check(self) -> None:

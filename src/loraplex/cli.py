@@ -13,6 +13,7 @@ import typer
 
 from loraplex.client.bench.cli import bench_command
 from loraplex.config import Settings
+from loraplex.evals.cli import eval_command
 from loraplex.registry.accounts_cli import keys_app, tenants_app, usage_command
 from loraplex.registry.cli import adapters_app
 from loraplex.server.serve_cli import serve_command
@@ -32,6 +33,7 @@ app.command("usage")(usage_command)
 app.command("serve")(serve_command)
 app.command("bench")(bench_command)
 app.command("train")(train_command)
+app.command("eval")(eval_command)
 
 
 @model_app.command("prepare")

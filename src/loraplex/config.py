@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         description="Allow auth off on a non-loopback address: anyone who reaches the port "
         "may use every adapter.",
     )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the server's loraplex logs (debug: per-load timings)."
+    )
     admin_key: str | None = Field(None, description="Key for /admin routes (Bearer).")
     metrics_key: str | None = Field(
         None, description="Key that may read /metrics when auth is on (the admin key may too)."
@@ -91,6 +94,34 @@ class Settings(BaseSettings):
         ge=0,
         description="Engine sequences kept for tenants with nothing in flight, so a light "
         "tenant starts at once beside a flood. Default: an eighth of max_engine_sequences.",
+    )
+    shared_sequences: int | None = Field(
+        None,
+        ge=0,
+        description="Engine sequences divided by weight among the active tenants; tenants "
+        "that want more hold at most their shares together, the unused part of a light "
+        "tenant's share stays free so a flood cannot slow it. Default: max_engine_sequences "
+        "minus reserved_sequences; 0 turns shares off.",
+    )
+    lend_sequences: int = Field(
+        0,
+        ge=0,
+        description="Engine sequences of the light tenants' unused shares that tenants "
+        "wanting more may borrow together; a lender's requests take them back first, as the "
+        "borrowers' requests end (none is aborted). 0: the unused shares stay free; "
+        "max_engine_sequences or more: all of them lent.",
+    )
+    tenant_idle_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="A tenant keeps its share of the engine this long after its last request.",
+    )
+    adapter_wait_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a request of an adapter not in the engine is held back while "
+        "requests of the max_loras adapters in it go first (grouping requests by adapter, so "
+        "slots are reused, not swapped); 0 turns grouping off.",
     )
     tenant_queue_size: int = Field(
         64, ge=1, description="Requests one tenant may have waiting; more get 429."
@@ -163,7 +194,21 @@ class Settings(BaseSettings):
         0.85, gt=0, le=1, description="Share of GPU memory vLLM may use."
     )
     fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
+    enforce_eager: bool = Field(
+        False,
+        description="Run the model eagerly, without torch.compile: starts about a minute "
+        "sooner on CPU, decodes slower.",
+    )
     seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
+
+    # --- OpenAI compatibility (issue 13): logprobs ---
+    max_logprobs: int = Field(
+        20,
+        ge=0,
+        le=20,
+        description="Most alternatives per token a request may ask (chat top_logprobs, "
+        "completions logprobs); OpenAI's own bound is 20.",
+    )
 
     # --- adapter residency and memory budget (engine hardening) ---
     adapter_cache_mb: int = Field(
@@ -211,9 +256,49 @@ class Settings(BaseSettings):
         "request is stopped with 504.",
     )
 
+    # --- rollout (issue 12): how fast servers follow the registry, preload, gc ---
+    alias_refresh_seconds: float = Field(
+        0.2,
+        ge=0,
+        description="A server checks the registry's generation counter this often and trusts "
+        "names it resolved while its last check is under twice this old, so a promote or "
+        "rollback is served within 2x this (0: look every alias up on every request).",
+    )
+    heartbeat_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often a registry-backed server records that it is alive (for "
+        "`promote --preload`, which waits for the live servers to warm the new version).",
+    )
+    gc_grace_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="`adapters gc` keeps unreferenced blobs younger than this: a push stores "
+        "blobs before it records the version.",
+    )
+
     # --- audit ---
     user: str | None = Field(
         None, description="Who is acting, recorded in the registry's history; default: OS user."
+    )
+
+    # --- observability (issue 14): metrics labels, request log, tracing, console ---
+    metrics_max_adapters: int = Field(
+        100, ge=1, description="Adapter versions with their own metric label; later ones: other."
+    )
+    metrics_max_tenants: int = Field(
+        100, ge=1, description="Tenants with their own metric label; later ones: other."
+    )
+    metrics_hit_window_seconds: float = Field(
+        60.0, gt=0, description="Window of loraplex_adapter_cache_hit_ratio, in seconds."
+    )
+    log_prompts: bool = Field(
+        False, description="Put the prompt text in each request's JSON log line (off: never)."
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); one "
+        "span per request. Off when unset; needs the otel extra.",
     )
 
     @model_validator(mode="after")

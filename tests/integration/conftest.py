@@ -101,6 +101,7 @@ def server(
         adapters_dir=adapters_dir,
         admin_key=ADMIN_KEY,
         served_model_name=BASE_NAME,
+        enforce_eager=False,  # the compiled model, as `loraplex serve` runs it
     )
     with loraplex_server(home / "server.log", env=env) as running:
         running.base = BASE_NAME  # type: ignore[attr-defined]

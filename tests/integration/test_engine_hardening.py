@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 from loraplex.adapters import WEIGHTS_FILE
 from loraplex.testing.bystander import Bystander
 from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
+from loraplex.testing.scrape import metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +184,7 @@ def stream_all(server: RunningServer, model: str, count: int) -> tuple[list, thr
     results: list[tuple[int, str, str]] = []
     started = threading.Semaphore(0)
     all_started = threading.Event()
-    body = {"model": model, "prompt": "Once", "max_tokens": 48, "ignore_eos": True}
+    body = {"model": model, "prompt": "Once", "max_tokens": 96, "ignore_eos": True}
 
     def one() -> None:
         payload = {**body, "stream": True, "temperature": 0}
@@ -255,6 +256,7 @@ def test_replace_with_streams_in_flight(
 def test_the_cache_is_bounded_in_bytes_and_pins(
     server: RunningServer, bystander: Bystander
 ) -> None:
+    evicted = metric_sum(server.url, "loraplex_adapter_cache_evictions_total", ADMIN_KEY)
     versions = {}
     for name in ("good1", "good2", "good3", "good4"):
         response = admin(server, "load", name)
@@ -263,6 +265,9 @@ def test_the_cache_is_bounded_in_bytes_and_pins(
         assert len(loaded(server)) <= 2  # 20 MiB hold two ~9.3 MiB adapters: LRU eviction
     assert set(loaded(server)) == {versions["good3"], versions["good4"]}
     assert "engine: evicting adapter" in server.log_path.read_text()
+    assert (
+        metric_sum(server.url, "loraplex_adapter_cache_evictions_total", ADMIN_KEY) >= evicted + 2
+    )
 
     for name in ("good3", "good4"):
         assert admin(server, "pin", name).status_code == 200

@@ -5,7 +5,10 @@ with no adapter, adapter a0 (rank 16) and adapter a1 (rank 8, padded into rank-1
 ``max_loras=2`` so every slot is taken: base tokens sit next to tokens of the last slot,
 which is where vLLM's stock CPU ops go wrong (they read slot -1 as the last slot). The long
 prompt is prefilled in direct segments, the short ones and every decode step go through the
-packed path. A second engine with ``LORAPLEX_FAST_LORA=off`` must start on vLLM's stock ops.
+packed path. Every request also asks for its prompt's logprobs (what echo scoring and
+lm-evaluation-harness use): vLLM computes those logits per request chunk, a row count that is
+neither the step's tokens nor its requests, and they must equal PEFT's too. A second engine
+with ``LORAPLEX_FAST_LORA=off`` must start on vLLM's stock ops.
 
 Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON OUT_JSON``.
 """
@@ -46,18 +49,38 @@ def engine_main(model: str, adapters_json: str, out_json: str) -> None:
         seed=0,
     )
     tokenizer = llm.get_tokenizer()
+    # vLLM's stock CPU LoRA ops fail prompt logprobs in a mixed batch (an einsum over rows
+    # of two sizes kills the engine), so they are asked of the fast ops only.
+    scored = os.environ.get("LORAPLEX_FAST_LORA") != "off"
     jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]
     requests = {
         name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())
     }
     outputs = llm.generate(
         [{"prompt_token_ids": tokenizer(p).input_ids} for p, _ in jobs],
-        SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
+        SamplingParams(
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            ignore_eos=True,
+            prompt_logprobs=0 if scored else None,
+        ),
         lora_request=[requests[name] if name else None for _, name in jobs],
         use_tqdm=False,
     )
     result = [
-        {"prompt": p, "adapter": name, "tokens": list(out.outputs[0].token_ids)}
+        {
+            "prompt": p,
+            "adapter": name,
+            "tokens": list(out.outputs[0].token_ids),
+            "prompt_logprobs": [
+                entry[token].logprob
+                for token, entry in zip(
+                    out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True
+                )
+            ]
+            if scored
+            else [],
+        }
         for (p, name), out in zip(jobs, outputs, strict=True)
     ]
     Path(out_json).write_text(json.dumps(result))
@@ -75,7 +98,9 @@ def adapters(tmp_path_factory, base_model_dir) -> dict[str, str]:
     return paths
 
 
-def peft_reference(base_model_dir: Path, adapters: dict[str, str]) -> dict[tuple, list[int]]:
+def peft_reference(
+    base_model_dir: Path, adapters: dict[str, str]
+) -> dict[tuple, tuple[list[int], list[float]]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,11 +118,21 @@ def peft_reference(base_model_dir: Path, adapters: dict[str, str]) -> dict[tuple
         for name in [None, *names]:
             if name is None:
                 with model.disable_adapter():
-                    expected[(prompt, name)] = greedy(model, ids)
+                    expected[(prompt, name)] = greedy(model, ids), prompt_logprobs(model, ids)
             else:
                 model.set_adapter(name)
-                expected[(prompt, name)] = greedy(model, ids)
+                expected[(prompt, name)] = greedy(model, ids), prompt_logprobs(model, ids)
     return expected
+
+
+def prompt_logprobs(model, ids: list[int]) -> list[float]:
+    """The logprob of each prompt token after the first, given the tokens before it."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
 
 
 def greedy(model, ids: list[int]) -> list[int]:
@@ -137,8 +172,10 @@ def test_fast_lora_equals_peft_in_a_mixed_batch(base_model_dir, adapters, tmp_pa
     expected = peft_reference(base_model_dir, adapters)
     for row in got:
         key = (row["prompt"], row["adapter"])
-        assert row["tokens"] == expected[key], key
-    changed = [expected[(p, "a0")] != expected[(p, None)] for p in PROMPTS]
+        tokens, logprobs = expected[key]
+        assert row["tokens"] == tokens, key
+        assert row["prompt_logprobs"] == pytest.approx(logprobs, abs=1e-3), key
+    changed = [expected[(p, "a0")][0] != expected[(p, None)][0] for p in PROMPTS]
     assert any(changed), "adapter a0 changes no output: the equality above proves nothing"
 
 

@@ -148,8 +148,13 @@ def test_disconnect_aborts_the_engine_request(server: RunningServer, stream: boo
             "the long requests generate",
         )
         assert metric(server, "loraplex_engine_requests") >= 2
+        # The bystander's thread may not have been scheduled yet on a loaded machine: wait for
+        # it to be served beside the long requests, then again once they are dropped.
+        wait_for(lambda: bystander.sent >= 2, 120, "bystander served beside the long requests")
         for sock in socks:
             sock.close()
+        sent = bystander.sent
+        wait_for(lambda: bystander.sent >= sent + 2, 120, "bystander served after the drop")
     bystander.assert_clean()
     # Left alone, each would run LONG tokens (tens of seconds here); aborted, the engine holds
     # nothing once the bystander has stopped.

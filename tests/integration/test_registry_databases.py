@@ -72,8 +72,14 @@ def test_full_flow(db_url: str, tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         registry.resolve("sales@v2")
     registry.record_eval("sales@v3", "smoke", False, {"loss": 1.5})
+    gate = {"reference": "base", "data_sha256": "cd" * 32, "base_fingerprint": "ab" * 32}
+    registry.record_eval("sales@v3", "gate", True, {"decided_by": "token_f1"}, **gate)
     shown = registry.show("sales")
     assert [v.number for v in shown.versions] == [1, 3] and shown.evals[0].passed is False
+    verdict = shown.evals[1]
+    assert (verdict.reference, verdict.data_sha256, verdict.base_fingerprint) == tuple(
+        gate.values()
+    )
     assert registry.local_folder(shown.versions[1]).is_dir()
     registry.check()
     # a second Catalog on the same database (as another process would) sees the same state
@@ -120,6 +126,19 @@ def _chain_is_consistent(events: list, alias: str, final: int) -> None:
     for before, after in zip(moves, moves[1:], strict=False):
         assert after.from_number == before.to_number, (before, after)
     assert moves[-1].to_number == final
+
+
+def test_a_schema_2_database_gets_the_gate_columns(db_url: str, tmp_path: Path) -> None:
+    Catalog(db_url).close()
+    catalog = Catalog(db_url)  # as a schema-2 database: the gate columns dropped, then upgraded
+    with catalog.engine.begin() as conn:
+        for column in ("reference", "data_sha256", "base_fingerprint"):
+            conn.exec_driver_sql(f"ALTER TABLE eval_results DROP COLUMN {column}")
+    catalog.close()
+    registry = _registry(db_url, tmp_path)
+    registry.push(write_random_adapter(tmp_path / "a", DIMS), "sales")
+    registry.record_eval("sales@v1", "gate", False, {}, reference="base", data_sha256="ef" * 32)
+    assert registry.show("sales").evals[0].data_sha256 == "ef" * 32
 
 
 def test_two_processes_push_and_promote_the_same_name(db_url: str, tmp_path: Path) -> None:

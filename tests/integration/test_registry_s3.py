@@ -128,3 +128,34 @@ def test_check_fails_for_a_missing_bucket(settings: Settings, s3_endpoint: str) 
     store = S3BlobStore("no-such-bucket-here", "x", endpoint_url=s3_endpoint)
     with pytest.raises(Unavailable, match="no-such-bucket-here"):
         store.check()
+
+
+def test_gc_removes_unreferenced_objects_and_spares_a_racing_push(
+    settings: Settings, tmp_path: Path, s3_endpoint: str, bucket: str
+) -> None:
+    registry = open_registry(settings)
+    v1 = registry.push(write_random_adapter(tmp_path / "a", DIMS, seed=1), "sales").version
+    registry.push(write_random_adapter(tmp_path / "b", DIMS, seed=2), "sales")
+    registry.promote("sales@v2")
+    registry.delete("sales@v1")
+    orphan = v1.files[WEIGHTS]
+    noise = f"team/adapters/sha256/zz/{'z' * 64}"  # not a blob key: never touched
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key=noise, Body=b"")
+    assert registry.gc(grace_seconds=3600).kept_young == [orphan]
+    dry = registry.gc(grace_seconds=0)
+    assert (list(dry.orphans), dry.deleted) == ([orphan], [])
+    assert registry.blobs.exists(orphan)
+
+    # a push of the same weights whose record lands after a gc deleted the object
+    add_version = registry.catalog.add_version
+
+    def gc_then_add(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert registry.gc(grace_seconds=0, delete=True).deleted == [orphan]
+        return add_version(*args, **kwargs)
+
+    registry.catalog.add_version = gc_then_add  # type: ignore[method-assign]
+    again = registry.push(write_random_adapter(tmp_path / "c", DIMS, seed=1), "other").version
+    registry.catalog.add_version = add_version  # type: ignore[method-assign]
+    assert again.files[WEIGHTS] == orphan and registry.blobs.exists(orphan)
+    assert registry.gc(grace_seconds=0).orphans == {}
+    assert noise in _objects(s3_endpoint, bucket)

@@ -13,21 +13,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.config import Settings
 from loraplex.registry.registry import Registry, open_registry
 from loraplex.testing.bystander import Bystander
 from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
+from loraplex.testing.scrape import metric_sum
 
 pytestmark = pytest.mark.integration
 BASE_NAME = "smollm2-135m"
 ADMIN_KEY = "tenants-admin-key"
 METRICS_KEY = "tenants-metrics-key"
 CAPS = {"max_tokens_limit": 64, "max_n": 2, "max_prompts": 4, "max_request_bytes": 20_000}
+ENGINE_SEQUENCES = 8  # one reserved (an eighth); the 7 others are shared by weight
+LEND_SEQUENCES = ENGINE_SEQUENCES  # unused shares are lent, all of them
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +58,7 @@ def registry(
     accounts.create_tenant("hasty", rpm=3)
     accounts.create_tenant("wordy", tpm=300)
     accounts.create_tenant("single", max_concurrency=1)
+    accounts.create_tenant("flood")
     yield reg
     reg.close()
 
@@ -72,6 +78,8 @@ def server(home: Path, base_model_dir: Path, registry: Registry) -> Iterator[Run
         key_cache_seconds=0.5,
         usage_flush_seconds=0.5,
         served_model_name=BASE_NAME,
+        max_engine_sequences=ENGINE_SEQUENCES,
+        lend_sequences=LEND_SEQUENCES,
         **CAPS,
     )
     for unset in ("LORAPLEX_ADAPTERS_DIR", "LORAPLEX_REGISTRY_URL", "LORAPLEX_BLOB_URL"):
@@ -153,6 +161,30 @@ def test_models_lists_what_the_caller_may_use(server, registry, background) -> N
     assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
 
 
+def test_models_are_owned_by_their_tenant(server, registry, background) -> None:
+    """``owned_by`` is the tenant (loraplex for shared ones); ``GET /v1/models/{id}`` of
+    another tenant's adapter is the 404 of an unknown one, in every spelling of the name."""
+    key = new_key(registry, "acme")
+
+    def get(path: str) -> httpx.Response:
+        return httpx.get(server.url + path, headers=auth(key), timeout=30)
+
+    listed = {m["id"]: m for m in get("/v1/models").json()["data"]}
+    assert listed["acme-bot"]["owned_by"] == "acme"
+    assert listed["shared-bot"]["owned_by"] == "loraplex"
+    assert get("/v1/models/acme-bot").json() == listed["acme-bot"]
+    pinned = get("/v1/models/acme-bot@v1").json()
+    assert pinned["owned_by"] == "acme" and pinned["created"] == listed["acme-bot"]["created"]
+    unknown = get("/v1/models/no-such-bot")
+    for theirs in ("globex-bot", "globex-bot@v1", "globex-bot:stable"):
+        response = get(f"/v1/models/{theirs}")
+        assert response.status_code == unknown.status_code == 404
+        assert response.json()["error"] == {
+            **unknown.json()["error"],
+            "message": unknown.json()["error"]["message"].replace("no-such-bot", theirs),
+        }
+
+
 @pytest.mark.parametrize(
     ("path", "method"),
     [
@@ -189,13 +221,26 @@ def test_requests_per_minute(server, registry, background) -> None:
     assert [r.status_code for r in statuses] == [200, 200, 200, 429]
     assert int(statuses[-1].headers["retry-after"]) >= 1
     assert statuses[-1].json()["error"]["code"] == "rate_limited"
+    counted = metric_sum(server.url, "loraplex_requests_total", ADMIN_KEY, tenant="hasty")
+    assert counted == 4
+    assert (
+        metric_sum(server.url, "loraplex_requests_total", ADMIN_KEY, tenant="hasty", status="429")
+        == 1
+    )
 
 
 def test_tokens_per_minute(server, registry, background) -> None:
     key = new_key(registry, "wordy")
-    body = completion(BASE_NAME, max_tokens=60)
-    statuses = [post(server, key, body).status_code for _ in range(6)]
-    assert statuses[0] == 200 and statuses[-1] == 429
+    # 8 requests of ~64 tokens at once against 300 a minute: reserved at admission, before any
+    # engine work, so the bucket (refilling 5 tokens/s) runs dry whatever the machine's speed.
+    body = completion(BASE_NAME, max_tokens=60, ignore_eos=True)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: post(server, key, body), range(8)))
+    statuses = [response.status_code for response in responses]
+    assert 200 in statuses and 429 in statuses, statuses
+    refused = next(response for response in responses if response.status_code == 429)
+    assert "tokens per minute" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
 
 
 def test_concurrent_requests(server, registry, background) -> None:
@@ -288,6 +333,51 @@ def test_prefix_cache_is_kept_apart_per_tenant(server, registry, background) -> 
     assert cached(acme) == 0
     assert cached(acme) > 0  # the same tenant reuses its cached prefix
     assert cached(globex) == 0  # another tenant does not, so timing reveals nothing
+
+
+def seats(server: RunningServer) -> tuple[dict[str, float], dict[str, float]]:
+    """Engine sequences held and requests queued, by tenant, from ``/metrics``."""
+    response = httpx.get(server.url + "/metrics", headers=auth(METRICS_KEY), timeout=30)
+    response.raise_for_status()
+    held: dict[str, float] = {}
+    queued: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "loraplex_tenant_engine_sequences":
+                held[sample.labels["tenant"]] = sample.value
+            elif sample.name == "loraplex_tenant_queued_requests":
+                queued[sample.labels["tenant"]] = sample.value
+    return held, queued
+
+
+def test_a_flood_borrows_unused_shares_and_a_quiet_tenant_goes_first(
+    server, registry, background
+) -> None:
+    """With lending on, the flood borrows the other tenants' unused shares (more than half of
+    the 7 shared seats although steady, the bystander, is active), yet quiet requests are
+    let in ahead of the flood's queued requests, as lenders; no request is aborted."""
+    flood, quiet = new_key(registry, "flood"), new_key(registry, "globex")
+    body = completion(BASE_NAME, max_tokens=48, ignore_eos=True)
+    shared = ENGINE_SEQUENCES - ENGINE_SEQUENCES // 8
+    samples: list[tuple[dict[str, float], dict[str, float]]] = []
+    with ThreadPoolExecutor(12) as pool:
+        flooding = [pool.submit(post, server, flood, body) for _ in range(10)]
+        deadline = time.monotonic() + 300
+        while not seats(server)[1].get("flood"):
+            assert time.monotonic() < deadline, "the flood never queued"
+            time.sleep(0.1)
+        samples.append(seats(server))
+        answers = [pool.submit(post, server, quiet, completion(BASE_NAME)) for _ in range(2)]
+        answers = [a.result() for a in answers]
+        after = seats(server)
+        while not all(f.done() for f in flooding):
+            samples.append(seats(server))
+            time.sleep(0.2)
+        statuses = [f.result().status_code for f in flooding]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert after[1].get("flood", 0) >= 1  # the quiet requests went ahead of the flood's queue
+    assert statuses == [200] * 10
+    assert shared // 2 < max(held.get("flood", 0) for held, _ in [after, *samples]) <= shared
 
 
 def test_the_background_tenant_saw_no_errors(background) -> None:

@@ -1,10 +1,12 @@
-"""Two real servers (auth on) sharing one PostgreSQL registry: a key made with the CLI works on
-both, a key revoked with the CLI stops working on both within seconds, and usage sent to both
-is in the database, exactly as the responses reported it, once both have stopped.
+"""Two real servers (auth on) sharing one PostgreSQL registry and one S3-compatible blob store:
+a key made with the CLI works on both, a key revoked with the CLI stops working on both within
+seconds, `adapters promote --preload` warms the new version on both before the alias moves and
+both serve it (and a rollback) within 1 s, and usage sent to both is in the database, exactly
+as the responses reported it, once both have stopped.
 
 PostgreSQL comes from ``LORAPLEX_TEST_POSTGRES_URL`` (``scripts/start_postgres.sh``); without
 it this module skips locally and FAILS under ``CI=true`` (``loraplex.testing.postgres``).
-Adapters come from a plain folder, so no blob store is needed.
+The blob store is a ``moto_server`` (the ``s3_endpoint`` fixture).
 """
 
 from __future__ import annotations
@@ -14,24 +16,29 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
 from loraplex.config import Settings
 from loraplex.registry.accounts import Accounts
 from loraplex.registry.models import UsageRow
-from loraplex.registry.registry import open_accounts
+from loraplex.registry.registry import open_accounts, open_registry
 from loraplex.testing.launcher import RunningServer, loraplex_server, server_env, stop
 from loraplex.testing.postgres import fresh_database
+from loraplex.testing.scrape import metric_sum
 
 pytestmark = pytest.mark.integration
 BASE_NAME = "smollm2-135m"
 ADAPTER = "random1"
 REVOKE_DEADLINE_S = 30  # generous: the servers trust a lookup for 1 s
+METRICS_KEY = "shared-metrics-key"
+ROLLOUT_BOUND_S = 1.0  # issue 12: a promote or rollback reaches every server within 1 s
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +60,39 @@ def accounts(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
+def store(
+    database: str,
+    s3_endpoint: str,
+    base_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:
+    """Settings of the shared registry: ``database`` and a fresh bucket."""
+    bucket = f"loraplex-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return {
+        "registry_url": database,
+        "blob_url": f"s3://{bucket}/adapters",
+        "s3_endpoint_url": s3_endpoint,
+        "base_model": str(base_model_dir),
+        "home": str(tmp_path_factory.mktemp("pusher")),
+    }
+
+
+@pytest.fixture(scope="module")
 def servers(
     tmp_path_factory: pytest.TempPathFactory,
     base_model_dir: Path,
     make_random_adapter: Callable[..., Path],
-    database: str,
+    store: dict[str, str],
     accounts: Accounts,
 ) -> Iterator[list[RunningServer]]:
-    """Two servers on ``database``, each with its own home, over one adapters folder."""
+    """Two servers on the shared registry, each with its own home (so its own blob cache);
+    ``random1`` v1 (stable) and v2 are pushed first."""
     root = tmp_path_factory.mktemp("shared")
-    make_random_adapter(root / "adapters" / ADAPTER, seed=1)
+    registry = open_registry(Settings(**store))
+    for seed in (1, 2):
+        registry.push(make_random_adapter(root / "adapters" / f"v{seed}", seed=seed), ADAPTER)
+    registry.close()
     assert not {"LORAPLEX_BLOB_URL", "LORAPLEX_ADMIN_KEY"} & set(os.environ)
     with ExitStack() as stack:
         running = []
@@ -70,10 +100,12 @@ def servers(
             env = server_env(
                 root / name,
                 base_model_dir,
-                adapters_dir=root / "adapters",
-                registry_url=database,
+                registry_url=store["registry_url"],
+                blob_url=store["blob_url"],
+                s3_endpoint_url=store["s3_endpoint_url"],
                 auth="on",
                 key_cache_seconds=1,
+                metrics_key=METRICS_KEY,
                 usage_flush_seconds=1,
                 served_model_name=BASE_NAME,
             )
@@ -82,14 +114,16 @@ def servers(
         yield running
 
 
-def cli(database: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``loraplex ARGS`` on the shared database."""
+def cli(
+    database: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``loraplex ARGS`` on the shared database (and ``env``)."""
     return subprocess.run(
         [sys.executable, "-m", "loraplex.cli", *args],
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "LORAPLEX_REGISTRY_URL": database},
+        env={**os.environ, "LORAPLEX_REGISTRY_URL": database, **(env or {})},
     )
 
 
@@ -118,7 +152,7 @@ def test_a_key_made_with_the_cli_works_on_both(servers: list[RunningServer], dat
     for server in servers:
         response = post(server, key, completion(ADAPTER))
         assert response.status_code == 200, response.text
-        assert response.headers["x-loraplex-adapter"].startswith(f"{ADAPTER}@sha-")
+        assert response.headers["x-loraplex-adapter"] == f"{ADAPTER}@v1"
         assert post(server, key + "x", completion()).status_code == 401
 
 
@@ -137,6 +171,46 @@ def test_a_key_revoked_with_the_cli_stops_on_both(
             time.sleep(0.2)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def cache_misses(server: RunningServer) -> float:
+    """Adapter loads this server has done (its ``loraplex_adapter_cache_misses`` counter)."""
+    headers = {"Authorization": f"Bearer {METRICS_KEY}"}
+    text = httpx.get(server.url + "/metrics", headers=headers, timeout=30).text
+    (line,) = [x for x in text.splitlines() if x.startswith("loraplex_adapter_cache_misses_total")]
+    return float(line.split()[-1])
+
+
+def served_version(server: RunningServer, key: str) -> str:
+    response = post(server, key, completion(ADAPTER))
+    assert response.status_code == 200, response.text
+    return response.headers["x-loraplex-adapter"]
+
+
+def test_a_preloaded_promote_and_a_rollback_reach_both(
+    servers: list[RunningServer], store: dict[str, str]
+) -> None:
+    key = cli_key(store["registry_url"], "acme")
+    assert [served_version(s, key) for s in servers] == [f"{ADAPTER}@v1"] * 2
+    for server in servers:  # each fetched v1 from the S3-compatible store into its own cache
+        assert metric_sum(server.url, "loraplex_adapter_loads_total", METRICS_KEY, tier="remote")
+    before = [cache_misses(s) for s in servers]
+    env = {f"LORAPLEX_{k.upper()}": v for k, v in store.items()}
+    # --force: these random adapters have no eval verdict; the gate has its own tests.
+    promoted = cli(
+        store["registry_url"],
+        *("adapters", "promote", f"{ADAPTER}@v2", "--preload", "--force"),
+        env=env,
+    )
+    assert "preloaded random1@v2 on 2 server(s)" in promoted.stderr, promoted.stderr
+    assert "no answer within" not in promoted.stderr
+    time.sleep(ROLLOUT_BOUND_S)
+    assert [served_version(s, key) for s in servers] == [f"{ADAPTER}@v2"] * 2
+    # warmed by the preload: serving v2 loaded nothing more (one miss each, the preload's)
+    assert [cache_misses(s) for s in servers] == [misses + 1 for misses in before]
+    cli(store["registry_url"], "adapters", "rollback", ADAPTER, env=env)
+    time.sleep(ROLLOUT_BOUND_S)
+    assert [served_version(s, key) for s in servers] == [f"{ADAPTER}@v1"] * 2
 
 
 def test_usage_on_both_is_stored_once_they_stop(

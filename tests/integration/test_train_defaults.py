@@ -1,18 +1,23 @@
-"""``loraplex train`` with no hyperparameter flags learns a small task the base cannot know.
+"""``loraplex train`` with no hyperparameter flags learns a small task the base cannot know,
+and the eval gate tells a real improvement from a planted regression.
 
 Ten made-up people, each with a made-up birthplace, asked six ways (60 rows); the adapter is
 then asked in phrasings it never saw, and must name the place (greedy, transformers +
 PEFT, prompted the way the manifest says it was trained). Once as chat rows with
-``--eval-data`` (best checkpoint kept), once as ``{"input", "output"}`` rows (trained as chat
-by default).
+``--eval-data --push`` (best checkpoint kept; the gate runs against the base and passes),
+once as ``{"input", "output"}`` rows (trained as chat by default). Then the same questions
+with shuffled answers, trained briefly and pushed as v2: ``loraplex eval`` (real vLLM engine,
+fast-LoRA plugin on) fails it against v1, ``promote`` refuses it, ``--force`` is recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,9 +55,11 @@ def answer(person: str, place: str) -> str:
     return f"{person} was born in {place}."
 
 
-def write_rows(path: Path, questions: list[str], shape: str) -> Path:
+def write_rows(
+    path: Path, questions: list[str], shape: str, facts: list[tuple[str, str]] = FACTS
+) -> Path:
     rows = []
-    for person, place in FACTS:
+    for person, place in facts:
         for question in questions:
             q, a = question.format(p=person), answer(person, place)
             if shape == "chat":
@@ -94,28 +101,42 @@ def accuracy(adapter: Path, base_model_dir: Path) -> float:
     return right / total
 
 
-def train(args: list[str], home: Path, base_model_dir: Path) -> subprocess.CompletedProcess[str]:
+def loraplex(
+    args: list[str], home: Path, base_model_dir: Path, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_BASE_MODEL": str(base_model_dir)}
     done = subprocess.run(
-        [sys.executable, "-m", "loraplex.cli", "train", *args],
+        [sys.executable, "-m", "loraplex.cli", *args],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("shape", ["chat", "input-output"])
-def test_defaults_learn_held_out_phrasings(
-    shape: str, tmp_path: Path, base_model_dir: Path
-) -> None:
-    data = write_rows(tmp_path / "train.jsonl", TRAIN_QUESTIONS, shape)
-    out = tmp_path / "facts"
-    args = ["--data", str(data), "--name", "facts", "--output", str(out)]
-    if shape == "chat":
-        held_out = write_rows(tmp_path / "eval.jsonl", EVAL_QUESTIONS, shape)
-        args += ["--eval-data", str(held_out)]
-    done = train(args, tmp_path / "home", base_model_dir)
+@dataclass(frozen=True)
+class Trained:
+    """The chat-data run: its adapter folder, registry home, held-out file and output."""
 
+    out: Path
+    home: Path
+    held_out: Path
+    done: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def trained_chat(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Trained:
+    """Chat rows, defaults, held-out eval data, pushed: the gate runs inside ``train``."""
+    tmp = tmp_path_factory.mktemp("chat")
+    data = write_rows(tmp / "train.jsonl", TRAIN_QUESTIONS, "chat")
+    held_out = write_rows(tmp / "eval.jsonl", EVAL_QUESTIONS, "chat")
+    out, home = tmp / "facts", tmp / "home"
+    args = ["train", "--data", str(data), "--name", "facts", "--output", str(out)]
+    done = loraplex([*args, "--eval-data", str(held_out), "--push"], home, base_model_dir)
+    return Trained(out, home, held_out, done)
+
+
+def check_defaults(out: Path, done: subprocess.CompletedProcess[str], shape: str) -> None:
     doc = json.loads((out / "loraplex.json").read_text())
     hyper, results = doc["hyperparameters"], doc["results"]
     assert doc["prompt_format"] == "chat"
@@ -126,6 +147,64 @@ def test_defaults_learn_held_out_phrasings(
         losses = {e["step"]: e["eval_loss"] for e in results["eval_history"]}
         assert results["best_step"] in losses
         assert results["eval_loss"] == pytest.approx(min(losses.values()), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", ["chat", "input-output"])
+def test_defaults_learn_held_out_phrasings(
+    shape: str, tmp_path: Path, base_model_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    if shape == "chat":
+        trained: Trained = request.getfixturevalue("trained_chat")
+        out, done = trained.out, trained.done
+    else:
+        data = write_rows(tmp_path / "train.jsonl", TRAIN_QUESTIONS, shape)
+        out = tmp_path / "facts"
+        args = ["train", "--data", str(data), "--name", "facts", "--output", str(out)]
+        done = loraplex(args, tmp_path / "home", base_model_dir)
+    check_defaults(out, done, shape)
     score = accuracy(out, base_model_dir)
+    hyper = json.loads((out / "loraplex.json").read_text())["hyperparameters"]
     print(f"{shape}: {score:.2f} right on never-trained phrasings, {hyper['steps']} steps")
     assert score >= MIN_ACCURACY, score
+
+
+def test_the_gate_passes_an_improvement_and_blocks_a_planted_regression(
+    trained_chat: Trained, tmp_path: Path, base_model_dir: Path
+) -> None:
+    home, held_out = trained_chat.home, trained_chat.held_out
+    # train --push --eval-data: facts@v1 (first version, its own stable) against the base
+    assert "facts@v1 may be promoted" in trained_chat.done.stdout, trained_chat.done.stdout
+    # a planted regression: every person given the next person's birthplace
+    places = [place for _, place in FACTS]
+    shuffled = list(zip([p for p, _ in FACTS], places[1:] + places[:1], strict=True))
+    data = write_rows(tmp_path / "shuffled.jsonl", TRAIN_QUESTIONS, "chat", shuffled)
+    args = ["train", "--data", str(data), "--name", "facts", "--output", str(tmp_path / "bad")]
+    loraplex([*args, "--epochs", "2", "--batch-size", "4", "--grad-accum", "1", "--push"],
+             home, base_model_dir)  # fmt: skip
+    gate = loraplex(["eval", "facts@v2", "--data", str(held_out)], home, base_model_dir, ok=False)
+    print(gate.stdout)
+    assert gate.returncode == 1, gate.stderr[-3000:]
+    assert "FAIL" in gate.stdout and "facts@v2 may not be promoted" in gate.stdout
+
+    refused = loraplex(["adapters", "promote", "facts@v2"], home, base_model_dir, ok=False)
+    assert refused.returncode == 2
+    assert f"loraplex eval facts@v2 --data {held_out} --against facts@v1" in refused.stderr
+    loraplex(["adapters", "promote", "facts@v1", "--alias", "canary"], home, base_model_dir)
+    forced = loraplex(["adapters", "promote", "facts@v2", "--force"], home, base_model_dir)
+    assert forced.stdout == "facts:stable -> facts@v2 (was facts@v1)\n"
+
+    shown = json.loads(
+        loraplex(["adapters", "show", "facts", "--json"], home, base_model_dir).stdout
+    )
+    sha = hashlib.sha256(held_out.read_bytes()).hexdigest()
+    verdicts = {(e["number"], e["reference"]): e for e in shown["evals"] if e["suite"] == "gate"}
+    good, bad = verdicts[(1, "base")], verdicts[(2, "facts@v1")]
+    assert good["passed"] is True and bad["passed"] is False
+    for verdict in (good, bad):
+        assert verdict["data_sha256"] == sha and len(verdict["base_fingerprint"]) == 64
+        assert verdict["metrics"]["decided_by"] == "token_f1"
+    assert good["metrics"]["candidate"]["token_f1"] > good["metrics"]["reference"]["token_f1"]
+    assert bad["metrics"]["relative_drop"] > 0.02
+    moves = [(e["alias"], e["to_number"], e["forced"]) for e in shown["events"]]
+    assert moves[-2:] == [("canary", 1, False), ("stable", 2, True)]
+    assert shown["events"][-1]["by"]

@@ -4,14 +4,17 @@ server app over a fake engine."""
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from adapter_files import write_adapter_files
 from fake_engine import FakeEngine
 from route_checks import Serve
 from stub_server import StubServer, stub_server
@@ -28,9 +31,26 @@ from loraplex.registry.validate import BaseSpec
 from loraplex.server import app as app_module
 from loraplex.server.app import create_app, default_source
 from loraplex.server.prompts import PromptBuilder
-from loraplex.testing.random_adapters import write_random_adapter
 
 # ---- registry: a tiny fake base model, and registries on SQLite + local blobs under tmp_path
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dims: BaseDims) -> Path:
+    """For CLI tests: a fake base model folder of ``tiny_dims`` and an empty LORAPLEX_HOME."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(asdict(tiny_dims)))
+    save_file({"w": np.zeros(4, np.float32)}, base / "model.safetensors")
+    for key in ("REGISTRY_URL", "BLOB_URL", "S3_ENDPOINT_URL"):
+        monkeypatch.delenv(f"LORAPLEX_{key}", raising=False)
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(base))
+    monkeypatch.setenv("LORAPLEX_USER", "tester")
+    return tmp_path
 
 
 @pytest.fixture
@@ -95,19 +115,6 @@ def stub() -> Iterator[StubServer]:
 def anyio_backend() -> str:
     """Async tests (``pytest.mark.anyio``) run on asyncio."""
     return "asyncio"
-
-
-@functools.cache
-def served_dims() -> BaseDims:
-    """The layer dims of the bundled base model the ``serve``d app prepares."""
-    return BaseDims.from_model_dir(bundled_model_dir(Settings().models_dir))
-
-
-def write_adapter_files(folder: Path, seed: int = 0) -> Path:
-    """A valid rank-1 ``q_proj`` adapter for the bundled model (distinct per ``seed``)."""
-    return write_random_adapter(
-        folder, served_dims(), rank=1, alpha=2, targets=["q_proj"], seed=seed
-    )
 
 
 @pytest.fixture

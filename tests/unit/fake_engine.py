@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from loraplex.adapters import ResolvedAdapter
-from loraplex.engine.types import Delta, GenerationParams
+from loraplex.engine.types import Delta, EngineStats, GenerationParams
 from loraplex.errors import LoraplexError
 
 
@@ -46,6 +46,7 @@ class FakeEngine:
     loads: list[str] = field(default_factory=list)
     resident: dict[str, str] = field(default_factory=dict)
     stopped: bool = False
+    engine_stats: EngineStats = field(default_factory=EngineStats)
 
     async def stream(
         self,
@@ -91,14 +92,17 @@ class FakeEngine:
     def residency(self) -> dict[str, str]:
         return dict(self.resident)
 
-    async def engine_adapters(self) -> list[str]:
-        return sorted(self.resident)
+    async def residency_and_engine(self) -> tuple[dict[str, str], list[str]]:
+        return dict(self.resident), sorted(self.resident)
 
     def failed_loads(self) -> list[dict[str, object]]:
         return []
 
     def unfinished_requests(self) -> int:
         return 0
+
+    def stats(self) -> EngineStats:
+        return self.engine_stats
 
     def shutdown(self) -> None:
         self.stopped = True

@@ -32,9 +32,10 @@ def sse_data(response: httpx.Response) -> list[str]:
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> str:
-    """An OpenAI error body with exactly message, type and code; returns the message."""
+    """An OpenAI error body with exactly message, type, param and code; returns the message."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(response.json()) == {"error"} and set(error) == {"message", "type", "code"}
+    assert set(response.json()) == {"error"}
+    assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and error["message"] and error["type"]
     return error["message"]

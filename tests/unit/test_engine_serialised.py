@@ -64,7 +64,9 @@ class StandInLLM:
                 self.loras.add(lora_request.lora_int_id)  # the worker reloads from the path
             if step == 1:
                 await self.gate.wait()
-            choice = SimpleNamespace(index=0, text="x", token_ids=[1], finish_reason=None)
+            choice = SimpleNamespace(
+                index=0, text="x", token_ids=[1], finish_reason=None, logprobs=None
+            )
             yield SimpleNamespace(outputs=[choice], num_cached_tokens=0)
 
 
@@ -80,7 +82,8 @@ def make(model_dir: Path, tmp_path: Path, names: list[str], **settings: Any):
 
 
 async def agree(engine: VllmEngine) -> None:
-    assert sorted(engine.residency()) == await engine.engine_adapters()
+    residency, in_engine = await engine.residency_and_engine()
+    assert sorted(residency) == in_engine
 
 
 def test_concurrent_load_unload_pin_end_in_agreement(model_dir: Path, tmp_path: Path) -> None:

@@ -170,3 +170,34 @@ def test_logits_of_every_token_use_the_token_mapping():
     fast.add_lora_logits(got, x, a[0], b[0], 1.0)
     expected = reference(logits, x, a, b, slots_of(tokens))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENS))
+def test_slices_and_slots_with_zero_weights_are_left_out(name, monkeypatch):
+    """Like adapters of q and v only: the k slice is zero in every slot, the v slice in
+    slot 1. The result is unchanged and the k slice is never computed."""
+    from loraplex.fastlora import ops
+
+    ids = TOKENS[name]
+    gen = torch.Generator().manual_seed(len(ids) + 1)
+    a, b = stacked(gen)
+    a[1].zero_()
+    b[1].zero_()
+    b[2][1].zero_()
+    x = torch.randn(len(ids), D_IN, generator=gen)
+    y = torch.randn(len(ids), sum(SLICES), generator=gen)
+    fast, _ = wrappers(ids, ids)
+    calls = []
+    real = ops.lora_linear
+
+    def spy(plan, y_, x_, lora_a, *args):
+        calls.append((next(i for i, t in enumerate(a) if t is lora_a), plan.slots))
+        real(plan, y_, x_, lora_a, *args)
+
+    monkeypatch.setattr(ops, "lora_linear", spy)
+    got = y.clone()
+    fast.add_lora_linear(got, x, a, b, 1.0, SLICES)
+    torch.testing.assert_close(got, reference(y, x, a, b, slots_of(ids)), rtol=1e-5, atol=1e-4)
+    used = tuple(sorted({s for s in slots_of(ids) if s >= 0}))
+    assert used == (0, 1, 2)
+    assert calls == [(0, (0, 1, 2)), (2, (0, 2))]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import served_dims, write_adapter_files
+from adapter_files import served_dims, write_adapter_files
 from safetensors.numpy import load_file, save_file
 
 from loraplex import adapter_sources
@@ -45,6 +45,7 @@ def test_versions_follow_content_and_name_the_served_bytes(
     source = make_source(adapters_root)
     first = source.resolve("sales")
     assert first.version == content_key(first) and source.resolve(first.version) == first
+    assert first.checked_for == source.base  # the engine need not validate the snapshot again
     assert not first.path.is_relative_to(adapters_root)
     write_adapter_files(adapters_root / "sales", seed=9)
     second = source.resolve("sales")

@@ -235,7 +235,7 @@ def test_a_database_of_the_previous_version_gets_the_new_tables(tmp_path: Path) 
     assert accounts.authenticate(key) == accounts.tenant("acme")
     with accounts.engine.connect() as conn:
         version = conn.execute(select(tables.info.c.value)).scalar_one()
-    assert version == tables.SCHEMA_VERSION == "2"
+    assert version == tables.SCHEMA_VERSION == "3"
     accounts.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,22 @@ def test_an_entry_larger_than_the_cache_is_still_served(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path / "cache", store, 10)
     folder = cache.folder("e" * 64, {"w": _blob(store, tmp_path, b"x" * 100)})
     assert (folder / "w").is_file()
+
+
+def test_a_versions_files_are_fetched_in_parallel(tmp_path: Path) -> None:
+    """A remote store's round trips overlap: each get waits until the other has started."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    files = {
+        "adapter_config.json": _blob(store, tmp_path, b"{}"),
+        "adapter_model.safetensors": _blob(store, tmp_path, b"w" * 100),
+    }
+    both_started = threading.Barrier(2, timeout=60)
+
+    class SlowStore(LocalBlobStore):
+        def get(self, digest: str, dest: Path) -> None:
+            both_started.wait()  # BrokenBarrierError if the gets ran one after the other
+            super().get(digest, dest)
+
+    cache = BlobCache(tmp_path / "cache", SlowStore(tmp_path / "blobs"), 10_000)
+    folder = cache.folder("e" * 64, files)
+    assert (folder / "adapter_config.json").read_bytes() == b"{}"

@@ -4,39 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from cli_runner import run
-from safetensors.numpy import save_file
 
 from loraplex.registry.basedims import BaseDims
 from loraplex.testing.random_adapters import write_random_adapter
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dims: BaseDims) -> Path:
-    """A fake base model folder of ``tiny_dims`` and an empty LORAPLEX_HOME."""
-    import numpy as np
-
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps(asdict(tiny_dims)))
-    save_file({"w": np.zeros(4, np.float32)}, base / "model.safetensors")
-    for key in ("REGISTRY_URL", "BLOB_URL", "S3_ENDPOINT_URL"):
-        monkeypatch.delenv(f"LORAPLEX_{key}", raising=False)
-    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(base))
-    monkeypatch.setenv("LORAPLEX_USER", "tester")
-    return tmp_path
-
-
 def test_push_promote_rollback_show_delete(
-    env: Path, capsys: pytest.CaptureFixture[str], tiny_dims: BaseDims
+    cli_env: Path, capsys: pytest.CaptureFixture[str], tiny_dims: BaseDims
 ) -> None:
-    a = write_random_adapter(env / "a", tiny_dims, seed=1)
-    b = write_random_adapter(env / "b", tiny_dims, seed=2)
+    a = write_random_adapter(cli_env / "a", tiny_dims, seed=1)
+    b = write_random_adapter(cli_env / "b", tiny_dims, seed=2)
     code, out, _ = run(capsys, "adapters", "push", str(a), "--name", "sales", "--tenant", "acme")
     assert code == 0 and re.fullmatch(r"sales@v1 [0-9a-f]{64}\n", out)
     sha = out.split()[1]
@@ -80,21 +61,21 @@ def test_push_promote_rollback_show_delete(
     ],
 )
 def test_errors_are_one_line(
-    env: Path,
+    cli_env: Path,
     capsys: pytest.CaptureFixture[str],
     tiny_dims: BaseDims,
     args: list[str],
     message: str,
 ) -> None:
-    a = write_random_adapter(env / "a", tiny_dims)
-    code, out, err = run(capsys, "adapters", *[x.format(a=a, env=env) for x in args])
+    a = write_random_adapter(cli_env / "a", tiny_dims)
+    code, out, err = run(capsys, "adapters", *[x.format(a=a, env=cli_env) for x in args])
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
 def test_push_without_prepared_base(
-    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    cli_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(env / "nowhere"))
-    code, _, err = run(capsys, "adapters", "push", str(env), "--name", "x")
+    monkeypatch.setenv("LORAPLEX_BASE_MODEL", str(cli_env / "nowhere"))
+    code, _, err = run(capsys, "adapters", "push", str(cli_env), "--name", "x")
     assert code == 2 and "run `loraplex model prepare` first" in err

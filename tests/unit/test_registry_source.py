@@ -87,3 +87,18 @@ def test_fallback_policy_is_set_by_push(
     assert source.resolve("sales").fallback_to_base is True
     registry.push(write_random_adapter(tmp_path / "b", tiny_dims, seed=5), "sales")
     assert source.resolve("sales@v2").fallback_to_base is True  # kept when not given
+
+
+def test_marks_versions_pushed_for_this_base_within_its_limits_as_checked(
+    registry: Registry, tmp_path: Path, tiny_dims: BaseDims, tiny_base: BaseSpec
+) -> None:
+    registry.push(write_random_adapter(tmp_path / "a", tiny_dims, rank=4), "sales")
+    resolve = lambda spec: RegistryAdapterSource(registry, spec=spec).resolve("sales")  # noqa: E731
+    assert resolve(tiny_base).checked_for == tiny_base  # the engine does not validate again
+    assert resolve(None).checked_for is None
+    for other in (
+        replace(tiny_base, max_rank=2),
+        replace(tiny_base, max_bytes=10),
+        replace(tiny_base, fingerprint="cd" * 32),
+    ):
+        assert resolve(other).checked_for is None  # the engine's own check decides

@@ -221,3 +221,12 @@ def test_too_large(adapter: Path, tiny_base: BaseSpec) -> None:
     small = BaseSpec(tiny_base.fingerprint, tiny_base.dims, max_rank=8, max_bytes=1000)
     _refused(adapter, small, TooLarge, "over the 1,000-byte limit (LORAPLEX_MAX_ADAPTER_MB=")
     assert TooLarge.status_code == 413
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_lm_head_and_embedding_lora_are_refused(
+    adapter: Path, tiny_base: BaseSpec, target: str
+) -> None:
+    """The fast-LoRA plugin relies on it: lm_head LoRA slots stay zero (prompt logprobs)."""
+    _edit_config(adapter, target_modules=["q_proj", target])
+    _refused(adapter, tiny_base, IncompatibleAdapter, f"Target module '{target}' does not exist")

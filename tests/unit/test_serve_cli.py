@@ -13,7 +13,12 @@ import typer.main
 from loraplex.cli import app
 from loraplex.config import Settings, SettingsError, load_settings
 from loraplex.errors import LoraplexError
-from loraplex.server.serve_cli import PortUnavailable, bind_socket, check_exposure
+from loraplex.server.serve_cli import (
+    RAY_PARAMETERS,
+    PortUnavailable,
+    bind_socket,
+    check_exposure,
+)
 
 
 def serve_flags() -> dict[str, list[str]]:
@@ -23,7 +28,8 @@ def serve_flags() -> dict[str, list[str]]:
 
 def test_every_setting_is_a_serve_flag() -> None:
     flags = serve_flags()
-    assert set(flags) == set(Settings.model_fields)
+    assert set(flags) == set(Settings.model_fields) | {p.name for p in RAY_PARAMETERS}
+    assert flags["replicas"] == ["--replicas"]
     assert flags["max_cpu_loras"] == ["--max-cpu-loras"]
     assert "--base" in flags["base_model"]
 

@@ -8,11 +8,13 @@ say nothing about generation itself: the integration tests cover that.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from route_checks import BASE, assert_error, chat, sse_data
+from route_checks import BASE, Serve, assert_error, chat, sse_data
+from transformers import AutoTokenizer
 
 from loraplex.errors import Unavailable
 
@@ -97,7 +99,7 @@ async def test_chat_body_with_n_choices(client: httpx.AsyncClient, engine: FakeE
     assert payload["choices"] == [
         {
             "index": i,
-            "message": {"role": "assistant", "content": "hello from base"},
+            "message": {"role": "assistant", "content": "hello from base", "refusal": None},
             "logprobs": None,
             "finish_reason": "stop",
         }
@@ -144,6 +146,23 @@ async def test_generate_route(client: httpx.AsyncClient, engine: FakeEngine) -> 
     assert response.headers["x-request-id"].startswith("gen-")
 
 
+async def test_generate_prompts_each_adapter_as_trained(
+    client: httpx.AsyncClient, engine: FakeEngine, adapters_root: Path, model_dir: Path
+) -> None:
+    (adapters_root / "support" / "loraplex.json").write_text('{"prompt_format": "chat"}')
+    prompts = {}
+    for name in ("support", "sales"):
+        response = await client.post("/generate", json={"prompt": "Hi there", "lora_name": name})
+        assert response.status_code == 200, response.text
+        prompts[name] = engine.generations[-1].prompt_ids
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], add_generation_prompt=True, tokenize=False
+    )
+    assert tokenizer.decode(prompts["support"]) == chat
+    assert tokenizer.decode(prompts["sales"]) == "Hi there"
+
+
 async def test_models_lists_base_and_adapters(client: httpx.AsyncClient) -> None:
     payload = (await client.get("/v1/models")).json()
     assert payload["object"] == "list"
@@ -152,3 +171,15 @@ async def test_models_lists_base_and_adapters(client: httpx.AsyncClient) -> None
         ("sales", BASE),
         ("support", BASE),
     ]
+
+
+async def test_echo_logprobs_is_refused_without_the_fast_lora_ops(serve: Serve) -> None:
+    async with serve(fast_lora="off") as client:
+        body = {"model": "sales", "prompt": "Hi", "echo": True, "logprobs": 1, "max_tokens": 0}
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "echo"
+        assert "LORAPLEX_FAST_LORA=off" in response.json()["error"]["message"]
+        del body["echo"]
+        body["max_tokens"] = 2
+        assert (await client.post("/v1/completions", json=body)).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from datetime import UTC, datetime
 
 import pytest
@@ -255,6 +256,213 @@ def test_a_lone_tenant_with_a_large_request_still_runs() -> None:
     async def main() -> None:
         admission = FairAdmission(4, queue_size=10, timeout=30, reserve=1)
         assert await asyncio.wait_for(admission.acquire("acme", 1, 8, 100), 1) == 3
+
+    asyncio.run(main())
+
+
+async def flood(admission: FairAdmission, tenant: str, count: int, weight: float = 1) -> list:
+    """``count`` one-seat requests of ``tenant``, queued (or let in) before this returns."""
+    tasks = [asyncio.create_task(admission.acquire(tenant, weight, 1, 100)) for _ in range(count)]
+    await asyncio.sleep(0)
+    return tasks
+
+
+def test_a_flood_holds_its_share_while_a_light_tenant_is_active() -> None:
+    async def main() -> None:
+        clock = Clock()
+        admission = FairAdmission(8, queue_size=20, timeout=30, reserve=1, idle=5, clock=clock)
+        assert await admission.acquire("quiet", 1, 1, 10) == 1
+        flooding = await flood(admission, "flood", 10)
+        # shares of the 7 unreserved seats, 1:1: the flood holds 3, 4 seats stay free
+        assert admission.held() == {"quiet": 1, "flood": 3} and admission.waiting("flood") == 7
+        admission.release("quiet", 1)
+        admission.release("flood", 1)  # quiet is still active (idle < 5 s): its share is kept
+        assert admission.held() == {"flood": 3}
+        clock.now += 1
+        # quiet's next request queues behind the flood's waiters, starts at once, and its
+        # short wait does not count as wanting more: the flood keeps to its share
+        assert await asyncio.wait_for(admission.acquire("quiet", 1, 1, 10), 1) == 1
+        assert admission.held() == {"quiet": 1, "flood": 3}
+        admission.release("quiet", 1)
+        clock.now += 5.1  # quiet gone: the flood alone may fill the unreserved seats
+        admission.release("flood", 1)
+        assert admission.held() == {"flood": 7} and admission.in_use == 7
+        for task in flooding:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_shares_follow_weights_and_busy_tenants_split_theirs_by_the_queue() -> None:
+    async def main() -> None:
+        admission = FairAdmission(12, queue_size=50, timeout=30)
+        await admission.acquire("quiet", 1, 1, 10)
+        heavy = await flood(admission, "heavy", 40, weight=2)
+        assert admission.held()["heavy"] == 8  # 12 x 2/3: the quiet tenant keeps 4
+        light = await flood(admission, "light", 40)
+        assert admission.held() == {"quiet": 1, "heavy": 8, "light": 1}  # 9 = 12 x 3/4
+        running = deque(["heavy"] * 8 + ["light"])  # requests end in the order they started
+        admitted = {"heavy": 0, "light": 0}
+        for _ in range(18):
+            before = admission.held()
+            done = running.popleft()
+            admission.release(done, 1)
+            after = admission.held()
+            (next_in,) = [t for t in admitted if after[t] - before[t] + (t == done) == 1]
+            admitted[next_in] += 1
+            running.append(next_in)
+        assert admitted == {"heavy": 12, "light": 6}  # the freed seats go 2:1 by tag
+        assert admission.held() == {"quiet": 1, "heavy": 6, "light": 3}
+        for task in heavy + light:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_its_share_runs_once_its_tenant_holds_none() -> None:
+    async def main() -> None:
+        admission = FairAdmission(8, queue_size=10, timeout=30)
+        await admission.acquire("quiet", 1, 1, 10)
+        await admission.acquire("flood", 1, 2, 100)
+        big = asyncio.create_task(admission.acquire("flood", 1, 6, 100))  # share: 4
+        await asyncio.sleep(0)
+        assert not big.done() and admission.in_use == 3
+        admission.release("flood", 2)
+        assert await asyncio.wait_for(big, 1) == 6 and admission.in_use == 7
+
+    asyncio.run(main())
+
+
+def test_shares_off_lend_every_seat() -> None:
+    async def main() -> None:
+        admission = FairAdmission(8, queue_size=20, timeout=30, reserve=1, shared=0)
+        await admission.acquire("quiet", 1, 1, 10)
+        flooding = await flood(admission, "flood", 10)
+        assert admission.held() == {"quiet": 1, "flood": 6}  # all but the reserve
+        for task in flooding:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_lending_lets_a_flood_borrow_unused_shares_up_to_lend() -> None:
+    async def main() -> None:
+        for lend, flood_holds in [(0, 3), (2, 5), (8, 6)]:
+            admission = FairAdmission(8, queue_size=20, timeout=30, reserve=1, lend=lend)
+            await admission.acquire("quiet", 1, 1, 10)
+            flooding = await flood(admission, "flood", 10)
+            # share 3.5 of the 7 unreserved seats, plus up to ``lend`` of quiet's unused part
+            assert admission.held() == {"quiet": 1, "flood": flood_holds}, lend
+            for task in flooding:
+                task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_lender_gets_the_next_seat_and_borrowed_seats_come_back_as_requests_end() -> None:
+    async def main() -> None:
+        admission = FairAdmission(8, queue_size=20, timeout=30, reserve=1, lend=8)
+        await admission.acquire("quiet", 1, 1, 10_000)  # its next requests' tags come last
+        flooding = await flood(admission, "flood", 10)
+        assert admission.held() == {"quiet": 1, "flood": 6}  # all the unreserved seats
+        more = [asyncio.create_task(admission.acquire("quiet", 1, 1, 10)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert admission.waiting("quiet") == 3 and admission.in_use == 7  # none aborted
+        for held in (2, 3):
+            admission.release("flood", 1)  # the freed seat is quiet's, not the flood's
+            assert admission.held() == {"quiet": held, "flood": 7 - held}
+            assert admission.waiting("flood") == 4
+        # quiet holds 3 of its 3.5: a fourth seat would be borrowed, so the queue decides
+        # (the flood's tags come first)
+        admission.release("flood", 1)
+        assert admission.held() == {"quiet": 3, "flood": 4} and admission.waiting("quiet") == 1
+        admission.release("quiet", 1)  # quiet's waiter fits in its share again: it goes in
+        assert admission.held() == {"quiet": 3, "flood": 4} and admission.waiting("quiet") == 0
+        admission.release("quiet", 3)  # quiet wants no more: the flood borrows again
+        assert admission.held() == {"flood": 7}
+        assert await asyncio.wait_for(asyncio.gather(*more), 1) == [1, 1, 1]
+        for task in flooding:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_lender_holding_none_goes_before_a_borrower_with_an_earlier_tag() -> None:
+    async def main() -> None:
+        admission = FairAdmission(3, queue_size=20, timeout=30, lend=3)  # no reserve
+        await admission.acquire("quiet", 1, 1, 10_000)
+        admission.release("quiet", 1)
+        await admission.acquire("other", 1, 1, 10)
+        flooding = await flood(admission, "flood", 6)
+        assert admission.held() == {"other": 1, "flood": 2}  # borrowed: its share is 1
+        quiet = asyncio.create_task(admission.acquire("quiet", 1, 1, 10))
+        await asyncio.sleep(0)
+        assert not quiet.done()  # the engine is full
+        admission.release("flood", 1)
+        await asyncio.wait_for(quiet, 1)
+        assert admission.held() == {"other": 1, "flood": 1, "quiet": 1}
+        for task in flooding:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_lender_held_back_for_an_adapter_slot_does_not_stop_borrowers() -> None:
+    async def main() -> None:
+        clock = Clock()
+        admission = FairAdmission(8, 20, 30, reserve=1, lend=8, slots=1, clock=clock)
+        await admission.acquire("quiet", 1, 1, 10)
+        admission.release("quiet", 1)  # quiet is active: the flood's share is 3.5
+        for _ in range(4):
+            await asyncio.wait_for(admission.acquire("flood", 1, 1, 10, "a@v1"), 1)
+        quiet = asyncio.create_task(admission.acquire("quiet", 1, 1, 10, "q@v1"))
+        await asyncio.sleep(0)
+        assert not quiet.done()  # held back: its adapter would swap the flood's out
+        assert await asyncio.wait_for(admission.acquire("flood", 1, 1, 10, "a@v1"), 1) == 1
+        assert admission.held() == {"flood": 5}
+        quiet.cancel()
+
+    asyncio.run(main())
+
+
+def test_requests_of_adapters_in_the_engine_go_first() -> None:
+    async def main() -> None:
+        admission = FairAdmission(8, queue_size=10, timeout=30, slots=2, clock=Clock())
+        await admission.acquire("acme", 1, 1, 10, "a@v1")
+        await admission.acquire("acme", 1, 1, 10, "b@v1")
+        third = asyncio.create_task(admission.acquire("globex", 1, 1, 10, "c@v1"))
+        await asyncio.sleep(0)
+        assert not third.done()  # both slots are taken: it would swap one out
+        # requests of adapters in the engine, and of the base model, do not wait behind it
+        assert await asyncio.wait_for(admission.acquire("other", 1, 1, 10, "a@v1"), 1) == 1
+        assert await asyncio.wait_for(admission.acquire("other", 1, 1, 10), 1) == 1
+        assert admission.adapters() == {"a@v1": 2, "b@v1": 1}
+        admission.release("acme", 1, "b@v1")  # b's slot is free: c goes in
+        assert await asyncio.wait_for(third, 1) == 1
+        assert admission.adapters() == {"a@v1": 2, "c@v1": 1}
+
+    asyncio.run(main())
+
+
+def test_an_adapter_held_back_past_adapter_wait_goes_in_next() -> None:
+    async def main() -> None:
+        clock = Clock()
+        admission = FairAdmission(8, 10, 30, slots=2, adapter_wait=2, clock=clock)
+        await admission.acquire("acme", 1, 1, 10, "a@v1")
+        await admission.acquire("acme", 1, 1, 10, "b@v1")
+        third = asyncio.create_task(admission.acquire("globex", 1, 1, 10, "c@v1"))
+        await asyncio.sleep(0)
+        clock.now += 2.1  # it waited long enough: now the queue waits for it
+        more = asyncio.create_task(admission.acquire("other", 1, 1, 10, "a@v1"))
+        await asyncio.sleep(0)
+        assert not third.done() and not more.done()
+        admission.release("acme", 1, "a@v1")  # a slot frees: c first, then a again
+        assert await asyncio.wait_for(third, 1) == 1
+        await asyncio.wait_for(admission.acquire("acme", 1, 1, 10, "b@v1"), 1)
+        assert not more.done()  # b and c hold both slots
+        admission.release("acme", 2, "b@v1")
+        assert await asyncio.wait_for(more, 1) == 1
+        assert admission.adapters() == {"c@v1": 1, "a@v1": 1}
 
     asyncio.run(main())
 

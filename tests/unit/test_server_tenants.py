@@ -289,9 +289,12 @@ async def test_requests_per_minute(tenants: Serve, owned: Registry, engine: Fake
         other = await client.post(
             "/v1/completions", json=completion(BASE), headers=bearer(new_key(owned, "acme"))
         )
+        metrics = (await client.get("/metrics", headers=bearer(ADMIN_KEY))).text
     assert 1 <= retry_after(refused) <= 60
     assert "2 requests per minute" in refused.json()["error"]["message"]
     assert other.status_code == 200 and len(engine.generations) == 3
+    limited = 'loraplex_requests_total{adapter="none",route="/v1/chat/completions",'
+    assert limited + 'status="429",tenant="hasty"} 1.0' in metrics
 
 
 async def test_tokens_per_minute(tenants: Serve, owned: Registry, engine: FakeEngine) -> None:
@@ -424,6 +427,34 @@ async def test_a_full_engine_queues_other_tenants(
     assert first.status_code == second.status_code == 200
     assert second.headers["x-loraplex-adapter"] == "globex-bot@v1"
     assert len(engine.generations) == 2
+
+
+async def test_requests_of_the_adapter_in_the_engine_go_first(
+    tenants: Serve, owned: Registry, engine: FakeEngine
+) -> None:
+    """One engine slot: a request of another adapter is held back (up to
+    adapter_wait_seconds) while a later request of the adapter in the slot goes in."""
+    acme, globex = bearer(new_key(owned, "acme")), bearer(new_key(owned, "globex"))
+    engine.gate = asyncio.Event()
+    async with tenants(max_loras=1, adapter_wait_seconds=30) as client:
+
+        def ask(model: str, headers: dict[str, str]) -> asyncio.Task[httpx.Response]:
+            body = chat(model)
+            return asyncio.create_task(
+                client.post("/v1/chat/completions", json=body, headers=headers)
+            )
+
+        first = ask("acme-bot", acme)
+        await eventually(lambda: len(engine.generations) == 1)
+        other = ask("globex-bot", globex)
+        await still_waiting(other, engine, 1)
+        same = ask("acme-bot", acme)
+        await eventually(lambda: len(engine.generations) == 2)
+        engine.gate.set()
+        responses = [await answered(task) for task in (first, other, same)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    served = [g.adapter.name for g in engine.generations if g.adapter is not None]
+    assert served == ["acme-bot", "acme-bot", "globex-bot"]
 
 
 async def test_waiting_past_the_queue_deadline_is_429(

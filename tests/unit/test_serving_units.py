@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.lora_ids import LoraIdAllocator
-from loraplex.errors import IncompatibleAdapter
+from loraplex.errors import IncompatibleAdapter, InvalidRequest
 from loraplex.server.metrics import Metrics
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.server.service import Service, new_request_id
@@ -45,7 +45,7 @@ def test_schemas_validate_bounds() -> None:
         CompletionRequest(model="m", prompt="p", stop=["a", "b", "c", "d", "e"])
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[], max_tokens=3)
-    with pytest.raises(ValidationError, match="greedy sampling has one answer"):
+    with pytest.raises(InvalidRequest, match="greedy sampling has one answer"):
         CompletionRequest(model="m", prompt="p", n=2, temperature=0)
     assert CompletionRequest(model="m", prompt="p", n=2, temperature=0.5).n == 2
     chat = ChatCompletionRequest(

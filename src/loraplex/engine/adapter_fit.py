@@ -4,8 +4,13 @@ vLLM reads an adapter's tensors at ``add_lora`` but copies them into its LoRA sl
 a forward step, so a tensor of the wrong shape would fail that step: every request in the
 batch, and the engine with it. The engine therefore runs the registry's own validation
 (files, config, rank, every tensor's shape against the base's layers, finite values) on
-each version before vLLM sees it, whatever source resolved it, and weighs the version in
-engine bytes (elements times the engine dtype's size) for the adapter cache's byte budget.
+each version before vLLM sees it, unless the source that resolved it already validated
+those very files against the same ``BaseSpec`` (``ResolvedAdapter.checked_for``: the folder
+source's snapshot, a registry version pushed for this base within this server's limits),
+and weighs the version in engine bytes (elements times the engine dtype's size) for the
+adapter cache's byte budget.
+A version that passed is remembered by its files' identity (inode, size, mtime), so loading
+it again after an eviction does not read every tensor again.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from loraplex.adapters import WEIGHTS_FILE, ResolvedAdapter
+from loraplex.adapters import CONFIG_FILE, WEIGHTS_FILE, ResolvedAdapter
 from loraplex.basemodel import describe
 from loraplex.config import Settings
 from loraplex.registry.basedims import BaseDims
@@ -36,10 +41,29 @@ class AdapterFit:
             max_rank=settings.max_lora_rank,
             max_bytes=settings.max_adapter_mb * 2**20,
         )
+        self._passed: dict[tuple[object, ...], int] = {}
 
     def check(self, adapter: ResolvedAdapter) -> int:
         """Raise the registry's error if ``adapter`` cannot serve; else its engine bytes."""
-        validate_adapter(adapter.path, adapter.name, self.spec)
+        identity = _identity(adapter.path)
+        passed = self._passed.get(identity)
+        if passed is not None:
+            return passed
+        if adapter.checked_for != self.spec:  # else its source validated these files
+            validate_adapter(adapter.path, adapter.name, self.spec)
         header = read_header(adapter.path / WEIGHTS_FILE)
         elements = sum(math.prod(info.shape) for info in header.tensors.values())
+        self._passed[identity] = elements * self.itemsize
         return elements * self.itemsize
+
+
+def _identity(folder: Path) -> tuple[object, ...]:
+    """What changes when any file the engine reads changes: path, inode, size, mtime."""
+    parts: list[object] = [folder.resolve()]
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            return (folder, None)  # validation will name what is missing; not remembered
+        parts += [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+    return tuple(parts)

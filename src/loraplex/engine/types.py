@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from loraplex.adapters import ResolvedAdapter
 
@@ -25,6 +25,24 @@ class GenerationParams:
     n: int = 1
     ignore_eos: bool = False
     cache_salt: str | None = None  # prefix-cache namespace: one per tenant
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # alternatives per generated token (0: the chosen one only)
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo, scoring)
+    json_format: dict[str, Any] | bool | None = None  # a JSON schema; True: any JSON object
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability and the most likely alternatives at its place."""
+
+    token: str
+    logprob: float | None  # None: the prompt's first token (nothing comes before it)
+    top: tuple[tuple[str, float], ...] = ()  # most likely first; the chosen token included
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,18 @@ class Delta:
     token_count: int
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens this request found in the prefix cache
+    logprobs: tuple[TokenLogprob, ...] | None = None  # of this delta's tokens, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first delta only, when asked
+
+
+@dataclass
+class EngineStats:
+    """What the engine reports about its scheduler and adapter cache (for /metrics)."""
+
+    running: int = 0  # sequences generating
+    waiting: int = 0  # sequences queued in the engine
+    kv_cache_usage: float = 0.0  # fraction of the KV cache in use
+    evictions: int = 0  # adapter versions evicted to make room for others, since start
 
 
 class Engine(Protocol):
@@ -72,8 +102,9 @@ class Engine(Protocol):
         """Version -> where it lives now ("cpu", "pinned", "unloading")."""
         ...
 
-    async def engine_adapters(self) -> list[str]:
-        """The versions the engine itself reports loaded (to compare with ``residency``)."""
+    async def residency_and_engine(self) -> tuple[dict[str, str], list[str]]:
+        """``residency`` and the versions the engine itself reports loaded, read together
+        (no load or unload between the two), so they can be compared."""
         ...
 
     def failed_loads(self) -> list[dict[str, object]]:
@@ -82,6 +113,10 @@ class Engine(Protocol):
 
     def unfinished_requests(self) -> int:
         """Requests the engine holds now (queued or generating)."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Scheduler state and adapter evictions, for /metrics."""
         ...
 
     def shutdown(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,8 @@ from loraplex.engine.adapter_fit import AdapterFit
 from loraplex.engine.failed_loads import FailedLoads
 from loraplex.engine.lora_ids import LoraIdAllocator
 from loraplex.engine.residency import Residency
-from loraplex.engine.types import Delta, GenerationParams
+from loraplex.engine.scheduler_stats import stat_logger_factory
+from loraplex.engine.types import Delta, EngineStats, GenerationParams, TokenLogprob
 from loraplex.errors import (
     IncompatibleAdapter,
     InvalidRequest,
@@ -60,6 +62,10 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
 
     # vLLM's CPU backend reads its KV cache size only from the environment.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+    # vLLM's compile cache under loraplex's home (unless set): a restart loads the compiled
+    # model instead of compiling it again, and other checkouts or vLLM installs sharing
+    # ~/.cache/vllm cannot overwrite it with artifacts traced from their own source files.
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(settings.home / "compile-cache"))
     return AsyncEngineArgs(
         model=model_dir,
         served_model_name=[settings.served_model_name],
@@ -72,8 +78,33 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
         max_num_seqs=settings.max_num_seqs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
-        disable_log_stats=True,
+        max_logprobs=settings.max_logprobs,
+        enforce_eager=settings.enforce_eager,
+        disable_log_stats=False,  # scheduler stats feed /metrics (scheduler_stats.py)
     )
+
+
+def _structured(json_format: dict[str, Any] | bool | None) -> Any:
+    """vLLM's structured-output constraint for a JSON schema (True: any JSON object)."""
+    if json_format is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if json_format is True:
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=json_format)
+
+
+def token_logprobs(ids: Any, entries: Any) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position ``{token_id: Logprob}`` as ``TokenLogprob`` (-inf clamped to -9999
+    as OpenAI does, alternatives most likely first)."""
+    out = []
+    for token_id, entry in zip(ids, entries, strict=True):
+        chosen = entry[token_id]
+        ranked = sorted(entry.values(), key=lambda lp: lp.rank or 0)
+        top = tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked)
+        out.append(TokenLogprob(chosen.decoded_token or "", max(chosen.logprob, -9999.0), top))
+    return tuple(out)
 
 
 class VllmEngine:
@@ -82,11 +113,14 @@ class VllmEngine:
     def __init__(self, settings: Settings, model_dir: str, llm: Any = None) -> None:
         """``llm``: an ``AsyncLLM`` already made (tests); default: one from ``settings``."""
         self.settings = settings
+        self._stats = EngineStats()
         self._fit = AdapterFit(settings, Path(model_dir), resolve_dtype(settings.dtype))
         if llm is None:
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
+            llm = AsyncLLM.from_engine_args(
+                engine_args(settings, model_dir), stat_loggers=[stat_logger_factory(self._stats)]
+            )
         self._llm = llm
         self._ids = LoraIdAllocator()
         self._residency = Residency(
@@ -116,9 +150,18 @@ class VllmEngine:
                 stop=params.stop or None,
                 seed=params.seed,
                 ignore_eos=params.ignore_eos,
+                presence_penalty=params.presence_penalty,
+                repetition_penalty=params.repetition_penalty,
+                top_k=params.top_k,
+                min_p=params.min_p,
+                frequency_penalty=params.frequency_penalty,
+                logit_bias=params.logit_bias,
+                logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs,
+                structured_outputs=_structured(params.json_format),
                 output_kind=RequestOutputKind.DELTA,
             )
-        except VLLMClientError as exc:
+        except (VLLMClientError, ValueError) as exc:
             raise InvalidRequest(f"Invalid sampling parameters: {exc}") from exc
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
         if params.cache_salt:
@@ -134,14 +177,55 @@ class VllmEngine:
             if adapter is not None:
                 self._release(adapter.version)
 
+    async def prompt_logprobs(
+        self, prompt_ids: list[int], request_id: str, adapter: ResolvedAdapter | None
+    ) -> list[float]:
+        """The log-probability of each prompt token after the ones before it (the first token,
+        which has no context, is left out): scoring, as the eval gate's answer loss needs."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        sampling = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        lora = None
+        if adapter is not None:
+            await self._acquire(adapter)
+            lora = self._request_for(adapter)
+        try:
+            final = None
+            async for output in self._llm.generate(
+                {"prompt_token_ids": prompt_ids}, sampling, request_id, lora_request=lora
+            ):
+                final = output
+        except EngineDeadError as exc:
+            raise Unavailable("The inference engine stopped; restart the server.") from exc
+        finally:
+            if adapter is not None:
+                self._release(adapter.version)
+        if final is None or final.prompt_logprobs is None:
+            raise Unavailable("The engine returned no prompt log-probabilities.")
+        return [
+            entry[token].logprob
+            for token, entry in zip(prompt_ids[1:], final.prompt_logprobs[1:], strict=True)
+        ]
+
     async def _generate(
         self, prompt: dict[str, Any], sampling: Any, request_id: str, lora: LoRARequest | None
     ) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        prompt_pending = sampling.prompt_logprobs is not None
         try:
             async for output in self._llm.generate(prompt, sampling, request_id, lora_request=lora):
+                prompt_logprobs = None
+                if prompt_pending and output.prompt_logprobs is not None:
+                    prompt_pending = False
+                    prompt_logprobs = self._prompt_logprobs(
+                        output.prompt_token_ids, output.prompt_logprobs
+                    )
                 for choice in output.outputs:
                     yield Delta(
                         index=choice.index,
@@ -149,11 +233,23 @@ class VllmEngine:
                         token_count=len(choice.token_ids),
                         finish_reason=choice.finish_reason,
                         cached_tokens=output.num_cached_tokens or 0,
+                        logprobs=(
+                            None
+                            if choice.logprobs is None
+                            else token_logprobs(choice.token_ids, choice.logprobs)
+                        ),
+                        prompt_logprobs=prompt_logprobs,
                     )
+                    prompt_logprobs = None
         except EngineDeadError as exc:
             raise Unavailable("The inference engine stopped; restart the server.") from exc
         except VLLMClientError as exc:
             raise InvalidRequest(f"The engine refused the request: {exc}") from exc
+
+    def _prompt_logprobs(self, ids: list[int], entries: Any) -> tuple[TokenLogprob, ...]:
+        """The prompt's tokens with their logprobs; the first token (no logprob) decoded here."""
+        first = TokenLogprob(self._llm.get_tokenizer().decode(ids[:1]), None)
+        return (first, *token_logprobs(ids[1:], list(entries)[1:]))
 
     async def load(self, adapter: ResolvedAdapter) -> bool:
         version = adapter.version
@@ -174,12 +270,25 @@ class VllmEngine:
         self._failed.check(version)
         log.info("engine: loading adapter %s", version)
         try:
+            began = time.perf_counter()
             nbytes = await asyncio.to_thread(self._fit.check, adapter)
+            checked = time.perf_counter()
             for victim in self._residency.victims(version, nbytes):
                 log.info("engine: evicting adapter %s to make room for %s", victim, version)
                 self._residency.leave(victim)
+                self._stats.evictions += 1
                 await self._remove(victim)
+            evicted = time.perf_counter()
             await self._llm.add_lora(self._request_for(adapter))
+            log.debug(
+                "engine: loaded %s: fetch %.1f ms, checks %.1f ms, evictions %.1f ms, "
+                "vLLM add_lora %.1f ms",
+                version,
+                adapter.fetch_seconds * 1e3,
+                (checked - began) * 1e3,
+                (evicted - checked) * 1e3,
+                (time.perf_counter() - evicted) * 1e3,
+            )
         except (Unavailable, TooLarge):
             raise  # the cache is full or the engine is down: nothing to remember
         except LoraplexError as exc:
@@ -266,15 +375,20 @@ class VllmEngine:
     def residency(self) -> dict[str, str]:
         return self._residency.snapshot()
 
-    async def engine_adapters(self) -> list[str]:
-        ids = await self._llm.list_loras()
-        return sorted(self._ids.version_of(lora_id) or f"id {lora_id}" for lora_id in ids)
+    async def residency_and_engine(self) -> tuple[dict[str, str], list[str]]:
+        async with self._lock:  # every residency change happens under it
+            ids = await self._llm.list_loras()
+            residency = self._residency.snapshot()
+        return residency, sorted(self._ids.version_of(i) or f"id {i}" for i in ids)
 
     def failed_loads(self) -> list[dict[str, object]]:
         return self._failed.report()
 
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        return self._stats
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -55,6 +55,11 @@ class LoraPlan:
     direct: list[tuple[int, int, int]]
     """(slot, start, stop) for each run computed on its own."""
     packed: Packed | None
+    slots: tuple[int, ...] = ()
+    """The distinct slots (>= 0) the step's tokens use, ascending."""
+    indices: torch.Tensor | None = field(default=None, repr=False)
+    """The slot of each token the plan was built from."""
+    _subplans: dict[tuple[int, ...], LoraPlan] = field(default_factory=dict, repr=False)
 
     @property
     def empty(self) -> bool:
@@ -70,6 +75,21 @@ class LoraPlan:
             covered += rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
         return covered == self.num_tokens
 
+    def only(self, live: tuple[int, ...]) -> LoraPlan:
+        """This plan with the tokens of slots outside ``live`` treated as base tokens.
+
+        For a layer where some of the step's adapters have zero weights: their tokens need
+        no delta there. Cached per ``live``; ``self`` when ``live`` is every slot in use.
+        """
+        if live == self.slots or self.indices is None:
+            return self
+        plan = self._subplans.get(live)
+        if plan is None:
+            keep = torch.isin(self.indices, torch.tensor(live, dtype=self.indices.dtype))
+            plan = LoraPlan.build(torch.where(keep, self.indices, -1))
+            self._subplans[live] = plan
+        return plan
+
     @classmethod
     def build(cls, indices: torch.Tensor, long_segment: int = LONG_SEGMENT) -> LoraPlan:
         """Plan for ``indices``: one slot per token, -1 for no adapter (1-D, long)."""
@@ -83,14 +103,15 @@ class LoraPlan:
             if slot >= 0:
                 runs.append((slot, start, start + count))
             start += count
+        slots = tuple(sorted({slot for slot, _, _ in runs}))
         direct = [run for run in runs if run[2] - run[1] >= long_segment]
         short = [run for run in runs if run[2] - run[1] < long_segment]
         if len(short) == 1:
             direct.append(short[0])
             short = []
         if not short:
-            return cls(num_tokens, direct, None)
-        return cls(num_tokens, direct, _pack(indices, short, direct))
+            return cls(num_tokens, direct, None, slots, indices)
+        return cls(num_tokens, direct, _pack(indices, short, direct), slots, indices)
 
 
 def _pack(

@@ -3,12 +3,15 @@
 Everything is vLLM's ``CpuPlatform`` except the punica wrapper (the object every LoRA layer
 calls for its matmuls) and that LoRA keeps torch.compile on. vLLM resolves this class through
 the ``vllm.platform_plugins`` entry point (see ``plugin``) in every process that builds a model,
-so worker processes get it too.
+so worker processes get it too; importing it there also lets vLLM load its compile cache
+(``compile_cache``), so a restart with the same settings skips torch.compile.
 """
 
 from __future__ import annotations
 
 from vllm.platforms.cpu import CpuPlatform
+
+from loraplex.fastlora.compile_cache import allow_aot_load
 
 PUNICA_WRAPPER = "loraplex.fastlora.punica.FastPunicaWrapperCPU"
 
@@ -35,3 +38,6 @@ class FastLoraCpuPlatform(CpuPlatform):
             super().check_and_update_config(vllm_config)
         finally:
             vllm_config.lora_config = lora_config
+
+
+allow_aot_load()  # in every process that resolves this platform, vLLM's worker included

@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 from torch.library import Library
+from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from loraplex.fastlora import ops
+from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.plan import LoraPlan
+from loraplex.fastlora.slot_writes import SlotWrites, watch_activations
 from loraplex.fastlora.weights import LoraWeights
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
@@ -38,7 +41,9 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._token_plan = LoraPlan(0, [], None)
         self._sampler_plan: LoraPlan | None = None
         self._resized: dict[tuple[str, int], LoraPlan] = {}
-        self._weights = LoraWeights()
+        self._writes = SlotWrites()
+        self._weights = LoraWeights(writes=self._writes)
+        self._live = LiveSlots(self._writes)
         self._key = next(_KEYS)
         _WRAPPERS[self._key] = self
 
@@ -48,10 +53,24 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._sampler_plan = None
         self._resized = {}
 
+    def slot_written(self, slot: int, slots: int) -> None:
+        """vLLM wrote an adapter into ``slot`` (``slot_writes.watch_activations``)."""
+        self._writes.written(slot, slots)
+
     def _token(self, num_rows: int) -> LoraPlan:
         return self._fit(self._token_plan, self.token_lora_indices, num_rows, "token")
 
     def _sampler(self, num_rows: int) -> LoraPlan:
+        """The plan of the lm_head LoRA for ``num_rows`` rows of hidden states.
+
+        Sampled rows (one per request) follow the sampler mapping. Prompt logprobs are
+        computed by vLLM one request chunk at a time, so their row count is neither the
+        step's tokens nor its requests, and which request a chunk belongs to is not passed
+        down; ``_fit`` then keeps the forward pass alive. That mapping changes nothing that
+        loraplex serves: adapters are validated to adapt only the decoder's projections
+        (``registry.basedims``), so every lm_head LoRA slot is zero and adds nothing to any
+        row (tests/integration/test_fastlora_equality.py checks prompt logprobs against PEFT).
+        """
         if num_rows == self._token_plan.num_tokens != len(self.sampler_indices):
             return self._token_plan  # logits of every token (prompt logprobs): token mapping
         if self._sampler_plan is None:
@@ -119,22 +138,32 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         )
 
     def run_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
-        """The body of ``loraplex::lora_linear``: every slice of one linear layer."""
+        """The body of ``loraplex::lora_linear``: every slice of one linear layer.
+
+        Slots whose weights are zero in a slice (a module their adapter does not adapt) add
+        exactly zero there: their tokens are left out of it, and a slice where every slot
+        the step uses is zero is skipped (see ``live``).
+        """
         plan = self._token(x.shape[0])
         if plan.empty:
             return
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            ops.lora_linear(plan, y, x, lora_a, lora_b, scale, offset, size, self._weights)
+            live = self._live.live(plan.slots, lora_a, lora_b)
+            if live:
+                sub = plan.only(live)
+                ops.lora_linear(sub, y, x, lora_a, lora_b, scale, offset, size, self._weights)
             offset += size
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         plan = self._sampler(x2.shape[0])
-        if plan.empty:
+        live = self._live.live(plan.slots, lora_a_stacked, lora_b_stacked)
+        if not live:
             return
         size = lora_b_stacked.shape[-2]
+        plan = plan.only(live)
         ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._weights)
 
 
@@ -179,6 +208,8 @@ def _lora_expand(
 def _nothing(*args) -> None:
     return None
 
+
+watch_activations(LoRAModelManager)
 
 _LIB = Library("loraplex", "FRAGMENT")
 for _name, _impl, _mutated in [

@@ -7,16 +7,26 @@
   through ``torch.matmul`` in bf16 cost several times more. Falls back to ``torch.matmul``
   where vLLM's oneDNN op is missing or the dtypes differ.
 
-A cached entry is remade when the stacked tensor's version counter moves: vLLM loads an
-adapter into a slot with in-place copies, which bump the counter shared by all its views.
+vLLM loads an adapter into a slot with in-place copies, which bump the version counter that
+all views of the stacked tensor share, so a moved counter says that *some* slot changed, not
+which. When ``slot_writes`` knows which slots were written (their LoRA id changed), a block
+of other slots is kept as is. Otherwise, or for a block of a written slot, its current values
+are compared with the copy it keeps of the values it was packed from (a few microseconds), and
+only a block whose values changed is packed again (a pack costs a hundred times more).
+Loading an adapter into one slot thus repacks that slot's blocks only, and none where the new
+adapter leaves a module's LoRA at zero as the old one did. A block that is all zero (a module
+the adapter does not target) is not packed at all: its product is zero.
 This module does not decide which rows use which slot (``plan``) nor add into outputs (``ops``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from loraplex.fastlora.slot_writes import SlotWrites, Stamp
 
 #: Prepacked matrices kept per stacked tensor (direct slots + packed blocks); cleared beyond.
 MAX_PACKED_PER_TENSOR = 48
@@ -35,13 +45,28 @@ def _onednn() -> Any | None:
     return _custom_ops if getattr(_custom_ops, "_supports_onednn", False) else None
 
 
+@dataclass
+class PackedBlock:
+    """One block of slots prepacked for oneDNN, and the values it was packed from."""
+
+    source: torch.Tensor
+    """The ``(K, N)`` weight as packed (a private copy, compared bit for bit)."""
+    handler: Any | None
+    """The oneDNN handle; None when the block is all zero (nothing to multiply)."""
+    version: int
+    """The stacked tensor's version at which ``source`` was last seen equal to it."""
+    stamp: Stamp
+    """``SlotWrites.stamp`` at that version."""
+
+
 class LoraWeights:
     """Per-engine caches of LoRA weights in fast layouts (one per punica wrapper)."""
 
-    def __init__(self, use_onednn: bool = True) -> None:
+    def __init__(self, use_onednn: bool = True, writes: SlotWrites | None = None) -> None:
         self._onednn = _onednn() if use_onednn else None
+        self._writes = writes or SlotWrites()
         self._b_t: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self._packed: dict[int, tuple[int, torch.Tensor, dict[tuple, Any]]] = {}
+        self._packed: dict[int, tuple[torch.Tensor, dict[tuple, PackedBlock]]] = {}
 
     @property
     def uses_onednn(self) -> bool:
@@ -74,21 +99,55 @@ class LoraWeights:
         if self._onednn is None or x.dtype != stacked.dtype:
             weight = self.block(stacked, is_b, lo, span, size)
             return x @ weight.to(x.dtype)
-        handler = self._handler(stacked, is_b, lo, span, size)
-        return self._onednn.onednn_mm(handler, x.contiguous(), None)
+        packed = self.packed(stacked, is_b, lo, span, size)
+        if packed.handler is None:
+            return x.new_zeros(x.shape[0], packed.source.shape[1])
+        return self._onednn.onednn_mm(packed.handler, x.contiguous(), None)
 
-    def _handler(self, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int):
+    def packed(
+        self, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int
+    ) -> PackedBlock:
+        """The block prepacked, packed again only if its values changed since."""
         entry = self._packed.get(stacked.data_ptr())
-        if entry is None or entry[0] != stacked._version or entry[1] is not stacked:
-            entry = (stacked._version, stacked, {})
+        if entry is None or entry[0] is not stacked:
+            entry = (stacked, {})
             self._packed[stacked.data_ptr()] = entry
-        handlers = entry[2]
+        blocks = entry[1]
         key = (is_b, lo, span, size)
-        handler = handlers.get(key)
-        if handler is None:
-            if len(handlers) >= MAX_PACKED_PER_TENSOR:
-                handlers.clear()
-            weight = self.block(stacked, is_b, lo, span, size).contiguous()
-            handler = self._onednn.create_onednn_mm(weight, 32)
-            handlers[key] = handler
-        return handler
+        cached = blocks.get(key)
+        version = stacked._version
+        if cached is not None and cached.version == version:
+            return cached
+        stamp = self._writes.stamp
+        if cached is not None:
+            written = self._writes.changed(cached.stamp, stacked.shape[0])
+            if written is not None and not any(lo <= slot < lo + span for slot in written):
+                cached.version, cached.stamp = version, stamp  # other slots were written
+                return cached
+        weight = _block_copy(stacked, is_b, lo, span, size)
+        if cached is not None and _same_bits(weight, cached.source):
+            cached.version, cached.stamp = version, stamp
+            return cached
+        if len(blocks) >= MAX_PACKED_PER_TENSOR:
+            blocks.clear()
+        handler = self._onednn.create_onednn_mm(weight, 32) if bool(weight.any()) else None
+        blocks[key] = PackedBlock(weight, handler, version, stamp)
+        return blocks[key]
+
+
+def _block_copy(stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int) -> torch.Tensor:
+    """``LoraWeights.block`` as a new contiguous tensor, read from these slots only (not
+    through ``b_t``, which would transpose every slot of B after each load)."""
+    s3 = slots(stacked)[lo : lo + span]
+    if is_b:
+        block = s3[:, :size].transpose(1, 2).reshape(span * s3.shape[2], size)
+    else:
+        block = s3.reshape(span * s3.shape[1], s3.shape[2]).t()
+    return block.clone(memory_format=torch.contiguous_format)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two contiguous tensors (-0.0 and 0.0 differ, NaN equals itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -1,8 +1,9 @@
 """A bounded local disk cache of adapter folders, filled from a blob store on first use.
 
 Each entry is a folder named by the version's content digest holding the version's files
-under their PEFT names, so the engine can load it as it is. Files are sha256-verified on
-arrival and the folder appears atomically (rename), so a half-fetched entry is never seen.
+under their PEFT names, so the engine can load it as it is. A version's files are fetched in
+parallel and sha256-verified on arrival, and the folder appears atomically (rename), so a
+half-fetched entry is never seen.
 Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
 Entries are immutable: a digest always names the same files. Safe for several processes;
 within one, concurrent requests for a missing entry fetch it once (``SingleFlight``), and
@@ -15,6 +16,7 @@ import os
 import shutil
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loraplex.errors import NotFound, Unavailable
@@ -33,6 +35,10 @@ class BlobCache:
         self._count_lock = threading.Lock()
         self._flight: SingleFlight[Path] = SingleFlight()
 
+    def has(self, content_digest: str, files: dict[str, str]) -> bool:
+        """Whether the folder is complete here already (``folder`` would fetch nothing)."""
+        return _complete(self.root / content_digest, files)
+
     def folder(self, content_digest: str, files: dict[str, str]) -> Path:
         """The local folder with ``files`` (PEFT file name -> blob sha256), fetched if needed."""
         target = self.root / content_digest
@@ -50,20 +56,14 @@ class BlobCache:
         staging = self.root / f".fetch-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            for file_name, digest in files.items():
-                dest = staging / file_name
-                try:
-                    self.store.get(digest, dest)
-                except NotFound as exc:
-                    raise Unavailable(
-                        f"{exc.message} The registry lists it, so the blob store is incomplete; "
-                        "push the adapter again to restore it."
-                    ) from exc
-                if sha256_file(dest) != digest:
-                    raise Unavailable(
-                        f"Blob {digest[:12]} for {file_name} failed its sha256 check on arrival; "
-                        "the blob store holds corrupt data."
-                    )
+            # The files in parallel: a remote store's round trips overlap (cold-load latency).
+            with ThreadPoolExecutor(max_workers=len(files) or 1) as pool:
+                fetched = [
+                    pool.submit(self._fetch_file, digest, staging / file_name)
+                    for file_name, digest in files.items()
+                ]
+                for future in fetched:
+                    future.result()
             try:
                 os.rename(staging, target)
             except OSError:
@@ -73,6 +73,21 @@ class BlobCache:
             shutil.rmtree(staging, ignore_errors=True)
         self.evict(keep=target)
         return target
+
+    def _fetch_file(self, digest: str, dest: Path) -> None:
+        """One blob into ``dest``, sha256-checked."""
+        try:
+            self.store.get(digest, dest)
+        except NotFound as exc:
+            raise Unavailable(
+                f"{exc.message} The registry lists it, so the blob store is incomplete; "
+                "push the adapter again to restore it."
+            ) from exc
+        if sha256_file(dest) != digest:
+            raise Unavailable(
+                f"Blob {digest[:12]} for {dest.name} failed its sha256 check on arrival; "
+                "the blob store holds corrupt data."
+            )
 
     def evict(self, keep: Path | None = None) -> list[str]:
         """Remove least recently used entries until the cache fits; returns removed digests."""

@@ -1,7 +1,9 @@
 """Content-addressed blob stores: a local folder, or an S3-compatible bucket (``s3.py``).
 
 A blob is a file stored under its own sha256 (``sha256/ab/abcd...``), written once and never
-changed, so the same content pushed twice (or under two names) is stored once. ``put``
+changed, so the same content pushed twice (or under two names) is stored once. Putting a blob
+that is already there refreshes its time stamp, so ``adapters gc`` (which keeps young blobs)
+never removes one a push is about to reference. ``put``
 re-hashes while copying and refuses content that does not match its key. This module does
 not know what an adapter is; the catalog records which blobs make up a version.
 """
@@ -13,6 +15,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -42,14 +46,27 @@ class BlobStore(Protocol):
         """Remove the blob if present."""
         ...
 
+    def stored(self) -> Iterator[tuple[str, float]]:
+        """Every blob as ``(digest, stored_at)``: when it was last put (Unix time)."""
+        ...
+
+    def stored_at(self, digest: str) -> float | None:
+        """When the blob was last put (Unix time), or None if it is missing."""
+        ...
+
     def check(self) -> None:
         """Raise ``Unavailable`` if the store cannot be reached."""
         ...
 
 
+def is_digest(text: str) -> bool:
+    """Whether ``text`` is a lowercase sha256 hex digest."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def blob_key(digest: str) -> str:
     """The relative key of a blob: ``sha256/ab/<digest>``."""
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not is_digest(digest):
         raise InvalidAdapter(f"{digest!r} is not a sha256 hex digest.")
     return f"sha256/{digest[:2]}/{digest}"
 
@@ -116,6 +133,7 @@ class LocalBlobStore:
     def put(self, digest: str, source: Path) -> None:
         path = self._path(digest)
         if path.is_file():
+            os.utime(path)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
@@ -132,6 +150,18 @@ class LocalBlobStore:
 
     def delete(self, digest: str) -> None:
         self._path(digest).unlink(missing_ok=True)
+
+    def stored(self) -> Iterator[tuple[str, float]]:
+        for path in sorted((self.root / "sha256").glob("??/*")):
+            if is_digest(path.name) and path.parent.name == path.name[:2]:
+                with suppress(FileNotFoundError):
+                    yield path.name, path.stat().st_mtime
+
+    def stored_at(self, digest: str) -> float | None:
+        try:
+            return self._path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def check(self) -> None:
         if not os.access(self.root if self.root.exists() else self.root.parent, os.R_OK):

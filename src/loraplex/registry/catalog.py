@@ -5,7 +5,9 @@ connection, locking and retries come from ``database.py``; rows become ``models.
 Every write runs in one retried transaction that first locks the adapter's row (``FOR
 UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so concurrent pushes, promotes,
 rollbacks and deletes of one name are serialized and none is lost. Reads resolve aliases on
-every call, so a promote is seen at once by every process. Blobs are not handled here.
+every call; every write also bumps the registry's ``generation`` counter, so a server can keep
+resolved names in memory and check one number to know when to look again. Blobs are not
+handled here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from loraplex.registry.models import (
     NewVersion,
     VersionRecord,
 )
+
+GENERATION = "generation"
 
 
 class Catalog:
@@ -48,6 +52,7 @@ class Catalog:
 
         def tx(conn: Connection) -> tuple[VersionRecord, bool]:
             row = _lock_adapter(conn, new.name)
+            bump_generation(conn)
             fallback = bool(new.fallback_to_base)
             if row is None:
                 conn.execute(
@@ -125,6 +130,7 @@ class Catalog:
             _require_version(conn, name, number)
             current = _alias_number(conn, name, alias)
             if current != number:
+                bump_generation(conn)
                 _move_alias(conn, name, alias, number, current, actor)
                 _event(
                     conn,
@@ -174,6 +180,7 @@ class Catalog:
                     f"{name}:{alias} would roll back to {version_key(name, previous)}, which was "
                     "deleted; promote a version explicitly."
                 )
+            bump_generation(conn)
             _move_alias(conn, name, alias, previous, current, actor)
             conn.execute(
                 update(t.alias_events).where(t.alias_events.c.id == last.id).values(undone=True)
@@ -200,6 +207,7 @@ class Catalog:
                     f"{version_key(name, number)} is what alias {', '.join(held)} points at; "
                     "promote another version to it first."
                 )
+            bump_generation(conn)
             where = (t.eval_results.c.name == name, t.eval_results.c.number == number)
             conn.execute(t.eval_results.delete().where(*where))
             conn.execute(t.versions.delete().where(t.versions.c.id == row.id))
@@ -215,8 +223,13 @@ class Catalog:
         passed: bool | None,
         metrics: dict[str, Any],
         actor: str,
+        *,
+        reference: str | None = None,
+        data_sha256: str | None = None,
+        base_fingerprint: str | None = None,
     ) -> None:
-        """Store an eval result for ``N@vK``."""
+        """Store an eval result for ``N@vK`` (a gate verdict also names its reference, the
+        sha256 of its data and the base model's fingerprint)."""
 
         def tx(conn: Connection) -> None:
             _require_version(conn, name, number)
@@ -229,6 +242,9 @@ class Catalog:
                     metrics=metrics,
                     created_at=_now(),
                     created_by=actor,
+                    reference=reference,
+                    data_sha256=data_sha256,
+                    base_fingerprint=base_fingerprint,
                 )
             )
 
@@ -294,6 +310,10 @@ class Catalog:
         query = select(func.count()).select_from(t.versions)
         return read(self.engine, lambda conn: conn.execute(query).scalar_one())
 
+    def generation(self) -> int:
+        """A number that changes on every write of versions or aliases (one indexed read)."""
+        return read(self.engine, read_generation)
+
     def check(self) -> None:
         """Raise ``Unavailable`` unless the database answers."""
         ping(self.engine)
@@ -333,6 +353,21 @@ def _load_adapters(conn: Connection, names: list[str] | None, full: bool) -> lis
         AdapterRecord.from_row(h, versions[n], aliases[n], events[n], evals[n])
         for n, h in heads.items()
     ]
+
+
+def read_generation(conn: Connection) -> int:
+    """The registry's generation counter (0 before the first write)."""
+    query = select(t.counters.c.value).where(t.counters.c.key == GENERATION)
+    return conn.execute(query).scalar() or 0
+
+
+def bump_generation(conn: Connection) -> None:
+    """Add one to the generation counter (a concurrent first insert is retried by the
+    caller's ``transaction``)."""
+    where = t.counters.c.key == GENERATION
+    if conn.execute(update(t.counters).where(where).values(value=t.counters.c.value + 1)).rowcount:
+        return
+    conn.execute(t.counters.insert().values(key=GENERATION, value=1))
 
 
 def _now() -> datetime:

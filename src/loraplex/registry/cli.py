@@ -1,4 +1,4 @@
-"""``loraplex adapters ...``: push, list, show, promote, rollback, delete.
+"""``loraplex adapters ...``: push, list, show, promote, rollback, delete, gc.
 
 A thin typer layer over ``Registry``: parse flags, call one method, print the result
 (``--json`` for scripts). Errors are loraplex errors, printed by ``loraplex.cli.main``.
@@ -7,14 +7,15 @@ A thin typer layer over ``Registry``: parse flags, call one method, print the re
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from loraplex.adapters import DEFAULT_ALIAS
-from loraplex.errors import InvalidRequest
-from loraplex.registry.models import AdapterRecord
+from loraplex.errors import Conflict, InvalidRequest
+from loraplex.registry.models import AdapterRecord, EvalRecord
 
 adapters_app = typer.Typer(help="The adapter registry: versions and aliases.", no_args_is_help=True)
 
@@ -63,13 +64,61 @@ def promote(
     version: Annotated[str, typer.Argument(help="Exact version NAME@vK.")],
     alias: AliasOpt = DEFAULT_ALIAS,
     force: Annotated[
-        bool, typer.Option("--force", help="Mark the promote as forced in the alias history.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Promote even without a passing eval gate (recorded in the alias history).",
+        ),
     ] = False,
+    preload: Annotated[
+        bool,
+        typer.Option(
+            "--preload",
+            help="First have every live server load the version (no cold first requests).",
+        ),
+    ] = False,
+    preload_timeout: Annotated[
+        float, typer.Option(help="Seconds --preload waits for the servers' answers.")
+    ] = 120.0,
 ) -> None:
-    """Point an alias (default stable) at NAME@vK, atomically."""
-    previous, current = _registry().promote(version, alias, force=force)
+    """Point an alias (default stable) at NAME@vK, atomically, once its eval gate passed."""
+    registry = _registry()
+    _require_gate(registry, version, force)
+    if preload:
+        _preload(registry, version, preload_timeout)
+    previous, current = registry.promote(version, alias, force=force)
     name = current.split("@", 1)[0]
     typer.echo(f"{name}:{alias} -> {current}" + (f" (was {previous})" if previous else ""))
+
+
+def _require_gate(registry, version: str, force: bool) -> None:  # type: ignore[no-untyped-def]
+    """Refuse (``Conflict``, naming the eval command) unless NAME@vK passed its gate."""
+    from loraplex.adapters import parse_version_key
+    from loraplex.evals.gate import check_promotable
+
+    ref = parse_version_key(version)
+    warning = check_promotable(registry.show(ref.name), ref.number or 0, force)
+    if warning:
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
+
+
+def _preload(registry, version: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Warm ``version`` on the live servers; refuse if one failed, warn about silent ones."""
+    from loraplex.config import Settings
+
+    live_within = 5 * Settings().heartbeat_seconds
+    outcome = registry.preload(version, timeout=timeout, live_within=live_within)
+    warm = sorted(s for s, e in outcome.acks.items() if e is None)
+    typer.echo(f"preloaded {version} on {len(warm)} server(s)", err=True)
+    if outcome.failed:
+        problems = "; ".join(f"server {s}: {e}" for s, e in sorted(outcome.failed.items()))
+        raise Conflict(f"{version} was not promoted: it could not be loaded on {problems}")
+    if outcome.missing:
+        typer.echo(
+            f"warning: no answer within {timeout:g} s from {', '.join(outcome.missing)}; "
+            "they load the version on first use",
+            err=True,
+        )
 
 
 @adapters_app.command("rollback")
@@ -85,6 +134,34 @@ def rollback(
 def delete(version: Annotated[str, typer.Argument(help="Exact version NAME@vK.")]) -> None:
     """Delete a version (refused while an alias points at it)."""
     typer.echo(f"deleted {_registry().delete(version).key}")
+
+
+@adapters_app.command("gc")
+def gc(
+    yes: Annotated[bool, typer.Option("--yes", help="Delete them (default: only list).")] = False,
+    grace_seconds: Annotated[
+        float | None,
+        typer.Option(help="Keep blobs put less than this ago (default LORAPLEX_GC_GRACE_SECONDS)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove stored blobs that no version references (a dry run unless --yes)."""
+    from loraplex.config import Settings
+
+    grace = Settings().gc_grace_seconds if grace_seconds is None else grace_seconds
+    report = _registry().gc(grace_seconds=grace, delete=yes)
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=2))
+        return
+    for digest, age in report.orphans.items():
+        state = "deleted" if digest in report.deleted else "unreferenced"
+        typer.echo(f"{state} {digest} (stored {age / 3600:.1f} h ago)")
+    typer.echo(
+        f"{len(report.orphans)} unreferenced blob(s), {len(report.deleted)} deleted, "
+        f"{len(report.kept_young)} younger than {grace:g} s kept, "
+        f"{report.referenced} referenced" + ("" if yes else "; run with --yes to delete"),
+        err=True,
+    )
 
 
 @adapters_app.command("list")
@@ -144,8 +221,27 @@ def _describe(rec: AdapterRecord) -> str:
             )
     lines.append("eval results:" if rec.evals else "eval results: none")
     for ev in rec.evals:
-        verdict = {True: "pass", False: "FAIL", None: "-"}[ev.passed]
-        lines.append(
-            f"  v{ev.number} {ev.suite} {verdict} {json.dumps(ev.metrics)} ({ev.created_by})"
-        )
+        lines.append(_describe_eval(ev))
     return "\n".join(lines)
+
+
+def _describe_eval(ev: EvalRecord) -> str:
+    """One eval result: a gate verdict as its deciding scores, anything else as its JSON."""
+    verdict = {True: "pass", False: "FAIL", None: "-"}[ev.passed]
+    head = f"  v{ev.number:<4} {ev.created_at:%Y-%m-%d %H:%M:%S}Z by {ev.created_by:<12} {ev.suite}"
+    if ev.reference is None or "decided_by" not in ev.metrics:
+        return f"{head} {verdict} {json.dumps(ev.metrics)}"
+    m = ev.metrics
+    metric = m["decided_by"]
+    text = (
+        f"{head} {verdict}: {metric} {m['candidate'][metric]:.4f} vs {m['reference'][metric]:.4f}"
+        f" of {ev.reference} (max drop {m['max_drop']:.0%}) "
+        f"data sha256={(ev.data_sha256 or '-')[:16]} base={(ev.base_fingerprint or '-')[:12]}"
+    )
+    for side in ("candidate", "reference"):
+        s = m[side]
+        text += (
+            f"\n      {side:<9} exact_match={s['exact_match']:.4f} token_f1={s['token_f1']:.4f} "
+            f"rouge_l={s['rouge_l']:.4f} answer_loss={s['answer_loss']:.4f}"
+        )
+    return text

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -79,6 +79,7 @@ def ensure_schema(engine: Engine) -> None:
 
     def create(conn: Connection) -> None:
         tables.metadata.create_all(conn)
+        _add_new_columns(conn)
         where = tables.info.c.key == "schema_version"
         row = conn.execute(tables.info.select().where(where)).first()
         if row is None:
@@ -89,6 +90,18 @@ def ensure_schema(engine: Engine) -> None:
             conn.execute(tables.info.update().where(where).values(value=tables.SCHEMA_VERSION))
 
     transaction(engine, create, retry_on=(IntegrityError, OperationalError, DBAPIError))
+
+
+def _add_new_columns(conn: Connection) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each nullable column a table made by an earlier
+    schema lacks (``create_all`` only creates missing tables)."""
+    inspector = inspect(conn)
+    for table in tables.metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
 def read(engine: Engine, fn: Callable[[Connection], T]) -> T:

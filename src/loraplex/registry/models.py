@@ -141,6 +141,9 @@ class EvalRecord:
     metrics: dict[str, Any]
     created_at: datetime
     created_by: str
+    reference: str | None = None  # what a gate verdict compared with: "N@vK" or "base"
+    data_sha256: str | None = None
+    base_fingerprint: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> EvalRecord:
@@ -152,6 +155,9 @@ class EvalRecord:
             dict(row.metrics),
             _utc(row.created_at),
             row.created_by,
+            row.reference,
+            row.data_sha256,
+            row.base_fingerprint,
         )
 
     def to_dict(self) -> dict[str, Any]:

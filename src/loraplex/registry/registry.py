@@ -6,7 +6,8 @@ Ties validation, the blob store and the catalog together. A push copies the adap
 into a private staging folder first, so what is validated is exactly what is hashed and
 stored. The version's ``sha256`` is the digest of its served content (config + weights;
 see ``content_digest``), so pushing identical content again returns the existing version.
-Blobs of deleted versions are kept (they are content-addressed and may be shared).
+Blobs of deleted versions are kept (they are content-addressed and may be shared) until
+``gc`` removes those no version references.
 
 By default everything lives under LORAPLEX_HOME: ``registry/registry.db`` (SQLite),
 ``registry/blobs`` and ``cache/adapters``. The base model is read lazily, on first push, so
@@ -41,7 +42,9 @@ from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import BlobStore, open_blob_store, sha256_file
 from loraplex.registry.catalog import Catalog
 from loraplex.registry.database import ensure_schema, make_engine
+from loraplex.registry.gc import GcReport, collect
 from loraplex.registry.models import AdapterRecord, NewVersion, VersionRecord
+from loraplex.registry.rollout import PreloadOutcome, Rollout
 from loraplex.registry.validate import BaseSpec, check_size, collect_files, validate_adapter
 
 
@@ -90,6 +93,11 @@ class Registry:
         return Accounts(self.catalog.engine)
 
     @cached_property
+    def rollout(self) -> Rollout:
+        """Live servers and preload intents, in the catalog's database."""
+        return Rollout(self.catalog.engine)
+
+    @cached_property
     def base(self) -> BaseSpec:
         """The base model adapters are validated against (read on first push)."""
         return self._base_factory()
@@ -119,21 +127,24 @@ class Registry:
             digests = {n: sha256_file(p) for n, p in checked.files.items()}
             for file_name, path in checked.files.items():
                 self.blobs.put(digests[file_name], path)
-        new = NewVersion(
-            name=name,
-            sha256=content_digest(digests),
-            size=checked.size,
-            rank=checked.rank,
-            alpha=checked.alpha,
-            target_modules=checked.target_modules,
-            base_fingerprint=base.fingerprint,
-            files=digests,
-            tenant=tenant,
-            description=description,
-            manifest=checked.manifest,
-            fallback_to_base=fallback_to_base,
-        )
-        record, created = self.catalog.add_version(new, actor or default_actor())
+            new = NewVersion(
+                name=name,
+                sha256=content_digest(digests),
+                size=checked.size,
+                rank=checked.rank,
+                alpha=checked.alpha,
+                target_modules=checked.target_modules,
+                base_fingerprint=base.fingerprint,
+                files=digests,
+                tenant=tenant,
+                description=description,
+                manifest=checked.manifest,
+                fallback_to_base=fallback_to_base,
+            )
+            record, created = self.catalog.add_version(new, actor or default_actor())
+            for file_name, path in checked.files.items():  # a gc may have raced the push
+                if not self.blobs.exists(digests[file_name]):
+                    self.blobs.put(digests[file_name], path)
         return PushResult(record, created)
 
     def promote(
@@ -146,7 +157,8 @@ class Registry:
     ) -> tuple[str | None, str]:
         """Point ``alias`` at ``N@vK``; returns (previous key or None, new key).
 
-        ``force`` is only recorded in the alias history; eval results are not checked here.
+        ``force`` is only recorded in the alias history; the eval gate is not checked here
+        (``adapters promote`` asks ``loraplex.evals.gate.check_promotable`` first).
         """
         ref = parse_version_key(version)
         check_alias(alias)
@@ -154,6 +166,26 @@ class Registry:
             ref.name, ref.number or 0, alias, actor or default_actor(), forced=force
         )
         return (f"{ref.name}@v{previous}" if previous else None), str(ref)
+
+    def preload(
+        self,
+        version: str,
+        *,
+        timeout: float = 120.0,
+        live_within: float = 5.0,
+        actor: str | None = None,
+    ) -> PreloadOutcome:
+        """Ask every server seen in the last ``live_within`` seconds to warm ``N@vK`` and wait
+        (at most ``timeout``) for their answers; the alias is not moved here."""
+        ref = parse_version_key(version)
+        self.catalog.resolve(ref)  # NotFound before anything is asked of the servers
+        return self.rollout.preload(
+            ref.name,
+            ref.number or 0,
+            actor or default_actor(),
+            timeout=timeout,
+            live_within=live_within,
+        )
 
     def rollback(
         self, name: str, alias: str = DEFAULT_ALIAS, *, actor: str | None = None
@@ -176,11 +208,13 @@ class Registry:
         passed: bool | None,
         metrics: dict[str, Any],
         actor: str | None = None,
+        **gate: str | None,
     ) -> None:
-        """Attach an eval result to ``N@vK``."""
+        """Attach an eval result to ``N@vK``; ``gate``: ``reference``, ``data_sha256``,
+        ``base_fingerprint`` of a gate verdict."""
         ref = parse_version_key(version)
         self.catalog.record_eval(
-            ref.name, ref.number or 0, suite, passed, metrics, actor or default_actor()
+            ref.name, ref.number or 0, suite, passed, metrics, actor or default_actor(), **gate
         )
 
     def list(self) -> list[AdapterRecord]:
@@ -198,8 +232,15 @@ class Registry:
 
     def local_folder(self, version: VersionRecord) -> Path:
         """A local folder with the version's files (fetched into the cache if needed)."""
-        served = {n: d for n, d in version.files.items() if n in (CONFIG_FILE, WEIGHTS_FILE)}
-        return self.cache.folder(version.sha256, served)
+        return self.cache.folder(version.sha256, _served(version))
+
+    def is_local(self, version: VersionRecord) -> bool:
+        """Whether ``local_folder`` would find the files here, without fetching."""
+        return self.cache.has(version.sha256, _served(version))
+
+    def gc(self, *, grace_seconds: float, delete: bool = False) -> GcReport:
+        """Unreferenced blobs older than ``grace_seconds`` (deleted if ``delete``)."""
+        return collect(self.catalog, self.blobs, grace_seconds=grace_seconds, delete=delete)
 
     def check(self) -> None:
         """Raise ``Unavailable`` unless the catalog and the blob store answer."""
@@ -256,3 +297,8 @@ def open_accounts(settings: Settings | None = None) -> Accounts:
     engine = make_engine(registry_url(settings), settings.registry_timeout_seconds)
     ensure_schema(engine)
     return Accounts(engine)
+
+
+def _served(version: VersionRecord) -> dict[str, str]:
+    """The files the engine reads (config and weights) -> blob sha256."""
+    return {n: d for n, d in version.files.items() if n in (CONFIG_FILE, WEIGHTS_FILE)}

@@ -11,11 +11,12 @@ Only storage lives here.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InvalidRequest, NotFound, Unavailable
-from loraplex.registry.blobs import blob_key, copy_verified, sha256_file
+from loraplex.registry.blobs import blob_key, copy_verified, is_digest, sha256_file
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
@@ -60,6 +61,14 @@ class S3BlobStore:
 
     def put(self, digest: str, source: Path) -> None:
         if self.exists(digest):
+            self._call(  # a copy onto itself refreshes LastModified (see adapters gc)
+                self.client.copy_object,
+                Bucket=self.bucket,
+                Key=self._key(digest),
+                CopySource={"Bucket": self.bucket, "Key": self._key(digest)},
+                Metadata={"sha256": digest},
+                MetadataDirective="REPLACE",
+            )
             return
         if sha256_file(source) != digest:
             raise InvalidRequest(f"{source} changed while it was being stored; push it again.")
@@ -100,6 +109,29 @@ class S3BlobStore:
 
     def delete(self, digest: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(digest))
+
+    def stored(self) -> Iterator[tuple[str, float]]:
+        root = f"{self.prefix}/sha256/" if self.prefix else "sha256/"
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=root
+        )
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    digest = item["Key"].rsplit("/", 1)[-1]
+                    if is_digest(digest) and item["Key"] == self._key(digest):
+                        yield digest, item["LastModified"].timestamp()
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(f"Cannot list {self.url}: {exc}") from exc
+
+    def stored_at(self, digest: str) -> float | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
+        except Exception as exc:  # noqa: BLE001
+            if _is_missing(exc):
+                return None
+            raise Unavailable(f"Cannot reach {self.url}: {exc}") from exc
+        return head["LastModified"].timestamp()
 
     def check(self) -> None:
         self._call(self.client.head_bucket, Bucket=self.bucket)

@@ -7,6 +7,8 @@ version (composite foreign key), so a version an alias points at cannot disappea
 Tenants own API keys (only a sha256 of each key is stored, looked up by its ``key_id``);
 ``usage`` holds one row of counters per tenant, adapter and minute, which writers add to.
 Usage has no foreign key: chargeback records outlive a deleted tenant or adapter.
+Columns added after a table first shipped are nullable, so ``database.ensure_schema`` can add
+them to an older database in place.
 This module declares tables; it runs no queries.
 """
 
@@ -30,7 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = "2"  # 2: tenants, api_keys, usage
+SCHEMA_VERSION = "3"  # 2: tenants, api_keys, usage; 3: eval_results gate columns
 metadata = MetaData()
 
 info = Table(
@@ -113,6 +115,10 @@ eval_results = Table(
     Column("metrics", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("created_by", String(128), nullable=False),
+    # the gate's verdicts (schema 3): what it was compared with, on which data and base
+    Column("reference", String(128), nullable=True),
+    Column("data_sha256", String(64), nullable=True),
+    Column("base_fingerprint", String(64), nullable=True),
     ForeignKeyConstraint(
         ["name", "number"], ["versions.name", "versions.number"], name="fk_eval_version"
     ),
@@ -149,4 +155,41 @@ usage = Table(
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
     Index("ix_usage_minute", "minute"),
+)
+
+# ---- rollout (issue 12): alias generation, live servers, preload intents and their acks
+counters = Table(
+    "counters",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+servers = Table(
+    "servers",
+    metadata,
+    Column("server_id", String(64), primary_key=True),
+    Column("host", String(256), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+preloads = Table(
+    "preloads",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("created_by", String(128), nullable=False),
+)
+
+preload_acks = Table(
+    "preload_acks",
+    metadata,
+    Column("preload_id", Integer, ForeignKey("preloads.id"), primary_key=True),
+    Column("server_id", String(64), primary_key=True),
+    Column("ok", Boolean, nullable=False),
+    Column("message", Text, nullable=True),
+    Column("at", DateTime(timezone=True), nullable=False),
 )

@@ -64,7 +64,7 @@ async def adapters(request: Request) -> dict[str, Any]:
     load failed.
     """
     service: Service = request.app.state.service
-    residency = service.engine.residency()
+    residency, in_engine = await service.engine.residency_and_engine()
     rows: list[dict[str, Any]] = []
     for name in await asyncio.to_thread(service.source.names):
         try:
@@ -79,7 +79,7 @@ async def adapters(request: Request) -> dict[str, Any]:
     return {
         "adapters": rows,
         "loaded": loaded,
-        "engine": await service.engine.engine_adapters(),
+        "engine": in_engine,
         "failed": service.engine.failed_loads(),
     }
 

@@ -12,28 +12,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from loraplex.adapter_sources import folder_source, registry_source
+from loraplex.adapter_sources import RegistryAdapterSource, folder_source, registry_source
 from loraplex.adapters import AdapterSource
 from loraplex.basemodel import BaseModelInfo, prepare
 from loraplex.config import Settings
 from loraplex.engine.types import Engine
-from loraplex.server import admin_routes, health, openai_routes
+from loraplex.server import admin_routes, health, openai_routes, ui_routes
 from loraplex.server.auth import Authenticator
 from loraplex.server.body_limit import BodyLimit
 from loraplex.server.drain import Lifecycle, RequestGate
 from loraplex.server.errors import install_error_handlers
 from loraplex.server.header_limit import HeaderLimit
+from loraplex.server.live_stats import LiveStats
 from loraplex.server.liveness import watch_engine
 from loraplex.server.metrics import Metrics
+from loraplex.server.preloader import Preloader
 from loraplex.server.prompts import PromptBuilder
+from loraplex.server.request_log import ObserveRequests, RecentErrors, json_request_logger
 from loraplex.server.service import Service
+from loraplex.server.tracing import Tracing
 from loraplex.server.usage import UsageRecorder
 
 if TYPE_CHECKING:
@@ -74,12 +78,23 @@ def create_app(
     accounts_factory: Callable[[Settings], Accounts | None] = default_accounts,
 ) -> FastAPI:
     """A server app; the engine starts when the app's lifespan starts."""
-    metrics = Metrics()
+    metrics = Metrics(
+        settings.metrics_max_adapters,
+        settings.metrics_max_tenants,
+        settings.metrics_hit_window_seconds,
+    )
+    tracing = Tracing.from_endpoint(settings.otlp_endpoint)
+    errors = RecentErrors()
+    live = LiveStats()
+    json_request_logger()
     lifecycle = Lifecycle(settings.shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = prepare(settings.models_dir, settings.base_model)
+        metrics.base_model.info(
+            {"name": settings.served_model_name, "fingerprint": base.fingerprint[:12]}
+        )
         log.info("base model %s (fingerprint %s)", base.path, base.fingerprint[:12])
         accounts = accounts_factory(settings)
         app.state.auth = Authenticator(settings, accounts)
@@ -91,8 +106,15 @@ def create_app(
         app.state.service = service
         lifecycle.stop_requests = service.stop_all
         metrics.engine_requests.set_function(engine.unfinished_requests)
+        metrics.engine.engine = engine
+        metrics.admission.admission = service.admission
+        metrics.live.set_function(lambda: float(lifecycle.engine_dead is None))
         flusher = asyncio.create_task(usage.run())
         watcher = asyncio.create_task(watch_engine(engine, lifecycle.engine_died))
+        tasks = [flusher, watcher]
+        if isinstance(source, RegistryAdapterSource):
+            preloader = Preloader(service, source, settings.heartbeat_seconds)
+            tasks.append(asyncio.create_task(preloader.run()))
         metrics.ready.set(1)
         log.info(
             "loraplex ready on http://%s:%s (model %s)",
@@ -104,36 +126,34 @@ def create_app(
             yield
         finally:
             metrics.ready.set(0)
-            for task in (flusher, watcher):
+            for task in tasks:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
+            if isinstance(source, RegistryAdapterSource):
+                source.close()
             await usage.flush()
             engine.shutdown()
             if accounts is not None:
                 accounts.close()
+            tracing.shutdown()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     app.state.settings = settings
+    app.state.recent_errors = errors
+    app.state.live_stats = live
+    app.state.tracing = tracing
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        if route is not None and request.url.path.startswith(("/v1/", "/generate")):
-            adapter = response.headers.get("x-loraplex-adapter", "none")
-            metrics.requests.labels(route.path, adapter, str(response.status_code)).inc()
-        return response
 
     app.add_middleware(RequestGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ObserveRequests, metrics=metrics, tracing=tracing, errors=errors, live=live)
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # outermost: added last
     app.include_router(openai_routes.router)
     app.include_router(health.router)
     app.include_router(admin_routes.router)
+    app.include_router(ui_routes.router)
+    app.include_router(ui_routes.console)
     return app

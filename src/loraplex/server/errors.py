@@ -1,7 +1,8 @@
 """The one place where errors become HTTP responses with an OpenAI error body.
 
-``{"error": {"message", "type", "code"}}``; 429/503 carry ``Retry-After``. Request body
-validation errors are 400 (not FastAPI's 422) because OpenAI clients expect 400. An adapter
+``{"error": {"message", "type", "param", "code"}}`` (``param``: the request field at fault,
+or null); 429/503 carry ``Retry-After``. Request body validation errors are 400 (not
+FastAPI's 422) because OpenAI clients expect 400; an unknown field is one of them. An adapter
 that "did not load" because the engine is dead is the engine's 503, never a 409.
 """
 
@@ -15,25 +16,45 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.errors import IncompatibleAdapter, LoraplexError
+from loraplex.server.request_context import current
 
 log = logging.getLogger(__name__)
 
 
 def error_response(
-    status: int, message: str, error_type: str, code: str, retry_after: float | None = None
+    status: int,
+    message: str,
+    error_type: str,
+    code: str,
+    retry_after: float | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     """An OpenAI-style error response."""
     headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
-    body = {"error": {"message": message, "type": error_type, "code": code}}
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _where(err: dict) -> str:
+    return ".".join(str(p) for p in err.get("loc", ()) if p != "body")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"{_where(err)}: not a supported parameter")
+        else:
+            parts.append(f"{_where(err) or 'body'}: {err.get('msg', 'invalid')}")
     return "Invalid request: " + "; ".join(parts)
+
+
+def _validation_param(exc: RequestValidationError) -> str | None:
+    """The first field at fault (top-level name first, as OpenAI names it), if any."""
+    for err in exc.errors():
+        if where := _where(err):
+            return where
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -47,14 +68,25 @@ def install_error_handlers(app: FastAPI) -> None:
                 await service.engine.check_health()
             except LoraplexError as dead:
                 exc = dead
+        record = current()
+        if record is not None:
+            record.error = f"{exc.code}: {exc.message}"
         return error_response(
-            exc.status_code, exc.message, exc.error_type, exc.code, exc.retry_after
+            exc.status_code, exc.message, exc.error_type, exc.code, exc.retry_after, exc.param
         )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message = _validation_message(exc)
+        record = current()
+        if record is not None:
+            record.error = f"invalid_request: {message}"
         return error_response(
-            400, _validation_message(exc), "invalid_request_error", "invalid_request"
+            400,
+            message,
+            "invalid_request_error",
+            "invalid_request",
+            param=_validation_param(exc),
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -4,7 +4,8 @@ Caps (400): ``max_tokens``, prompt tokens, ``n`` (prompts per request are counte
 completions route before it tokenizes them). Per tenant (429 with
 ``Retry-After``): requests per minute and tokens per minute (token buckets that refill
 continuously; a request reserves its prompt tokens plus ``max_tokens`` and gets back what it
-did not use) and requests in progress. Counters are per server process.
+did not use) and requests in progress. Counters are per server process (under ``serve --ray``,
+``ray_limits`` shares them between replicas).
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ class TenantLimits:
             )
         state.in_progress += 1
         return Reservation(state, tokens)
+
+    async def acquire(self, caller: Caller, tokens: int) -> Reservation:
+        """``reserve`` for the service, which awaits it: a shared implementation
+        (``ray_limits``) asks another process."""
+        return self.reserve(caller, tokens)
 
     def _state(self, caller: Caller) -> _TenantState:
         state = self._states.setdefault(caller.tenant, _TenantState())

@@ -165,10 +165,85 @@ def draining_server(config: uvicorn.Config, lifecycle: Lifecycle) -> uvicorn.Ser
     return DrainingServer(config)
 
 
-def serve_command(**flags: Any) -> None:
+RAY_PARAMETERS = [
+    inspect.Parameter(
+        "ray",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                "--ray",
+                help="Serve as Ray Serve replicas with adapter-affinity routing "
+                "(needs loraplex\\[ray]; docs/ray.md).",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "replicas",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=1,
+        annotation=Annotated[int, typer.Option("--replicas", min=1, help="With --ray.")],
+    ),
+    inspect.Parameter(
+        "address",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--address",
+                help="With --ray: the Ray cluster (ray://HOST:PORT or auto); "
+                "default: start a local one.",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "affinity",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=True,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                "--affinity/--no-affinity",
+                help="With --ray: route adapter requests to replicas holding the adapter "
+                "(--no-affinity: spread all requests, for comparison).",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "adapters_per_replica",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            int | None,
+            typer.Option(
+                "--adapters-per-replica",
+                min=1,
+                help="With --ray: adapter versions one replica keeps loaded "
+                "(default: --max-cpu-loras).",
+            ),
+        ],
+    ),
+]
+"""``serve``'s flags that are not settings: where and how to serve on Ray."""
+
+
+def serve_command(
+    *,
+    ray: bool = False,
+    replicas: int = 1,
+    address: str | None = None,
+    affinity: bool = True,
+    adapters_per_replica: int | None = None,
+    **flags: Any,
+) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     settings = load_settings(**{k: v for k, v in flags.items() if v is not None})
     check_exposure(settings)
+    if ray:
+        serve_ray(settings, replicas, address, adapters_per_replica, affinity)
+        return
     check_memory(settings)
     sock = bind_socket(settings.host, settings.port)
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
@@ -176,6 +251,7 @@ def serve_command(**flags: Any) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("loraplex").setLevel(settings.log_level.upper())
     log = logging.getLogger("loraplex.server")
     if settings.auth == "off":
         log.warning("authentication is OFF: every caller may use every adapter")
@@ -199,5 +275,30 @@ def serve_command(**flags: Any) -> None:
         raise typer.Exit(app.state.lifecycle.exit_code)
 
 
-serve_command.__signature__ = inspect.Signature(serve_parameters())  # type: ignore[attr-defined]
-serve_command.__annotations__ = {p.name: p.annotation for p in serve_parameters()}
+def serve_ray(
+    settings: Settings,
+    replicas: int,
+    address: str | None,
+    adapters_per_replica: int | None,
+    affinity: bool = True,
+) -> None:
+    """``serve --ray``: Ray Serve replicas behind an adapter-affinity router."""
+    try:
+        from loraplex.server.ray_serve import serve_on_ray
+    except ImportError as exc:
+        raise LoraplexError(
+            f"--ray needs Ray Serve ({exc}): pip install 'loraplex[ray]'."
+        ) from None
+    if settings.port == 0:  # Ray Serve's proxy binds the port itself: pick a free one
+        with bind_socket(settings.host, 0) as sock:
+            settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    per_replica = adapters_per_replica or settings.max_cpu_loras
+    serve_on_ray(settings, replicas, address, per_replica, affinity)
+
+
+_PARAMETERS = [*RAY_PARAMETERS, *serve_parameters()]
+serve_command.__signature__ = inspect.Signature(_PARAMETERS)  # type: ignore[attr-defined]
+serve_command.__annotations__ = {p.name: p.annotation for p in _PARAMETERS}

@@ -30,6 +30,7 @@ from loraplex.server.limits import Reservation, TenantLimits
 from loraplex.server.liveness import ProgressTracker
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
+from loraplex.server.request_context import current
 from loraplex.server.usage import UsageRecorder
 
 
@@ -54,6 +55,7 @@ class Lease:
     reservation: Reservation
     seats: int
     deadline: float  # event-loop time by which the request must be done
+    adapter: str | None = None  # the version it was admitted for (None: the base model)
     label: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -63,7 +65,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        self.service.admission.release(self.caller.tenant, self.seats)
+        self.service.admission.release(self.caller.tenant, self.seats, self.adapter)
         self.reservation.release(self.prompt_tokens + self.completion_tokens)
         if self.label:
             self.service.usage.record(
@@ -102,8 +104,14 @@ class Service:
             settings.tenant_queue_size,
             settings.queue_timeout_seconds,
             reserve=capacity // 8 if reserve is None else reserve,
+            shared=settings.shared_sequences,
+            idle=settings.tenant_idle_seconds,
+            lend=settings.lend_sequences,
+            slots=settings.max_loras if settings.adapter_wait_seconds else None,
+            adapter_wait=settings.adapter_wait_seconds,
         )
         self.progress = ProgressTracker()
+        self.started = int(time.time())  # the base model's ``created`` in /v1/models
         self._timeouts: set[asyncio.Timeout] = set()
         self._stop_reason: str | None = None
 
@@ -114,6 +122,9 @@ class Service:
 
     async def resolve(self, model: str, caller: Caller) -> ResolvedAdapter | None:
         """The adapter version ``model`` names for ``caller`` (None: the base model), or 404."""
+        record = current()
+        if record is not None:
+            record.tenant, record.model = caller.tenant, model
         if model == self.base_name:
             return None
         try:
@@ -124,20 +135,34 @@ class Service:
             raise unknown_model(model) from None  # one body: names of others must not leak
 
     async def admit(
-        self, caller: Caller, prompt_ids: list[list[int]], params: list[GenerationParams]
+        self,
+        caller: Caller,
+        prompt_ids: list[list[int]],
+        params: list[GenerationParams],
+        adapter: ResolvedAdapter | None = None,
     ) -> Lease:
-        """Hold the request to its tenant's limits, then wait for its fair turn (429s)."""
+        """Hold the request to its tenant's limits, then wait for its fair turn (429s);
+        requests of an ``adapter`` already in the engine may go first (grouping)."""
         pairs = zip(prompt_ids, params, strict=True)
         tokens = sum((len(ids) + p.max_tokens) * p.n for ids, p in pairs)
         seats = sum(p.n for p in params)
-        reservation = self.limits.reserve(caller, tokens)
+        record = current()
+        if record is not None and self.settings.log_prompts:
+            record.prompt = self.prompts.tokenizer.decode(prompt_ids[0])
+        reservation = await self.limits.acquire(caller, tokens)
+        version = adapter.version if adapter is not None else None
+        waited = time.perf_counter()
         try:
-            seats = await self.admission.acquire(caller.tenant, caller.weight, seats, tokens)
+            seats = await self.admission.acquire(
+                caller.tenant, caller.weight, seats, tokens, version
+            )
         except BaseException:
             reservation.release(0)
             raise
+        if record is not None:
+            record.queue_wait = time.perf_counter() - waited
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_seconds
-        return Lease(self, caller, reservation, seats, deadline)
+        return Lease(self, caller, reservation, seats, deadline, version)
 
     def stop_all(self, reason: str) -> None:
         """Stop every load and generation in progress, and any later one, with 503 ``reason``."""
@@ -190,13 +215,16 @@ class Service:
             await self.engine.check_health()
             if not adapter.fallback_to_base:
                 raise
-            self.metrics.fallbacks.labels(adapter.name).inc()
+            self.metrics.fallbacks.labels(self.metrics.adapter(adapter.name)).inc()
+            record = current()
+            if record is not None:
+                record.fallback = True
             return Target(None, self.base_name, fallback=True)
-        if hit:
-            self.metrics.cache_hits.inc()
-        else:
-            self.metrics.cache_misses.inc()
-            self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started + adapter.fetch_seconds
+        tier = self.metrics.record_lookup(hit, seconds, fetched=adapter.fetch_seconds > 0)
+        record = current()
+        if record is not None:
+            record.load_tier = tier
         return Target(adapter, adapter.version)
 
     async def generate(
@@ -211,23 +239,40 @@ class Service:
         label = target.label
         lease.label = label
         lease.prompt_tokens += len(prompt_ids) * params.n
-        started = time.perf_counter()
+        record = current()
+        if record is not None:
+            record.adapter = label
+            record.prompt_tokens += len(prompt_ids) * params.n
+        adapter = self.metrics.adapter(label)
+        tenant = self.metrics.tenant(lease.caller.tenant)
+        started = last = time.perf_counter()
         first = True
         self.metrics.in_flight.inc()
-        self.metrics.prompt_tokens.labels(label).inc(len(prompt_ids) * params.n)
+        self.metrics.prompt_tokens.labels(tenant, adapter).inc(len(prompt_ids) * params.n)
         self.progress.started()
         try:
             async with self._within(lease.deadline):
                 deltas = self.engine.stream(prompt_ids, params, request_id, target.adapter)
                 async for delta in deltas:
                     self.progress.progressed()
-                    if first and delta.token_count:
-                        self.metrics.ttft.labels(label).observe(time.perf_counter() - started)
-                        first = False
+                    if delta.token_count:
+                        now = time.perf_counter()
+                        if first:  # from the request's arrival when known
+                            since = started if record is None else record.started
+                            self.metrics.ttft.labels(adapter).observe(now - since)
+                            if record is not None:
+                                record.first_token()
+                            first = False
+                        else:
+                            gap = (now - last) / delta.token_count
+                            self.metrics.inter_token.labels(adapter).observe(gap)
+                        last = now
                     lease.completion_tokens += delta.token_count
-                    self.metrics.completion_tokens.labels(label).inc(delta.token_count)
+                    if record is not None:
+                        record.completion_tokens += delta.token_count
+                    self.metrics.completion_tokens.labels(tenant, adapter).inc(delta.token_count)
                     yield delta
         finally:
             self.progress.finished()
             self.metrics.in_flight.dec()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(adapter).observe(time.perf_counter() - started)

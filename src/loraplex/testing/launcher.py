@@ -137,7 +137,9 @@ TEST_BASE_NAME = "smollm2-135m"
 
 def server_env(home: Path, base_model_dir: Path, **settings: object) -> dict[str, str]:
     """Environment of a test server: fp32 (batched == solo), a small KV cache, rank 16, auth
-    off, then ``settings`` (``field=value`` of ``Settings``) as ``LORAPLEX_FIELD``."""
+    off, eager (no torch.compile: a minute less to start on CPU; pass ``enforce_eager=False``
+    for the compiled path serve uses), then ``settings`` (``field=value`` of ``Settings``) as
+    ``LORAPLEX_FIELD``."""
     defaults: dict[str, object] = {
         "home": home,
         "base_model": base_model_dir,
@@ -146,6 +148,7 @@ def server_env(home: Path, base_model_dir: Path, **settings: object) -> dict[str
         "max_lora_rank": 16,
         "auth": "off",
         "served_model_name": TEST_BASE_NAME,
+        "enforce_eager": True,
     }
     env = {f"LORAPLEX_{k.upper()}": str(v) for k, v in {**defaults, **settings}.items()}
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "2")

@@ -1,7 +1,9 @@
 """``loraplex train``: the command line over ``loraplex.train.trainer.train``.
 
 Parses flags into ``TrainOptions``, runs the training, prints the adapter folder on stdout
-(and with ``--push`` the new registry version ``N@vK`` and its sha256). Ctrl-C exits 130
+(and with ``--push`` the new registry version ``N@vK`` and its sha256; with ``--eval-data``
+too, the eval gate's report against the current stable, or the base if there is none, and
+whether the version may be promoted). Ctrl-C exits 130
 after saving a checkpoint; other loraplex errors (bad data, out of memory) are printed by
 ``loraplex.cli.main`` with a non-zero exit. torch, transformers and peft are imported only
 when the command runs, so ``loraplex --help`` stays fast.
@@ -27,9 +29,15 @@ def train_command(
     base: Annotated[
         Path | None, typer.Option(help="HF base model folder (default: bundled).")
     ] = None,
-    eval_data: Annotated[Path | None, typer.Option(help="Held-out JSONL for eval loss.")] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(help="Held-out JSONL: eval loss, best checkpoint; with --push, the gate."),
+    ] = None,
     push: Annotated[
-        bool, typer.Option(help="Register the result as a new version (not promoted).")
+        bool,
+        typer.Option(
+            help="Register the result as a new version (not promoted; gated with --eval-data)."
+        ),
     ] = False,
     output: Annotated[
         Path | None, typer.Option(help="Adapter folder (default HOME/adapters/NAME).")
@@ -62,6 +70,29 @@ def train_command(
         typer.Option(
             "--gradient-checkpointing/--no-gradient-checkpointing",
             help="Trade compute for memory (default: on only if needed).",
+        ),
+    ] = None,
+    packing: Annotated[
+        bool | None,
+        typer.Option(
+            "--packing/--no-packing",
+            help="Pack several examples into each row, attention kept within each example "
+            "(default: on for CUDA when it saves at least 20% of the rows).",
+        ),
+    ] = None,
+    fused_kernels: Annotated[
+        bool | None,
+        typer.Option(
+            "--fused-kernels/--no-fused-kernels",
+            help="Liger Kernel's fused RMSNorm, SwiGLU and linear + cross-entropy (default: on "
+            "where installed, on CUDA).",
+        ),
+    ] = None,
+    torch_compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the decoder layers (default: on for CUDA, off on CPU).",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -106,6 +137,9 @@ def train_command(
         seed=seed,
         save_steps=save_steps,
         gradient_checkpointing=gradient_checkpointing,
+        packing=packing,
+        fused_kernels=fused_kernels,
+        torch_compile=torch_compile,
         device=chosen,
         prompt_format=prompt_format,  # type: ignore[arg-type]  # checked by opts.check()
         resume=resume,
@@ -129,3 +163,9 @@ def train_command(
 
         pushed = open_registry().push(result.path, name, description="loraplex train")
         typer.echo(f"{pushed.version.key} {pushed.version.sha256}")
+        if eval_data is not None:
+            from loraplex.evals.cli import run_gate
+            from loraplex.evals.gate import DEFAULT_MAX_DROP
+
+            typer.echo(f"eval gate: {pushed.version.key} on {eval_data}", err=True)
+            run_gate(pushed.version.key, eval_data, None, DEFAULT_MAX_DROP)

@@ -136,9 +136,12 @@ def encode_file(encoder: Encoder, path: Path, max_seq_len: int) -> tuple[Dataset
     return dataset, encoded
 
 
-def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, list[list[int]]]:
-    """Right-pad ``input_ids``/``labels`` of a batch; padding is masked in labels and attention."""
-    width = max(len(item["input_ids"]) for item in items)
+def pad_batch(
+    items: Sequence[dict[str, list[int]]], pad_id: int, width: int | None = None
+) -> dict[str, list[list[int]]]:
+    """Right-pad ``input_ids``/``labels`` of a batch (to ``width``, else to its longest);
+    padding is masked in labels and attention."""
+    width = max([len(item["input_ids"]) for item in items] + [width or 0])
     batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for item in items:
         pad = width - len(item["input_ids"])

@@ -4,7 +4,9 @@ An estimate, not a measurement: weights, the LoRA optimizer state, and per-token
 of a Llama-family decoder with LoRA (dropout copies included) plus the fp32 logits of the
 loss. The constants were fitted to a plain PEFT loop on an H200 (Llama-3.1-8B shape, seq
 2048, batch 2: 62 GiB without checkpointing, 22 GiB with it) and err on the safe side:
-they say 69 / 25 GiB where ``loraplex train`` peaked at 53 / 22 GiB. The rule: the
+they say 69 / 25 GiB where ``loraplex train`` peaked at 53 / 22 GiB. With Liger's fused
+linear + cross-entropy (``loraplex.train.kernels``) the logits term drops out, so the same
+memory takes a larger batch without checkpointing. The rule: the
 largest power-of-two batch that fits without checkpointing; if not even one sequence fits,
 checkpointing on and the largest batch that fits then. Either choice can be overridden.
 ``plan_batch`` reads the free memory of the device a run uses; nothing here allocates.
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InvalidRequest
+from loraplex.train import kernels
 from loraplex.train.options import TrainOptions
 
 GIB = 1 << 30
@@ -72,25 +75,30 @@ class Plan:
         )
 
 
-def bytes_per_token(shape: Shape, element_bytes: int, checkpointing: bool) -> int:
-    """Activation bytes one token of one sequence keeps until backward."""
+def bytes_per_token(
+    shape: Shape, element_bytes: int, checkpointing: bool, fused_loss: bool = False
+) -> int:
+    """Activation bytes one token of one sequence keeps until backward (``fused_loss``: the
+    fused linear + cross-entropy keeps no logits)."""
     kv = shape.num_key_value_heads * shape.head_dim
     layer = element_bytes * (
         LAYER_HIDDEN_FACTOR * shape.hidden_size
         + 2 * kv
         + LAYER_INTER_FACTOR * shape.intermediate_size
     )
-    logits = LOGIT_BYTES * shape.vocab_size
+    logits = 0 if fused_loss else LOGIT_BYTES * shape.vocab_size
     if checkpointing:
         return shape.num_hidden_layers * shape.hidden_size * element_bytes + layer + logits
     return shape.num_hidden_layers * layer + logits
 
 
 def estimate(
-    shape: Shape, fixed_bytes: int, seq_len: int, batch: int, element_bytes: int, ckpt: bool
-) -> int:
+    shape: Shape, fixed_bytes: int, seq_len: int, batch: int, element_bytes: int, ckpt: bool,
+    fused_loss: bool = False,
+) -> int:  # fmt: skip
     """Peak bytes of one training step at this batch size."""
-    return fixed_bytes + batch * seq_len * bytes_per_token(shape, element_bytes, ckpt)
+    per_token = bytes_per_token(shape, element_bytes, ckpt, fused_loss)
+    return fixed_bytes + batch * seq_len * per_token
 
 
 def choose(
@@ -104,6 +112,7 @@ def choose(
     max_tokens: int,
     batch_size: int | None = None,
     checkpointing: bool | None = None,
+    fused_loss: bool = False,
 ) -> Plan:
     """Pick what the caller left as ``None``; ``fixed_bytes`` = weights + optimizer state."""
     budget = int(available_bytes * HEADROOM)
@@ -115,10 +124,13 @@ def choose(
             while (
                 batch * 2 <= max_batch
                 and batch * 2 * seq_len <= max_tokens
-                and estimate(shape, fixed_bytes, seq_len, batch * 2, element_bytes, ckpt) <= budget
+                and estimate(
+                    shape, fixed_bytes, seq_len, batch * 2, element_bytes, ckpt, fused_loss
+                )
+                <= budget
             ):
                 batch *= 2
-        use = estimate(shape, fixed_bytes, seq_len, batch, element_bytes, ckpt)
+        use = estimate(shape, fixed_bytes, seq_len, batch, element_bytes, ckpt, fused_loss)
         return Plan(batch, ckpt, use, available_bytes)
 
     plans = [
@@ -166,6 +178,8 @@ def plan_batch(env: Any, opts: TrainOptions, longest: int, saved: dict | None) -
         max_tokens=limits[1],
         batch_size=batch,
         checkpointing=ckpt,
+        fused_loss=opts.fused_kernels is not False
+        and kernels.available(env.device, env.model.config.model_type),
     )
 
 

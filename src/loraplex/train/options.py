@@ -45,6 +45,10 @@ class TrainOptions:
     seed: int = 0
     save_steps: int = 50
     gradient_checkpointing: bool | None = None
+    packing: bool | None = None  # None: auto (loraplex.train.packing.should_pack)
+    fused_kernels: bool | None = None  # None: on where Liger Kernel is available
+    torch_compile: bool | None = None  # None: on CUDA (loraplex.train.compiling)
+    packed_attention: Literal["flex", "sdpa", "varlen"] = "flex"  # packed rows (benchmarks)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     prompt_format: Literal["auto", "chat", "completion"] = "auto"
     resume: bool = False

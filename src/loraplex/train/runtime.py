@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InvalidRequest, LoraplexError
-from loraplex.train import memory
+from loraplex.train import compiling, kernels, memory, varlen
 from loraplex.train.callbacks import InterruptCallback, ProgressCallback
 from loraplex.train.encode import Encoded
 from loraplex.train.loss import collate, trainer_class
@@ -110,16 +110,41 @@ def stop_token_ids(path: Path) -> list[int]:
 
 
 class _Examples:
-    """A list of encoded examples as a map-style dataset."""
+    """Rows (encoded examples, or packed rows) as a map-style dataset of int64 tensors."""
 
-    def __init__(self, items: list[Encoded]) -> None:
-        self.items = [{"input_ids": i.input_ids, "labels": i.labels} for i in items]
+    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
+        import torch
+
+        self.items = [{k: torch.tensor(v) for k, v in row.items()} for row in rows]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.items[index]
+
+
+def rows_of(items: list[Encoded]) -> list[dict[str, list[int]]]:
+    """Encoded examples as unpacked rows."""
+    return [{"input_ids": i.input_ids, "labels": i.labels} for i in items]
+
+
+def use_kernels(env: Env, opts: TrainOptions) -> bool:
+    """Liger's fused kernels: as ``--fused-kernels`` says, else wherever they are available."""
+    possible = kernels.available(env.device, env.model.config.model_type)
+    if opts.fused_kernels and not possible:
+        raise InvalidRequest(
+            "--fused-kernels needs a CUDA device, a Llama-family base and the liger-kernel "
+            "package (pip install 'loraplex[gpu]')."
+        )
+    return possible if opts.fused_kernels is None else opts.fused_kernels
+
+
+def use_compile(env: Env, opts: TrainOptions, plan: memory.Plan) -> bool:
+    """Compile the decoder layers: as ``--compile`` says, else on CUDA without checkpointing."""
+    if opts.torch_compile is not None:
+        return opts.torch_compile
+    return compiling.should_compile(None, env.device) and not plan.gradient_checkpointing
 
 
 def _training_args(**kwargs: Any) -> Any:
@@ -136,10 +161,11 @@ def build_trainer(
     schedule: Schedule,
     plan: memory.Plan,
     ckpt_dir: Path,
-    train_items: list[Encoded],
+    train_rows: list[dict[str, list[int]]],
     eval_items: list[Encoded],
 ) -> tuple[Any, Callbacks]:
-    """A PEFT-wrapped model inside a configured ``Trainer``."""
+    """A PEFT-wrapped model inside a configured ``Trainer`` (``train_rows``: ``rows_of``
+    the examples, or ``loraplex.train.packing.pack`` rows)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import set_seed
@@ -147,6 +173,21 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 
     set_seed(opts.seed)
+    width = None
+    packed = "position_ids" in train_rows[0]
+    if packed and env.device == "cuda" and opts.packed_attention == "flex":
+        # block-diagonal attention as a flex BlockMask: skips the masked blocks, where SDPA
+        # with a dense mask falls back to its slower masked kernel
+        env.model.set_attn_implementation("flex_attention")
+        width = max(len(row["input_ids"]) for row in train_rows)
+    varlen_rows = packed and opts.packed_attention == "varlen"
+    if varlen_rows:  # FlashAttention over each example's span (eval batches too): no mask
+        varlen.use(env.model)
+        width = max(len(row["input_ids"]) for row in train_rows)
+    fused = use_kernels(env, opts)
+    compiled = use_compile(env, opts, plan)
+    if fused and not compiled:  # compiled layers get inductor's own fused kernels
+        kernels.apply(env.model)
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=opts.r,
@@ -166,6 +207,10 @@ def build_trainer(
             f"--target-modules {','.join(opts.target_modules)} do not fit this base model "
             f"({exc}). Its linear layers are: {', '.join(linear)}."
         ) from exc
+    if env.precision == "bf16":
+        kernels.keep_lora_input_dtype(model)
+    if compiled:
+        compiling.compile_layers(model)
     pad_id = env.tokenizer.pad_token_id
     pad_id = env.tokenizer.eos_token_id if pad_id is None else pad_id
 
@@ -207,15 +252,16 @@ def build_trainer(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         prediction_loss_only=True,
+        logging_nan_inf_filter=False,  # its isnan check made every step wait for the GPU
         **opts.extra,
     )
     callbacks = Callbacks(ProgressCallback(opts.name, opts.show_progress), InterruptCallback())
-    trainer = trainer_class()(
+    trainer = trainer_class(fused)(
         model=model,
         args=args,
-        data_collator=partial(collate, pad_id=pad_id),
-        train_dataset=_Examples(train_items),
-        eval_dataset=_Examples(eval_items) if eval_items else None,
+        data_collator=partial(collate, pad_id=pad_id, width=width, varlen=varlen_rows),
+        train_dataset=_Examples(train_rows),
+        eval_dataset=_Examples(rows_of(eval_items)) if eval_items else None,
         callbacks=[callbacks.progress, callbacks.interrupt, *opts.callbacks],
     )
     trainer.remove_callback(PrinterCallback)

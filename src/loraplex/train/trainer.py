@@ -24,7 +24,7 @@ from typing import Any
 from loraplex.basemodel import prepare
 from loraplex.config import Settings
 from loraplex.errors import Conflict, InvalidRequest
-from loraplex.train import manifest, memory, runtime, schedule
+from loraplex.train import manifest, memory, packing, runtime, schedule
 from loraplex.train.data import DataError
 from loraplex.train.encode import Encoded, Encoder, encode_file, resolve_format
 from loraplex.train.options import TrainOptions
@@ -143,6 +143,18 @@ def _schedule(
     return plan, sched
 
 
+def _rows(
+    opts: TrainOptions, device: str, items: list[Encoded], saved: dict | None
+) -> tuple[list[dict[str, list[int]]], bool]:
+    """The training rows: packed into rows as long as the longest example, or one per
+    example; a resumed run keeps its first choice."""
+    rows = packing.pack(items, max(len(item.input_ids) for item in items))
+    requested = saved.get("packing", False) if saved is not None else opts.packing
+    if packing.should_pack(requested, device, len(items), len(rows)):
+        return rows, True
+    return runtime.rows_of(items), False
+
+
 def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     """Train one adapter as ``opts`` says and return its folder and manifest."""
     opts.check()
@@ -160,11 +172,14 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
     env = runtime.load_base(base.path, opts.device, tokenizer)
 
     longest = max(len(item.input_ids) for item in train_items + eval_items)
+    train_rows, packed = _rows(opts, env.device, train_items, saved)
     plan = memory.plan_batch(env, opts, longest, saved)
-    plan, sched = _schedule(env, opts, plan, len(train_items), longest, saved)
-    record.update(batch_size=plan.batch_size, gradient_checkpointing=plan.gradient_checkpointing)
+    plan, sched = _schedule(env, opts, plan, len(train_rows), longest, saved)
+    record.update(batch_size=plan.batch_size, gradient_checkpointing=plan.gradient_checkpointing,
+                  packing=packed)  # fmt: skip
+    rows = f" packed into {len(train_rows)} rows" if packed else ""
     runtime.log(
-        f"{opts.name}: {len(train_items)} examples as {prompt_format}, {env.describe()}, "
+        f"{opts.name}: {len(train_items)} examples{rows} as {prompt_format}, {env.describe()}, "
         f"{plan.describe()}"
     )
     runtime.log(f"{opts.name}: {sched.describe()}")
@@ -175,7 +190,7 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
         )
 
     trainer, callbacks = runtime.build_trainer(
-        env, opts, sched, plan, ckpt_dir, train_items, eval_items
+        env, opts, sched, plan, ckpt_dir, train_rows, eval_items
     )
     with runtime.oom_guard(opts, plan, sched.grad_accum):
         if saved is not None:
@@ -206,6 +221,10 @@ def train(opts: TrainOptions, settings: Settings | None = None) -> TrainResult:
         **sched.record(),
         "prompt_format": prompt_format,
         "gradient_checkpointing": plan.gradient_checkpointing,
+        "packing": packed,
+        "rows": len(train_rows),
+        "fused_kernels": runtime.use_kernels(env, opts),
+        "compiled": runtime.use_compile(env, opts, plan),
         "precision": env.precision,
     }
     results = {**stats, "eval_loss_before": eval_before, "eval_loss": eval_after}

@@ -1,0 +1,253 @@
+"""Hot swap: how fast a promote reaches traffic, and what a cold adapter version costs.
+
+One registry-backed loraplex server per blob store: ``disk`` (the local folder store) and
+``s3`` (a ``moto_server`` S3 endpoint). The server has its own ``LORAPLEX_HOME``, so its blob
+cache starts empty: a version's first request fetches it from the store and loads it into
+the engine. In one run, per store:
+
+1. hot swap under load (``disk`` only, or every store with ``--swap-all``): 3 adapters with
+   two versions each, ``--workers`` client threads sending 4-token completions (every other
+   one streamed) over the three in turn, ``--swaps`` promotes and rollbacks in turn; for each,
+   the time from the registry call returning to the first response of the new version, and
+   the failed requests (goal: p50 and max < 1 s, 0 failed);
+2. TTFT of a streamed 8-token completion for a version never served on this server (cold),
+   the same again (warm), and a version first warmed by ``promote --preload``'s mechanism
+   (``Registry.preload``: every live server loads it and acknowledges) - median of
+   ``--repeats`` versions each (goal: cold from disk <= warm + 16 ms, from the store <= warm
+   + 50 ms).
+
+Writes ``bench/results/hot_swap.json`` and the table in ``bench/README.md``.
+
+    .venv/bin/python -m bench.hot_swap                    # ~10 min on 2 cores (2 server starts)
+    .venv/bin/python -m bench.hot_swap --swaps 10 --repeats 2   # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench._common import (
+    SCRATCH,
+    SERVED_NAME,
+    Engine,
+    adapter_paths,
+    base_model_dir,
+    machine_line,
+    make_adapters,
+    update_readme,
+    write_result,
+)
+from loraplex.config import Settings
+from loraplex.registry.registry import Registry, open_registry
+from loraplex.testing.launcher import loraplex_server, reserved_port, running_server
+from loraplex.testing.rollout_load import AliasTimeline, RolloutLoad, move_alias
+
+SWAP_NAMES = ("swap-a", "swap-b", "swap-c")
+
+
+@contextmanager
+def moto() -> Iterator[str]:
+    """A moto S3 endpoint (dummy credentials must be in the environment)."""
+    import shutil
+    import sys
+
+    command = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    with reserved_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        log = SCRATCH / "hot_swap-moto.log"
+        argv = [command, "-H", "127.0.0.1", "-p", str(port)]
+        with running_server(argv, log, url=url, ready_path="/", timeout=60):
+            yield url
+
+
+def store_settings(kind: str, root: Path, engine: Engine, stack: ExitStack) -> dict[str, str]:
+    """Registry settings (``LORAPLEX_*`` names, lower case) for ``kind``."""
+    settings = {
+        "registry_url": f"sqlite:///{root / 'registry.db'}",
+        "base_model": str(engine.base),
+    }
+    if kind == "disk":
+        return {**settings, "blob_url": str(root / "blobs")}
+    import boto3
+
+    endpoint = stack.enter_context(moto())
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return {**settings, "blob_url": f"s3://{bucket}/adapters", "s3_endpoint_url": endpoint}
+
+
+def ttft(url: str, model: str) -> float:
+    """Seconds to the first streamed token of an 8-token completion."""
+    body = {"model": model, "prompt": "The weather today is", "max_tokens": 8, "stream": True}
+    started = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        first = None
+        for line in response.iter_lines():
+            token = line.startswith("data: {") and '"text":""' not in line.replace(" ", "")
+            if token and first is None:
+                first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError(f"no token from {model}")
+    return first
+
+
+def hot_swap(url: str, registry: Registry, swaps: int, workers: int) -> dict[str, Any]:
+    """``swaps`` promotes/rollbacks under load: delay to the new version, failures."""
+    timeline = AliasTimeline()
+    for name in SWAP_NAMES:
+        timeline.start(name, registry.resolve(name).key)
+    time.sleep(1.0)
+    moves: list[tuple[str, float, str]] = []
+    with RolloutLoad(url, SWAP_NAMES, workers=workers) as load:
+        time.sleep(2.0)
+        for move in range(swaps):
+            name = SWAP_NAMES[move % 3]
+            returned, target = move_alias(registry, timeline, name, move)
+            moves.append((name, returned, target))
+            time.sleep(1.5)
+        time.sleep(1.0)
+    delays = []
+    for name, returned, target in moves:
+        seen = [
+            a.answered
+            for a in load.answers
+            if a.model == name and a.version == target and a.answered >= returned
+        ]
+        delays.append(round(min(seen) - returned, 3) if seen else None)
+    measured = [d for d in delays if d is not None]
+    return {
+        "swaps": swaps,
+        "requests": len(load.answers),
+        "failed": len(load.failures),
+        "outside_alias_window": len(timeline.explain(load.answers, slack=1.0)),
+        "delay_s": delays,
+        "delay_p50_s": round(statistics.median(measured), 3) if measured else None,
+        "delay_max_s": max(measured) if measured else None,
+    }
+
+
+def cold_warm_preloaded(url: str, registry: Registry, versions: list[str]) -> dict[str, Any]:
+    """Median TTFT: cold then warm for half of ``versions``, preloaded for the other half."""
+    half = len(versions) // 2
+    cold, warm, preloaded = [], [], []
+    ttft(url, SERVED_NAME)
+    for key in versions[:half]:
+        cold.append(ttft(url, key))
+        warm.append(ttft(url, key))
+    for key in versions[half:]:
+        outcome = registry.preload(key, timeout=120, live_within=10)
+        assert not outcome.failed and not outcome.missing, outcome
+        preloaded.append(ttft(url, key))
+    median = {k: statistics.median(v) * 1000 for k, v in (("cold", cold), ("warm", warm))}
+    median["preloaded"] = statistics.median(preloaded) * 1000
+    return {
+        "ttft_ms": {k: round(v, 1) for k, v in median.items()},
+        "cold_minus_warm_ms": round(median["cold"] - median["warm"], 1),
+        "preloaded_minus_warm_ms": round(median["preloaded"] - median["warm"], 1),
+        "samples_ms": {
+            k: [round(x * 1000, 1) for x in v]
+            for k, v in (("cold", cold), ("warm", warm), ("preloaded", preloaded))
+        },
+    }
+
+
+def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path) -> dict:
+    root = SCRATCH / f"hot_swap-{kind}-{uuid.uuid4().hex[:6]}"
+    with ExitStack() as stack:
+        settings = store_settings(kind, root, engine, stack)
+        registry = open_registry(Settings(home=root / "pusher", **settings))
+        made = iter(adapter_paths(folder, 6 + 2 * args.repeats))
+        for name in SWAP_NAMES:
+            for _ in range(2):
+                registry.push(next(made)[1], name)
+        versions = [
+            registry.push(path, f"ttft-{i}").version.key for i, (_, path) in enumerate(made)
+        ]
+        env = {
+            "LORAPLEX_AUTH": "off",
+            "LORAPLEX_HOME": str(root / "server"),
+            "LORAPLEX_SERVED_MODEL_NAME": SERVED_NAME,
+            **{f"LORAPLEX_{k.upper()}": v for k, v in settings.items()},
+            **{f"LORAPLEX_{k.upper()}": str(v) for k, v in engine.describe().items()},
+        }
+        server = stack.enter_context(loraplex_server(root / "server.log", env=env, timeout=900))
+        result: dict[str, Any] = {"blob_url": registry.blobs.url}
+        if kind == "disk" or args.swap_all:
+            result["hot_swap"] = hot_swap(server.url, registry, args.swaps, args.workers)
+        result.update(cold_warm_preloaded(server.url, registry, versions))
+        registry.close()
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stores", default="disk,s3")
+    parser.add_argument("--swaps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="versions per TTFT kind")
+    parser.add_argument("--swap-all", action="store_true", help="hot swap on every store")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    import os
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    engine = Engine(base_model_dir(), dtype=args.dtype, max_lora_rank=16)
+    folder = make_adapters(engine.base, 6 + 2 * args.repeats, 16, ["q_proj", "v_proj"])
+    started = datetime.now(UTC)
+    stores: dict[str, Any] = {}
+    for kind in args.stores.split(","):
+        stores[kind] = run_store(kind, engine, args, folder)
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        result = {
+            "settings": {**vars(args), "engine": engine.describe()},
+            "stores": stores,
+            "load_average_after": load,
+            "started": started.isoformat(),
+        }
+        path = write_result("hot_swap", result)  # after each store: a partial run is kept
+    print(path.read_text())
+    _readme(result, started)
+
+
+def _readme(result: dict, started: datetime) -> None:
+    rows = ["| store | cold TTFT ms | warm | preloaded | cold - warm | preloaded - warm |"]
+    rows.append("|---|---|---|---|---|---|")
+    for kind, r in result["stores"].items():
+        t = r["ttft_ms"]
+        rows.append(
+            f"| {kind} | {t['cold']} | {t['warm']} | {t['preloaded']} | "
+            f"{r['cold_minus_warm_ms']} | {r['preloaded_minus_warm_ms']} |"
+        )
+    swap = result["stores"].get("disk", {}).get("hot_swap")
+    lines = [
+        f"Machine: {machine_line()}; load average after the run "
+        f"{' '.join(result['load_average_after'])}. Run {started:%Y-%m-%d %H:%M} UTC.",
+        "",
+    ]
+    if swap:
+        lines += [
+            f"Hot swap under load ({swap['swaps']} promotes and rollbacks, {swap['requests']} "
+            f"requests): promote returned -> first response of the new version p50 "
+            f"{swap['delay_p50_s']} s, max {swap['delay_max_s']} s; failed requests "
+            f"{swap['failed']}; responses outside the alias window (1 s slack) "
+            f"{swap['outside_alias_window']}.",
+            "",
+        ]
+    update_readme("hot_swap", "\n".join(lines + rows))
+
+
+if __name__ == "__main__":
+    main()

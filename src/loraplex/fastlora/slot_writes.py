@@ -1,0 +1,69 @@
+"""Which LoRA slots vLLM wrote since a cache last looked at a stacked weight.
+
+vLLM writes adapter weights into the stacked LoRA tensors in one place only:
+``LoRAModelManager.activate_adapter`` (``reset_lora`` / ``set_lora`` of every LoRA module for
+one slot). ``watch_activations`` wraps it so that each punica wrapper of the manager hears
+which slot was written. The slot's LoRA id alone would not do: vLLM reuses ids (its warm-up
+dummy adapters have the ids real adapters get later).
+
+So when a stacked tensor's version counter has moved, the caches (``live``, ``weights``)
+rescan only the slots written since they last looked, instead of every slot of all ~420
+stacked tensors after each load. If the counter moved and no write was heard (a write this
+module did not see), they rescan every slot, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+Stamp = tuple[int, ...]
+"""One counter per slot, bumped at each write into that slot."""
+
+
+class SlotWrites:
+    """Per-wrapper count of writes into each slot."""
+
+    def __init__(self) -> None:
+        self._stamp: Stamp = ()
+
+    def written(self, slot: int, slots: int) -> None:
+        """vLLM has just written ``slot`` (of ``slots``)."""
+        stamp = list(self._stamp) if len(self._stamp) == slots else [0] * slots
+        stamp[slot] += 1
+        self._stamp = tuple(stamp)
+
+    @property
+    def stamp(self) -> Stamp:
+        return self._stamp
+
+    def changed(self, since: Stamp, slots: int) -> tuple[int, ...] | None:
+        """Slots (of ``slots``) written after ``since``; None when unknown (no write heard,
+        or stamps that do not cover the tensor's slots): the caller must look at every slot."""
+        now = self._stamp
+        if len(now) != slots or len(since) != slots:
+            return None
+        moved = tuple(slot for slot in range(slots) if now[slot] != since[slot])
+        return moved or None
+
+
+def watch_activations(manager_cls: Any) -> None:
+    """Wrap ``manager_cls.activate_adapter`` (once) to call ``slot_written(slot, slots)`` on
+    each of the manager's punica wrappers that has it, after a slot was written."""
+    original = manager_cls.activate_adapter
+    if getattr(original, "_loraplex_watched", False):
+        return
+
+    @functools.wraps(original)
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        activated = original(self, lora_id)
+        if activated and lora_id in self.lora_index_to_id:
+            slot = self.lora_index_to_id.index(lora_id)
+            for wrapper in self.punica_wrapper_mapping.values():
+                notify = getattr(wrapper, "slot_written", None)
+                if notify is not None:
+                    notify(slot, len(self.lora_index_to_id))
+        return activated
+
+    activate_adapter._loraplex_watched = True  # type: ignore[attr-defined]
+    manager_cls.activate_adapter = activate_adapter

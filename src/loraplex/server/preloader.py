@@ -1,0 +1,90 @@
+"""A registry-backed server's part in rollouts: heartbeat, and warm what ``promote --preload``
+asks for before the alias moves.
+
+Runs as one task beside the server. Every ``heartbeat_seconds`` it records the server as alive
+(``Rollout.heartbeat``); whenever the registry's generation counter moves (the adapter
+source's watcher says so) it reads the preload intents made since this server started that it
+has not answered, loads each version into the engine (``Service.target``, as a request would)
+and acknowledges it with the outcome. Registry errors are logged and retried at the next beat;
+they never stop the server. Serving a request does not depend on this task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from contextlib import suppress
+from datetime import UTC, datetime
+
+from loraplex.adapter_sources import RegistryAdapterSource
+from loraplex.adapters import version_key
+from loraplex.errors import LoraplexError
+from loraplex.registry.rollout import Preload, Rollout
+from loraplex.server.service import Service
+
+log = logging.getLogger("loraplex.rollout")
+
+
+class Preloader:
+    """Heartbeat and preload acknowledgements of one server."""
+
+    def __init__(
+        self, service: Service, source: RegistryAdapterSource, heartbeat_seconds: float
+    ) -> None:
+        self.service = service
+        self.source = source
+        self.rollout = Rollout(source.registry.catalog.engine)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.server_id = uuid.uuid4().hex[:12]
+        self.host = f"{socket.gethostname()} pid {os.getpid()}"
+        self.started = datetime.now(UTC)
+
+    async def run(self) -> None:
+        """Beat and answer preload intents until cancelled."""
+        changed = self.source.watch()
+        changed.set()  # look once at start
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        try:
+            while True:
+                if loop.time() >= next_beat:
+                    next_beat = loop.time() + self.heartbeat_seconds
+                    await self._guarded(self.rollout.heartbeat, self.server_id, self.host)
+                if changed.is_set():
+                    changed.clear()
+                    pending = await self._guarded(
+                        self.rollout.pending, self.server_id, self.started
+                    )
+                    if pending is None:
+                        changed.set()  # retry at the next turn
+                    for preload in pending or []:
+                        await self._warm(preload)
+                await asyncio.sleep(0.05)
+        finally:
+            with suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(self.rollout.leave, self.server_id), 2)
+
+    async def _warm(self, preload: Preload) -> None:
+        """Load ``preload``'s version into the engine and acknowledge the outcome."""
+        key = version_key(preload.name, preload.number)
+        error: str | None = None
+        try:
+            adapter = await asyncio.to_thread(self.source.resolve, key)
+            target = await self.service.target(adapter)
+            if target.fallback:
+                error = f"{key} could not be loaded (the server would fall back to the base)"
+        except LoraplexError as exc:
+            error = exc.message
+        log.info("preload %s: %s", key, error or "warm")
+        await self._guarded(self.rollout.ack, preload.id, self.server_id, error)
+
+    async def _guarded(self, fn, *args):  # type: ignore[no-untyped-def]
+        """``fn(*args)`` in a thread; None (logged) if the registry fails."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - the registry may be down; keep serving
+            log.warning("rollout bookkeeping failed: %s", exc)
+            return None

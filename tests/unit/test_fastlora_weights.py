@@ -1,0 +1,105 @@
+"""Prepacked LoRA blocks: repacked only when their own slot's values change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from loraplex.fastlora.weights import LoraWeights
+
+
+class CountingOneDnn:
+    """vLLM's oneDNN ops, counting the packs."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.packs = 0
+
+    def create_onednn_mm(self, weight: torch.Tensor, batch: int) -> Any:
+        self.packs += 1
+        return self.inner.create_onednn_mm(weight, batch)
+
+    def onednn_mm(self, handler: Any, x: torch.Tensor, bias: Any) -> torch.Tensor:
+        return self.inner.onednn_mm(handler, x, bias)
+
+
+@pytest.fixture
+def weights(monkeypatch) -> tuple[LoraWeights, CountingOneDnn]:
+    cache = LoraWeights()
+    if not cache.uses_onednn:
+        pytest.skip("vLLM's oneDNN GEMM is not available here")
+    counting = CountingOneDnn(cache._onednn)
+    monkeypatch.setattr(cache, "_onednn", counting)
+    return cache, counting
+
+
+def stacked_a(slots: int = 4, rank: int = 4, d_in: int = 8) -> torch.Tensor:
+    return torch.zeros(slots, 1, rank, d_in)
+
+
+def test_writing_one_slot_repacks_that_slot_only(weights):
+    cache, onednn = weights
+    gen = torch.Generator().manual_seed(3)
+    a = stacked_a()
+    a[1, 0].copy_(torch.randn(4, 8, generator=gen))
+    a[2, 0].copy_(torch.randn(4, 8, generator=gen))
+    x = torch.randn(3, 8, generator=gen)
+    for slot in (1, 2):
+        torch.testing.assert_close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
+    assert onednn.packs == 2
+    slot1 = cache.packed(a, False, 1, 1, 4)
+
+    a[2, 0].copy_(torch.randn(4, 8, generator=gen))  # vLLM loads another adapter into slot 2
+    torch.testing.assert_close(cache.matmul(x, a, False, 1, 1, 4), x @ a[1, 0].t())
+    torch.testing.assert_close(cache.matmul(x, a, False, 2, 1, 4), x @ a[2, 0].t())
+    assert onednn.packs == 3  # slot 2 again; slot 1 kept its packed matrix
+    assert cache.packed(a, False, 1, 1, 4) is slot1
+
+    a[1, 0].copy_(a[1, 0].clone())  # the same values written again: nothing to repack
+    torch.testing.assert_close(cache.matmul(x, a, False, 1, 1, 4), x @ a[1, 0].t())
+    assert onednn.packs == 3
+
+
+def test_blocks_of_slots_follow_any_slot_they_cover(weights):
+    cache, onednn = weights
+    gen = torch.Generator().manual_seed(4)
+    b = torch.randn(4, 1, 6, 4, generator=gen)
+    h = torch.randn(5, 8, generator=gen)
+    expected = h @ cache.block(b, True, 1, 2, 6)
+    torch.testing.assert_close(cache.matmul(h, b, True, 1, 2, 6), expected)
+    b[3, 0].copy_(torch.randn(6, 4, generator=gen))  # outside the block
+    torch.testing.assert_close(cache.matmul(h, b, True, 1, 2, 6), expected)
+    assert onednn.packs == 1
+    b[2, 0].copy_(torch.randn(6, 4, generator=gen))  # inside it
+    torch.testing.assert_close(cache.matmul(h, b, True, 1, 2, 6), h @ cache.block(b, True, 1, 2, 6))
+    assert onednn.packs == 2
+
+
+def test_zero_slots_are_never_packed(weights):
+    """A module the adapter does not target has zero LoRA weights: its product is zero."""
+    cache, onednn = weights
+    gen = torch.Generator().manual_seed(5)
+    a = stacked_a()
+    x = torch.randn(3, 8, generator=gen)
+    out = cache.matmul(x, a, False, 0, 1, 4)
+    assert out.shape == (3, 4) and out.dtype == x.dtype and not out.any()
+    assert onednn.packs == 0
+    a[0, 0].copy_(torch.randn(4, 8, generator=gen))
+    torch.testing.assert_close(cache.matmul(x, a, False, 0, 1, 4), x @ a[0, 0].t())
+    assert onednn.packs == 1
+    a[0, 0].zero_()  # unloaded: zero again
+    assert not cache.matmul(x, a, False, 0, 1, 4).any()
+    assert onednn.packs == 1
+
+
+def test_packed_copy_is_private(weights):
+    """The values kept for comparison never alias vLLM's tensor (it is written in place)."""
+    cache, _ = weights
+    b = torch.randn(2, 1, 6, 4)
+    for is_b, stacked, span in ((True, b, 2), (False, torch.randn(2, 1, 1, 6), 1)):
+        packed = cache.packed(stacked, is_b, 0, span, 6)
+        before = packed.source.clone()
+        stacked.add_(1.0)
+        assert torch.equal(packed.source, before)
