@@ -3,9 +3,10 @@
 One server per mode, auth on, base model only, tenants and keys made in a scratch
 ``LORAPLEX_HOME`` before it starts. Modes: ``fair`` (loraplex's weighted fair admission: at
 most ``max_num_seqs`` sequences in the engine, the rest in per-tenant queues, a light
-tenant's unused share of seats left free: ``LORAPLEX_LEND_SEQUENCES=0``), ``lend`` (the same,
-but the flood borrows up to ``--lend-sequences`` seats of the quiet tenant's unused share,
-all by default; the quiet tenant's requests take them back first), ``fifo``
+tenant's unused share of seats left free: ``LORAPLEX_LEND_SEQUENCES=0``), ``lend`` (the
+server's default: the same, but the flood borrows up to ``--lend-sequences`` seats of the
+quiet tenant's unused share, all by default; the quiet tenant's requests take them back
+first), ``fifo``
 (``LORAPLEX_MAX_ENGINE_SEQUENCES=100000``: every request goes straight to vLLM's first-come
 scheduler) and, with ``--vllm``, vLLM's own server (no tenants: the two
 loads differ only client-side). In each server, in one run:
@@ -25,7 +26,7 @@ counted. The goals of issue 10 are judged at 96 streams: quiet p99 <= 2x alone, 
 alone, weights 2:1 within 10%. Writes ``bench/results/noisy_neighbour.json`` and the table in
 ``bench/README.md``.
 
-    .venv/bin/python -m bench.noisy_neighbour                     # fair + fifo: ~25 min on 2 cores
+    .venv/bin/python -m bench.noisy_neighbour                     # lend + fifo: ~25 min on 2 cores
     .venv/bin/python -m bench.noisy_neighbour --floods 12,48,96,192 --vllm
     .venv/bin/python -m bench.noisy_neighbour --modes fair,lend   # unused shares kept vs lent
 """
@@ -328,7 +329,7 @@ def _met(goal: dict[str, Any]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--modes", default="fair,fifo", help="of fair, lend, fifo (comma-separated)"
+        "--modes", default="lend,fifo", help="of fair, lend, fifo (comma-separated)"
     )
     parser.add_argument("--vllm", action="store_true", help="also vLLM's own server")
     parser.add_argument("--floods", default="12,48,96", help="flood sizes (concurrent streams)")

@@ -103,13 +103,13 @@ class Settings(BaseSettings):
         "tenant's share stays free so a flood cannot slow it. Default: max_engine_sequences "
         "minus reserved_sequences; 0 turns shares off.",
     )
-    lend_sequences: int = Field(
-        0,
+    lend_sequences: int | None = Field(
+        None,
         ge=0,
         description="Engine sequences of the light tenants' unused shares that tenants "
         "wanting more may borrow together; a lender's requests take them back first, as the "
-        "borrowers' requests end (none is aborted). 0: the unused shares stay free; "
-        "max_engine_sequences or more: all of them lent.",
+        "borrowers' requests end (none is aborted). Default: all of them "
+        "(max_engine_sequences); 0: the unused shares stay free.",
     )
     tenant_idle_seconds: float = Field(
         5.0,

@@ -3,7 +3,7 @@
 ``ObserveRequests`` is a plain ASGI middleware (it sees the end of streamed bodies, which
 ``call_next`` middlewares do not). For each inference request (``/v1/*``, ``/generate``) it
 opens a ``RequestRecord``, keeps the client's ``x-request-id`` when it is well-formed (else
-the route's id, else a new one) and returns it, and when the last body byte has been sent
+the route's id, else a new one) and returns it, and as the last body bytes go out
 counts the request, observes its queue wait, logs one JSON line on ``loraplex.requests`` and
 ends its trace span. The line never holds a key, and holds the prompt only with
 ``log_prompts`` on. Failed requests are also kept in ``RecentErrors``, and served ones in
@@ -105,9 +105,9 @@ class ObserveRequests:
                     headers["x-request-id"] = f"req-{uuid.uuid4().hex}"
                 record.request_id = headers["x-request-id"]
                 record.adapter = headers.get("x-loraplex-adapter", record.adapter)
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                finish()
+                finish()  # before the last byte goes out: a client that has it can read the log
+            await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
