@@ -618,5 +618,5 @@ def test_headers_over_the_cap(server, keys, background) -> None:
 
 
 def test_the_bystander_saw_no_errors(background: Bystander) -> None:
-    time.sleep(1)
+    background.wait_sent(10)
     background.assert_clean(min_sent=10)

@@ -277,7 +277,7 @@ def test_a_storage_fault_fails_only_its_request_within_the_deadline(
         assert took < FETCH_DEADLINE, f"the {fault} fault took {took:.1f} s"
         status, label, _, _ = complete(server, fault)  # the store is good again: it is fetched
         assert (status, label) == (200, f"{fault}@v1")
-        time.sleep(2)
+        load.wait_sent(3)  # however slow its requests were beside the fault
     proxy.unstall.clear()
     load.assert_clean()
 

@@ -7,6 +7,7 @@ bystander saw no error (``bystander.assert_clean()``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import httpx
@@ -68,6 +69,15 @@ class Bystander:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.timeout + 60)
+
+    def wait_sent(self, count: int, within: float = 300) -> None:
+        """Return once it has sent ``count`` requests in all; fail after ``within`` seconds
+        (a generous bound: it is slow only beside a slow fault) or if it has stopped."""
+        deadline = time.monotonic() + within
+        while self.sent < count:
+            assert self._thread.is_alive(), f"the bystander stopped after {self.sent} requests"
+            assert time.monotonic() < deadline, f"the bystander sent only {self.sent} requests"
+            time.sleep(0.1)
 
     def assert_clean(self, min_sent: int = 3) -> None:
         """It sent at least ``min_sent`` requests and every one succeeded."""
