@@ -257,7 +257,9 @@ def test_stop_signal_drains_then_exits_0(
                 5,
                 "/ready 503 while draining",
             )
-            refused = httpx.post(server.url + "/v1/completions", json=long_body(BASE, False, 4))
+            refused = httpx.post(
+                server.url + "/v1/completions", json=long_body(BASE, False, 4), timeout=30
+            )
             assert refused.status_code == 503
             assert "shutting down" in refused.json()["error"]["message"]
             assert int(refused.headers["retry-after"]) >= 1
