@@ -82,13 +82,16 @@ class Postgres:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[tuple[Postgres, str]]:
+    # The port stays reserved while PostgreSQL starts and while the tests stop and restart
+    # it, so no other process's socket can take it in between (PostgreSQL binds with
+    # SO_REUSEADDR, as ``reserved_port`` allows).
     with reserved_port() as port:
         pg = Postgres(port)
-    url = pg.start()
-    try:
-        yield pg, url
-    finally:
-        pg.remove()
+        url = pg.start()
+        try:
+            yield pg, url
+        finally:
+            pg.remove()
 
 
 # ---- an S3 proxy that can answer 500, truncate, stall, and counts object downloads
