@@ -60,6 +60,11 @@ class Bystander:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether its thread has ended (after ``stop`` or ``last_request``)."""
+        return not self._thread.is_alive()
+
     def last_request(self) -> None:
         """Send nothing after the request in flight (``stop`` still waits for it)."""
         self._stop.set()
