@@ -87,6 +87,7 @@ def postgres() -> Iterator[tuple[Postgres, str]]:
     # SO_REUSEADDR, as ``reserved_port`` allows).
     with reserved_port() as port:
         pg = Postgres(port)
+        pg.remove()  # a data folder an aborted run left at /tmp/loraplex-pg-PORT is stale
         url = pg.start()
         try:
             yield pg, url
