@@ -19,6 +19,17 @@ from loraplex.testing.launcher import RunningServer
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LORAPLEX_TEST_ARTIFACTS", "test-artifacts"))
+WAIT_MS = 120_000
+"""How long an ``expect`` polls: the page shows what the server answers to a poll every 2 s,
+and a busy server (the traffic below, a loaded machine) may answer later than Playwright's
+default 5 s."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patient_expect() -> Iterator[None]:
+    expect.set_options(timeout=WAIT_MS)
+    yield
+    expect.set_options(timeout=5_000)  # Playwright's default
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,7 @@ def test_console_shows_adapters_and_live_charts(browser: Browser, server: Runnin
         page.wait_for_function(
             "Number(document.getElementById('rate-chart').dataset.points) >= 3 && "
             "Number(document.getElementById('latency-chart').dataset.points) >= 3",
-            timeout=120_000,
+            timeout=WAIT_MS,
         )
         expect(page.locator("#errors")).to_contain_text("no-such-adapter")
     finally:

@@ -248,6 +248,14 @@ def test_stop_signal_drains_then_exits_0(
             # process-group SIGTERM) reaches the server alone, which drains before stopping them.
             assert os.getpgid(engine_process(server).pid) != os.getpgid(server.process.pid)
             bystander.last_request()
+            # Its last request may have been on its way when it was told to stop; the server
+            # would rightly refuse it as new if it arrived after the signal. Signal once that
+            # request is generating beside the two streams, or has ended.
+            wait_for(
+                lambda: bystander.stopped or metric(server, "loraplex_requests_in_flight") >= 3,
+                120,
+                "the bystander's last request reached the server",
+            )
             if how == "sigterm":
                 os.kill(server.process.pid, signal.SIGTERM)
             else:  # a terminal's Ctrl-C: SIGINT to the whole process group, engine included
@@ -257,7 +265,9 @@ def test_stop_signal_drains_then_exits_0(
                 5,
                 "/ready 503 while draining",
             )
-            refused = httpx.post(server.url + "/v1/completions", json=long_body(BASE, False, 4))
+            refused = httpx.post(
+                server.url + "/v1/completions", json=long_body(BASE, False, 4), timeout=30
+            )
             assert refused.status_code == 503
             assert "shutting down" in refused.json()["error"]["message"]
             assert int(refused.headers["retry-after"]) >= 1

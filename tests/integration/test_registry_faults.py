@@ -82,13 +82,17 @@ class Postgres:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[tuple[Postgres, str]]:
+    # The port stays reserved while PostgreSQL starts and while the tests stop and restart
+    # it, so no other process's socket can take it in between (PostgreSQL binds with
+    # SO_REUSEADDR, as ``reserved_port`` allows).
     with reserved_port() as port:
         pg = Postgres(port)
-    url = pg.start()
-    try:
-        yield pg, url
-    finally:
-        pg.remove()
+        pg.remove()  # a data folder an aborted run left at /tmp/loraplex-pg-PORT is stale
+        url = pg.start()
+        try:
+            yield pg, url
+        finally:
+            pg.remove()
 
 
 # ---- an S3 proxy that can answer 500, truncate, stall, and counts object downloads
@@ -277,7 +281,7 @@ def test_a_storage_fault_fails_only_its_request_within_the_deadline(
         assert took < FETCH_DEADLINE, f"the {fault} fault took {took:.1f} s"
         status, label, _, _ = complete(server, fault)  # the store is good again: it is fetched
         assert (status, label) == (200, f"{fault}@v1")
-        time.sleep(2)
+        load.wait_sent(3)  # however slow its requests were beside the fault
     proxy.unstall.clear()
     load.assert_clean()
 

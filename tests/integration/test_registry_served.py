@@ -81,7 +81,9 @@ def test_references_serve_the_right_version(registry_server: RunningServer) -> N
     assert served["sales"][2] == served["sales@v1"][2]
     assert served["sales:canary"][2] == served["sales@v3"][2]
     assert served["sales@v1"][2] != served["sales@v3"][2]
-    names = [m["id"] for m in httpx.get(registry_server.url + "/v1/models").json()["data"]]
+    names = [
+        m["id"] for m in httpx.get(registry_server.url + "/v1/models", timeout=30).json()["data"]
+    ]
     assert "sales" in names
 
 

@@ -137,7 +137,7 @@ def test_generate_compat_route(server) -> None:
 
 
 def test_health_ready_metrics(server) -> None:
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(server.url + "/ready").status_code == 200
-    text = httpx.get(server.url + "/metrics").text
+    assert httpx.get(server.url + "/health", timeout=30).json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready", timeout=30).status_code == 200
+    text = httpx.get(server.url + "/metrics", timeout=30).text
     assert "loraplex_requests_total" in text and "loraplex_adapter_cache_hits_total" in text

@@ -383,5 +383,5 @@ def test_a_flood_borrows_unused_shares_and_a_quiet_tenant_goes_first(
 
 
 def test_the_background_tenant_saw_no_errors(background) -> None:
-    time.sleep(1)
+    background.wait_sent(6)
     background.assert_clean(min_sent=6)

@@ -2,11 +2,12 @@
 asks for before the alias moves.
 
 Runs as one task beside the server. Every ``heartbeat_seconds`` it records the server as alive
-(``Rollout.heartbeat``); whenever the registry's generation counter moves (the adapter
-source's watcher says so) it reads the preload intents made since this server started that it
-has not answered, loads each version into the engine (``Service.target``, as a request would)
-and acknowledges it with the outcome. Registry errors are logged and retried at the next beat;
-they never stop the server. Serving a request does not depend on this task.
+(``Rollout.heartbeat``), however long a warm-up takes; whenever the registry's generation
+counter moves (the adapter source's watcher says so) it reads the preload intents made since
+this server started that it has not answered, loads each version into the engine
+(``Service.target``, as a request would) and acknowledges it with the outcome. Registry errors
+are logged and retried at the next beat; they never stop the server. Serving a request does
+not depend on this task.
 """
 
 from __future__ import annotations
@@ -44,28 +45,35 @@ class Preloader:
 
     async def run(self) -> None:
         """Beat and answer preload intents until cancelled."""
-        changed = self.source.watch()
-        changed.set()  # look once at start
-        loop = asyncio.get_running_loop()
-        next_beat = loop.time()
         try:
-            while True:
-                if loop.time() >= next_beat:
-                    next_beat = loop.time() + self.heartbeat_seconds
-                    await self._guarded(self.rollout.heartbeat, self.server_id, self.host)
-                if changed.is_set():
-                    changed.clear()
-                    pending = await self._guarded(
-                        self.rollout.pending, self.server_id, self.started
-                    )
-                    if pending is None:
-                        changed.set()  # retry at the next turn
-                    for preload in pending or []:
-                        await self._warm(preload)
-                await asyncio.sleep(0.05)
+            async with asyncio.TaskGroup() as group:  # one failing stops the other
+                group.create_task(self._beat())
+                group.create_task(self._answer())
         finally:
             with suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(self.rollout.leave, self.server_id), 2)
+
+    async def _beat(self) -> None:
+        """Record this server as alive every ``heartbeat_seconds``, on a loop of its own: a
+        warm-up that takes longer than ``promote --preload``'s liveness window (a slow fetch
+        or load) must not make the server look dead while the promote waits for its ack."""
+        while True:
+            await self._guarded(self.rollout.heartbeat, self.server_id, self.host)
+            await asyncio.sleep(self.heartbeat_seconds)
+
+    async def _answer(self) -> None:
+        """Warm and acknowledge each preload intent, whenever the generation moves."""
+        changed = self.source.watch()
+        changed.set()  # look once at start
+        while True:
+            if changed.is_set():
+                changed.clear()
+                pending = await self._guarded(self.rollout.pending, self.server_id, self.started)
+                if pending is None:
+                    changed.set()  # retry at the next turn
+                for preload in pending or []:
+                    await self._warm(preload)
+            await asyncio.sleep(0.05)
 
     async def _warm(self, preload: Preload) -> None:
         """Load ``preload``'s version into the engine and acknowledge the outcome."""

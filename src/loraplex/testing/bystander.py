@@ -7,6 +7,7 @@ bystander saw no error (``bystander.assert_clean()``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import httpx
@@ -59,6 +60,11 @@ class Bystander:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether its thread has ended (after ``stop`` or ``last_request``)."""
+        return not self._thread.is_alive()
+
     def last_request(self) -> None:
         """Send nothing after the request in flight (``stop`` still waits for it)."""
         self._stop.set()
@@ -68,6 +74,15 @@ class Bystander:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.timeout + 60)
+
+    def wait_sent(self, count: int, within: float = 300) -> None:
+        """Return once it has sent ``count`` requests in all; fail after ``within`` seconds
+        (a generous bound: it is slow only beside a slow fault) or if it has stopped."""
+        deadline = time.monotonic() + within
+        while self.sent < count:
+            assert self._thread.is_alive(), f"the bystander stopped after {self.sent} requests"
+            assert time.monotonic() < deadline, f"the bystander sent only {self.sent} requests"
+            time.sleep(0.1)
 
     def assert_clean(self, min_sent: int = 3) -> None:
         """It sent at least ``min_sent`` requests and every one succeeded."""
