@@ -215,7 +215,7 @@ def loraplex_run(shape: str, base: Path, data: Path, work: Path, args: argparse.
         torch.cuda.reset_peak_memory_stats()
     # only when asked, so this script also drives code from before the option existed
     attention: dict[str, Any] = {}
-    if args.packed_attention != "flex":
+    if args.packed_attention is not None:
         attention["packed_attention"] = args.packed_attention
     if args.torch_compile is not None:
         attention["torch_compile"] = args.torch_compile
@@ -245,6 +245,7 @@ def loraplex_run(shape: str, base: Path, data: Path, work: Path, args: argparse.
         "rows": hyper.get("rows", args.examples),
         "fused_kernels": hyper.get("fused_kernels", False),
         "compiled": hyper.get("compiled", False),
+        "packed_attention": args.packed_attention or "auto",
         "precision": hyper["precision"],
         "compiled_graphs": graphs,  # one forward graph per distinct layer shape if all goes well
         "timed_steps": steps,
@@ -474,9 +475,10 @@ def main() -> None:
         action="store_true",
         help="profile the first timed step of each run (slows that run)",
     )
-    parser.add_argument("--packed-attention", choices=["flex", "sdpa", "varlen"], default="flex",
+    parser.add_argument("--packed-attention", choices=["flex", "sdpa", "varlen"], default=None,
                         help="attention for packed rows: flex BlockMask or SDPA with a dense "
-                        "mask (CUDA), or FlashAttention varlen")  # fmt: skip
+                        "mask (CUDA), or FlashAttention varlen; default: loraplex's auto "
+                        "(varlen on CUDA where torch has it)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "train_speed.json")
     cli = parser.parse_args()
     cli.checkpointing = None if cli.checkpointing is None else cli.checkpointing == "on"

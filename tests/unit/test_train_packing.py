@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from loraplex.train.encode import IGNORE_INDEX, Encoded
 from loraplex.train.loss import answer_loss, collate
-from loraplex.train.packing import pack, should_pack
+from loraplex.train.packing import pack, packed_attention, should_pack
 
 
 def _examples(count: int, seed: int = 0) -> list[Encoded]:
@@ -60,6 +60,14 @@ def test_should_pack_rule() -> None:
     assert should_pack(None, "cuda", 100, 50) and not should_pack(None, "cuda", 100, 90)
     assert not should_pack(None, "cpu", 100, 50)
     assert should_pack(True, "cpu", 100, 100) and not should_pack(False, "cuda", 100, 10)
+
+
+def test_packed_attention_auto_is_varlen_on_cuda_where_torch_has_it() -> None:
+    assert packed_attention("auto", "cuda", has_varlen=True) == "varlen"
+    assert packed_attention("auto", "cuda", has_varlen=False) == "flex"
+    assert packed_attention("auto", "cpu", has_varlen=True) == "sdpa"
+    assert packed_attention("flex", "cuda", has_varlen=True) == "flex"
+    assert packed_attention("varlen", "cpu", has_varlen=False) == "varlen"
 
 
 def _token_losses(logits: torch.Tensor, ids: list[int], labels: list[int]) -> torch.Tensor:
@@ -178,3 +186,33 @@ def test_varlen_attention_gives_every_example_its_unpacked_loss() -> None:
         torch.testing.assert_close(answer_loss(model, padded, None), expected, atol=1e-4, rtol=0)
         with pytest.raises(ValueError, match="cu_seq_lens_q"):
             answer_loss(model, collate(pack(items, 80), pad_id=0), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention varlen needs CUDA")
+def test_varlen_cuda_kernel_matches_sdpa_per_example() -> None:
+    """torch's varlen kernel (GQA, causal, scale as ``use`` found them) gives the outputs and
+    gradients of causal SDPA over each example alone."""
+    from loraplex.train import varlen
+
+    if not varlen.available():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    varlen._CUDA_ARGS.update(varlen._cuda_args())
+    torch.manual_seed(0)
+    positions = torch.tensor([[*range(5), *range(9), *range(2)], list(range(16))])
+    bounds = varlen.cu_seq_lens(positions)
+    shapes = ((2, 6, 16, 64), (2, 2, 16, 64), (2, 2, 16, 64))  # (B, H, S, D), 3 heads per kv
+    leaves = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
+    weight = torch.randn(2, 16, 6, 64, device="cuda")
+    results = []
+    for fast in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in leaves)
+        if fast:
+            out, _ = varlen.varlen_attention(None, q, k, v, None, scaling=0.1,
+                                             cu_seq_lens_q=bounds.cuda())  # fmt: skip
+        else:
+            flat = [varlen._flat(t.float()) for t in (q, k, v)]
+            out = varlen._reference(*flat, bounds, 16, 0.1).reshape(2, 16, 6, 64)
+        (out.float() * weight).sum().backward()
+        results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)

@@ -48,7 +48,8 @@ class TrainOptions:
     packing: bool | None = None  # None: auto (loraplex.train.packing.should_pack)
     fused_kernels: bool | None = None  # None: on where Liger Kernel is available
     torch_compile: bool | None = None  # None: on CUDA (loraplex.train.compiling)
-    packed_attention: Literal["flex", "sdpa", "varlen"] = "flex"  # packed rows (benchmarks)
+    # packed rows; auto: loraplex.train.packing.packed_attention (others for benchmarks)
+    packed_attention: Literal["auto", "flex", "sdpa", "varlen"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     prompt_format: Literal["auto", "chat", "completion"] = "auto"
     resume: bool = False

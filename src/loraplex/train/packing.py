@@ -7,7 +7,7 @@ each example. transformers reads restarting position ids (with no attention mask
 sequences and masks attention block-diagonally, so no token sees another example, and RoPE
 positions are what the example alone would get. The first label of every example is
 masked, so no loss crosses a boundary: per-example losses equal unpacked training.
-``should_pack`` is the auto rule. Pure list work: no torch.
+``should_pack`` and ``packed_attention`` are the auto rules. Pure list work: no torch.
 """
 
 from __future__ import annotations
@@ -55,3 +55,14 @@ def should_pack(requested: bool | None, device: str, examples: int, rows: int) -
     if requested is not None:
         return requested
     return device == "cuda" and examples >= AUTO_MIN_GAIN * rows
+
+
+def packed_attention(requested: str, device: str, has_varlen: bool) -> str:
+    """Attention for packed rows, as given; auto: FlashAttention varlen on CUDA where torch
+    has it (``loraplex.train.varlen``; as fast as or faster than flex in bench/README.md),
+    else a flex ``BlockMask`` on CUDA, else transformers' own packed-sequence mask ("sdpa")."""
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "sdpa"
+    return "varlen" if has_varlen else "flex"

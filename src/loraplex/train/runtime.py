@@ -28,6 +28,7 @@ from loraplex.train.callbacks import InterruptCallback, ProgressCallback
 from loraplex.train.encode import Encoded
 from loraplex.train.loss import collate, trainer_class
 from loraplex.train.options import TrainOptions
+from loraplex.train.packing import packed_attention
 from loraplex.train.schedule import Schedule
 
 EVALS_PER_RUN = 10  # with eval data: evaluate (and checkpoint) about this often per run
@@ -175,12 +176,13 @@ def build_trainer(
     set_seed(opts.seed)
     width = None
     packed = "position_ids" in train_rows[0]
-    if packed and env.device == "cuda" and opts.packed_attention == "flex":
+    attention = packed_attention(opts.packed_attention, env.device, varlen.available())
+    if packed and env.device == "cuda" and attention == "flex":
         # block-diagonal attention as a flex BlockMask: skips the masked blocks, where SDPA
         # with a dense mask falls back to its slower masked kernel
         env.model.set_attn_implementation("flex_attention")
         width = max(len(row["input_ids"]) for row in train_rows)
-    varlen_rows = packed and opts.packed_attention == "varlen"
+    varlen_rows = packed and attention == "varlen"
     if varlen_rows:  # FlashAttention over each example's span (eval batches too): no mask
         varlen.use(env.model)
         width = max(len(row["input_ids"]) for row in train_rows)

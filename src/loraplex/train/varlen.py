@@ -12,6 +12,7 @@ no extra package); on CPU each sequence runs through SDPA on its own (tests).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from typing import Any
 
@@ -28,6 +29,11 @@ def cu_seq_lens(position_ids: Any) -> Any:
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0, as_tuple=True)[0]
     return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+
+
+def available() -> bool:
+    """Whether this torch has the FlashAttention varlen kernel (torch 2.10 or newer)."""
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 def use(model: Any) -> None:
