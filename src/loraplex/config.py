@@ -99,8 +99,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="Engine sequences divided by weight among the active tenants; tenants "
-        "that want more hold at most their shares together, the unused part of a light "
-        "tenant's share stays free so a flood cannot slow it. Default: max_engine_sequences "
+        "that want more hold their shares together plus what lend_sequences lets them "
+        "borrow of the light tenants' unused part. Default: max_engine_sequences "
         "minus reserved_sequences; 0 turns shares off.",
     )
     lend_sequences: int | None = Field(
