@@ -7,8 +7,9 @@ the next request) and calls the replicas with ``multiplexed_model_id`` set to th
 Ray Serve's router then prefers replicas that already hold it. The base model, requests it
 cannot parse or resolve (the replica answers those with the right error) and every other path
 (``/health``, ``/ready``, ``/v1/models``, admin) get no id: power-of-two-choices over all
-replicas. Responses, streaming included, are relayed message by message. Only ``loraplex serve
---ray`` imports this module.
+replicas. Responses, streaming included, are relayed message by message; a replica that dies
+with a request is a 503 before the response starts and an error event in a stream that has
+started. Only ``loraplex serve --ray`` imports this module.
 """
 
 from __future__ import annotations
