@@ -47,11 +47,12 @@ KEYS: dict[str, str] = {}  # tenant -> API key, made with the registry
 AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
-    "target_ongoing_requests": 1,
+    "target_ongoing_requests": 2,  # 6 clients: 3 replicas wanted (2 at most); 1 client: 1
     "metrics_interval_s": 2,  # how often the router's handle reports its requests (10 s)
     "look_back_period_s": 4,  # averaged over (30 s)
-    "upscale_delay_s": 0,
-    "downscale_delay_s": 2,
+    "upscale_delay_s": 0,  # (30 s)
+    # (600 s) long enough that a gap in the load does not stop the replica being started
+    "downscale_delay_s": 10,
 }
 """Ray Serve's autoscaling, made quick for a test (its defaults in parentheses)."""
 
@@ -183,8 +184,11 @@ class Load:
         return self
 
     def send(self) -> None:
-        while not self.stop.is_set():
-            self.responses.append(post(self.server, BASE_NAME))
+        body = {"model": BASE_NAME, "prompt": "Once upon a time", "max_tokens": 32}
+        url = self.server.url + "/v1/completions"
+        with httpx.Client(headers=auth(), timeout=300) as client:
+            while not self.stop.is_set():  # long requests: each client has one in progress
+                self.responses.append(client.post(url, json={**body, "ignore_eos": True}))
 
     def wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``done`` until it holds; raise if a client failed or ``timeout`` passed."""
@@ -211,12 +215,12 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(
     autoscaled_server: RunningServer,
 ) -> None:
     """First in the module, so that this server's Ray cluster is gone before ``ray_server``'s
-    starts. Four clients in a loop (4 requests in progress, target 1 per replica) make Ray
+    starts. Six clients in a loop (6 requests in progress, target 2 per replica) make Ray
     Serve start a second replica, which serves; then one client alone (at most 1 in progress)
     makes it remove one (drained first). No request fails meanwhile."""
     server = autoscaled_server
     (first,) = replica_metrics(server, count=1)  # min_replicas
-    with Load(server, 4) as load:
+    with Load(server, 6) as load:
         load.wait(lambda: len(load.replicas()) == 2, 900, "no second replica served")
     assert first in load.replicas()
     with Load(server, 1) as light:
