@@ -7,20 +7,23 @@ would give (read from each replica's own ``/metrics``, found through ``/ray/targ
 model requests reach both replicas, streaming is relayed chunk by chunk, an unknown adapter is
 a 404, a promote is served at once through the router after every replica warmed the new
 version, a tenant's requests/min hold across both replicas, and when one replica's process is
-killed while requests run, those in progress on it end with a clean 503, every request sent
-after the kill is served, and Ray starts a replacement that serves.
-One Ray cluster (a subprocess) for the module.
+killed while requests run, a stream in progress on it ends with an error event, other requests
+in progress on it end with a clean 503, every request sent after the kill is served, and Ray
+starts a replacement that serves. One Ray cluster (a subprocess) for these tests; before them,
+a server of its own autoscales between 1 and 2 replicas under load and after it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -41,6 +44,17 @@ REPLICA_HEADER = "x-loraplex-replica"
 ADMIN_KEY = "ray-admin-key"
 CAPPED_RPM = 2
 KEYS: dict[str, str] = {}  # tenant -> API key, made with the registry
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,  # 6 clients: 3 replicas wanted (2 at most); 1 client: 1
+    "metrics_interval_s": 2,  # how often the router's handle reports its requests (10 s)
+    "look_back_period_s": 4,  # averaged over (30 s)
+    "upscale_delay_s": 0,  # (30 s)
+    # (600 s) long enough that a gap in the load does not stop the replica being started
+    "downscale_delay_s": 10,
+}
+"""Ray Serve's autoscaling, made quick for a test (its defaults in parentheses)."""
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +97,11 @@ def registry(
     reg.close()
 
 
-@pytest.fixture(scope="module")
-def ray_server(
-    home: Path, base_model_dir: Path, registry: Registry, store: dict[str, str]
+@contextmanager
+def serve_on_ray(
+    home: Path, base_model_dir: Path, store: dict[str, str], log: str, *flags: str
 ) -> Iterator[RunningServer]:
+    """``loraplex serve --ray FLAGS`` on a local Ray cluster of its own, the shared registry."""
     env = server_env(
         home,
         base_model_dir,
@@ -100,9 +115,29 @@ def ray_server(
     # Ray kills workers once the node passes 95% memory, counting every process on the machine
     # (other test servers too): leave out-of-memory to the kernel in tests.
     env["RAY_memory_monitor_refresh_ms"] = "0"
-    command = [sys.executable, "-m", "loraplex.cli", "serve", "--ray", "--replicas", "2"]
+    command = [sys.executable, "-m", "loraplex.cli", "serve", "--ray", *flags]
     command += ["--host", "127.0.0.1", "--port", "0", "--adapters-per-replica", "4"]
-    with running_server(command, home / "ray.log", env=env, timeout=900) as running:
+    with running_server(command, home / log, env=env, timeout=900) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ray_server(
+    home: Path, base_model_dir: Path, registry: Registry, store: dict[str, str]
+) -> Iterator[RunningServer]:
+    with serve_on_ray(home, base_model_dir, store, "ray.log", "--replicas", "2") as running:
+        yield running
+
+
+@pytest.fixture
+def autoscaled_server(
+    home: Path, base_model_dir: Path, registry: Registry, store: dict[str, str]
+) -> Iterator[RunningServer]:
+    """1 to 2 replicas, autoscaled by Ray Serve on requests in progress and queued."""
+    config = json.dumps(AUTOSCALING)
+    with serve_on_ray(
+        home, base_model_dir, store, "ray-autoscaled.log", "--autoscaling-config", config
+    ) as running:
         yield running
 
 
@@ -121,15 +156,81 @@ def complete(server: RunningServer, model: str) -> httpx.Response:
     return response
 
 
-def replica_metrics(server: RunningServer, timeout: float = 120) -> dict[str, str]:
-    """Replica id -> the URL of its own metrics port, once two live replicas registered one."""
+def replica_metrics(server: RunningServer, timeout: float = 120, count: int = 2) -> dict[str, str]:
+    """Replica id -> the URL of its own metrics port, once ``count`` live replicas (no more,
+    no fewer) have registered one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         groups = httpx.get(server.url + "/ray/targets", timeout=30).json()
-        if len(groups) == 2:
+        if len(groups) == count:
             return {g["labels"]["replica"]: f"http://{g['targets'][0]}" for g in groups}
         time.sleep(1)
-    raise AssertionError(f"replicas did not register their metrics ports: {groups}")
+    raise AssertionError(f"not {count} replicas with a metrics port: {groups}")
+
+
+class Load:
+    """``clients`` threads, each sending base-model requests one after another until the
+    ``with`` block ends; a request that raises fails the block."""
+
+    def __init__(self, server: RunningServer, clients: int) -> None:
+        self.server = server
+        self.clients = clients
+        self.responses: list[httpx.Response] = []
+        self.stop = threading.Event()
+
+    def __enter__(self) -> Load:
+        self.pool = ThreadPoolExecutor(self.clients)
+        self.futures = [self.pool.submit(self.send) for _ in range(self.clients)]
+        return self
+
+    def send(self) -> None:
+        body = {"model": BASE_NAME, "prompt": "Once upon a time", "max_tokens": 32}
+        url = self.server.url + "/v1/completions"
+        with httpx.Client(headers=auth(), timeout=300) as client:
+            while not self.stop.is_set():  # long requests: each client has one in progress
+                self.responses.append(client.post(url, json={**body, "ignore_eos": True}))
+
+    def wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``done`` until it holds; raise if a client failed or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            for future in self.futures:
+                if future.done():
+                    future.result()
+            assert time.monotonic() < deadline, what
+            time.sleep(0.5)
+
+    def replicas(self) -> set[str]:
+        """The replicas that served a request so far."""
+        return {r.headers[REPLICA_HEADER] for r in list(self.responses) if r.is_success}
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        with self.pool:
+            for future in self.futures:
+                future.result()
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(
+    autoscaled_server: RunningServer,
+) -> None:
+    """First in the module, so that this server's Ray cluster is gone before ``ray_server``'s
+    starts. Six clients in a loop (6 requests in progress, target 2 per replica) make Ray
+    Serve start a second replica, which serves; then one client alone (at most 1 in progress)
+    makes it remove one (drained first). No request fails meanwhile."""
+    server = autoscaled_server
+    (first,) = replica_metrics(server, count=1)  # min_replicas
+    with Load(server, 6) as load:
+        load.wait(lambda: len(load.replicas()) == 2, 900, "no second replica served")
+    assert first in load.replicas()
+    with Load(server, 1) as light:
+        # the removed replica's process has exited once its metrics port no longer answers
+        (left,) = replica_metrics(server, timeout=600, count=1)
+        sent = len(light.responses)
+        light.wait(lambda: len(light.responses) >= sent + 3, 300, "the replica left is stuck")
+    served = load.responses + light.responses
+    assert {r.status_code for r in served} == {200}, [r.text for r in served if r.is_error]
+    assert {r.headers[REPLICA_HEADER] for r in light.responses[sent:]} == {left}
 
 
 def test_adapters_stay_on_few_replicas_and_base_spreads(ray_server: RunningServer) -> None:
@@ -237,14 +338,13 @@ def test_killed_replica_is_replaced_and_loses_no_request_that_had_not_started(
 ) -> None:
     """Last in the module: one replica's process is killed while requests run on both.
 
-    Requests in progress on it fail cleanly (503 + Retry-After from the router); every request
-    sent after the kill is served (Ray Serve's router retries one that a dead replica never
-    accepted on another); Ray starts a replacement, which serves."""
+    A stream in progress on it ends with an error event and ``[DONE]``; other requests in
+    progress on it fail cleanly (503 + Retry-After from the router); every request sent after
+    the kill is served (Ray Serve's router retries one that a dead replica never accepted on
+    another); Ray starts a replacement, which serves."""
     processes = replica_processes(ray_server)
     assert len(processes) == 2, processes
     before = set(processes)
-    victim = sorted(before)[0]
-    victim_metrics = replica_metrics(ray_server)[victim]
     body = {
         "model": BASE_NAME,
         "prompt": "Once upon a time",
@@ -252,25 +352,33 @@ def test_killed_replica_is_replaced_and_loses_no_request_that_had_not_started(
         "ignore_eos": True,  # so a request in progress cannot end before the kill
         "temperature": 0,
     }
-    with ThreadPoolExecutor(6) as pool:
-        running = [
-            pool.submit(
-                httpx.post,
-                ray_server.url + "/v1/completions",
-                json=body,
-                headers=auth(),
-                timeout=300,
-            )
-            for _ in range(6)
-        ]
-        deadline = time.monotonic() + 300
-        while metric_sum(victim_metrics, "loraplex_requests_in_flight", ADMIN_KEY) < 1:
-            assert time.monotonic() < deadline, "no request reached the replica to kill"
-            assert not all(f.done() for f in running), "every request ended elsewhere first"
-            time.sleep(0.2)
-        processes[victim].kill()
-        processes[victim].wait(60)
-        during = [future.result() for future in running]
+    # the victim is the replica serving this stream, long enough to outlast the requests below
+    streamed = {**body, "max_tokens": 500, "stream": True}
+    url = ray_server.url + "/v1/completions"
+    with httpx.stream("POST", url, json=streamed, headers=auth(), timeout=300) as stream:
+        assert stream.status_code == 200
+        victim = stream.headers[REPLICA_HEADER]
+        events = (line for line in stream.iter_lines() if line.startswith("data: "))
+        assert "choices" in json.loads(next(events)[len("data: ") :])  # it has started
+        victim_metrics = replica_metrics(ray_server)[victim]
+        with ThreadPoolExecutor(6) as pool:
+            running = [
+                pool.submit(httpx.post, url, json=body, headers=auth(), timeout=300)
+                for _ in range(6)
+            ]
+            deadline = time.monotonic() + 300
+            # the stream and at least one of these requests
+            while metric_sum(victim_metrics, "loraplex_requests_in_flight", ADMIN_KEY) < 2:
+                assert time.monotonic() < deadline, "no request reached the replica to kill"
+                assert not all(f.done() for f in running), "every request ended elsewhere first"
+                time.sleep(0.2)
+            processes[victim].kill()
+            processes[victim].wait(60)
+            during = [future.result() for future in running]
+        rest = list(events)  # ends, never hangs (or httpx's read timeout fails the test)
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    cut = json.loads(rest[-2][len("data: ") :])
+    assert cut.get("error", {}).get("code") == "unavailable", rest[-3:]
     for response in during:
         assert response.status_code in (200, 503), response.text
         if response.status_code == 503:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -142,3 +143,22 @@ def test_settings_over_the_memory_budget_refuse_to_start() -> None:
     assert "1.00 GiB adapter cache (--adapter-cache-mb 1024)" in line
     assert "more than the memory budget 0.50 GiB (--memory-budget-gib)" in line
     assert "listening" not in result.stdout
+
+
+def test_autoscaling_config_is_checked_before_ray_starts() -> None:
+    pytest.importorskip("ray.serve")
+    from loraplex.server.ray_serve import autoscaling_config
+    from loraplex.server.serve_cli import serve_ray
+
+    config = '{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}'
+    assert autoscaling_config(config)["max_replicas"] == 4
+    for text, message in [
+        ("{min_replicas: 1}", "not JSON"),
+        ("[1, 4]", "a JSON object"),
+        ('{"min_replica": 1}', "unknown fields ['min_replica']"),
+        ('{"min_replicas": 3, "max_replicas": 2}', "must be greater than or equal"),
+    ]:
+        with pytest.raises(LoraplexError, match=re.escape(message)):
+            autoscaling_config(text)
+    with pytest.raises(LoraplexError, match="exclude each other"):
+        serve_ray(Settings(), 2, config, None, None)

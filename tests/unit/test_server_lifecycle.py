@@ -129,15 +129,16 @@ async def test_drain_stops_what_outlives_the_shutdown_timeout() -> None:
     assert "shutdown timeout" in stopped[0] and stopped[1:] == ["serving"]
 
 
-async def test_engine_death_refuses_requests_and_exits_1() -> None:
+@pytest.mark.parametrize("root_path", ["", "/direct"])  # behind a proxy's prefix too
+async def test_engine_death_refuses_requests_and_exits_1(root_path: str) -> None:
     lifecycle = Lifecycle(shutdown_timeout=30)
     stopped: list[str] = []
     lifecycle.stop_serving = lambda: stopped.append("serving")
     lifecycle.stop_requests = stopped.append
-    transport = httpx.ASGITransport(gated_app(lifecycle, asyncio.Event()))
+    transport = httpx.ASGITransport(gated_app(lifecycle, asyncio.Event()), root_path=root_path)
     async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
         lifecycle.engine_died("engine core exited")
-        message = assert_error(await client.get("/v1/slow"), 503, "unavailable")
+        message = assert_error(await client.get(root_path + "/v1/slow"), 503, "unavailable")
     assert "engine core exited" in message
     assert lifecycle.exit_code == 1 and stopped == [message, "serving"]
 

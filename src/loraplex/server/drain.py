@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loraplex.server.errors import error_response
+from loraplex.server.request_context import route_path
 
 log = logging.getLogger("loraplex.server")
 
@@ -105,7 +106,7 @@ class RequestGate:
         self.lifecycle = lifecycle
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(GATED_PREFIXES):
+        if scope["type"] != "http" or not route_path(scope).startswith(GATED_PREFIXES):
             await self.app(scope, receive, send)
             return
         refusal = self.lifecycle.refusal()

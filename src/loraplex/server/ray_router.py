@@ -7,8 +7,9 @@ the next request) and calls the replicas with ``multiplexed_model_id`` set to th
 Ray Serve's router then prefers replicas that already hold it. The base model, requests it
 cannot parse or resolve (the replica answers those with the right error) and every other path
 (``/health``, ``/ready``, ``/v1/models``, admin) get no id: power-of-two-choices over all
-replicas. Responses, streaming included, are relayed message by message. Only ``loraplex serve
---ray`` imports this module.
+replicas. Responses, streaming included, are relayed message by message; a replica that dies
+with a request is a 503 before the response starts and an error event in a stream that has
+started. Only ``loraplex serve --ray`` imports this module.
 """
 
 from __future__ import annotations
@@ -83,15 +84,38 @@ def error_of(exc: LoraplexError) -> JSONResponse:
     return error_response(exc.status_code, exc.message, exc.error_type, exc.code, retry_after)
 
 
-async def body_of(messages: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+def replica_stopped() -> Unavailable:
+    """The error of a request whose replica died or went away while serving it."""
+    return Unavailable("The replica serving this request stopped; retry.", retry_after=1)
+
+
+def stream_cut() -> bytes:
+    """The end of an event stream whose replica stopped: an error event, then ``[DONE]``, as
+    the server ends a stream whose generation failed."""
+    exc = replica_stopped()
+    error = {"message": exc.message, "type": exc.error_type, "code": exc.code}
+    return f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
+
+
+async def body_of(
+    messages: DeploymentResponseGenerator, event_stream: bool
+) -> AsyncIterator[bytes]:
     """The body chunks of a replica's ASGI messages; a client that leaves early cancels the
-    request on the replica (which tells the app the client disconnected)."""
+    request on the replica (which tells the app the client disconnected). If the replica stops
+    meanwhile, an event stream ends with ``stream_cut``; any other body is cut short (the
+    error reaches Serve's proxy, which closes the connection)."""
     finished = False
     try:
         async for message in messages:
             if message["type"] == "http.response.body" and message.get("body"):
                 yield message["body"]
         finished = True
+    except RayError as exc:
+        finished = True  # nothing left to cancel
+        log.warning("ray: the replica stopped during a response: %s", exc)
+        if not event_stream:
+            raise
+        yield stream_cut()
     finally:
         if not finished:
             messages.cancel()
@@ -145,15 +169,13 @@ class LoraplexRouter:
             start = await messages.__anext__()
         except RayError as exc:  # the replica died or went away with the request
             log.warning("ray: request failed on its replica: %s", exc)
-            return error_of(
-                Unavailable("The replica serving this request stopped; retry.", retry_after=1)
-            )
+            return error_of(replica_stopped())
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1")
+            for k, v in start["headers"]
+            if k.lower() != b"x-request-id"  # Serve's proxy sets it (the app echoed it)
+        }
+        event_stream = headers.get("content-type", "").startswith("text/event-stream")
         return StreamingResponse(
-            body_of(messages),
-            status_code=start["status"],
-            headers={
-                k.decode("latin-1"): v.decode("latin-1")
-                for k, v in start["headers"]
-                if k.lower() != b"x-request-id"  # Serve's proxy sets it (the app echoed it)
-            },
+            body_of(messages, event_stream), status_code=start["status"], headers=headers
         )

@@ -1,8 +1,9 @@
-"""``loraplex serve --ray``: deploy the router and N engine replicas on Ray Serve, then wait.
+"""``loraplex serve --ray``: deploy the router and the engine replicas on Ray Serve, then wait.
 
 Connects to ``address`` (``ray://HOST:PORT`` or ``auto``) or, without one, starts a local Ray
 cluster. Ray Serve's HTTP proxy listens on ``settings.host:port`` and sends everything to the
 router (``ray_router``), which picks a replica (``ray_replica``) by adapter version. The
+replicas are a fixed number or autoscaled by Ray Serve on requests in progress and queued. The
 replicas share the registry that ``settings`` names (Postgres + S3 between machines; the local
 SQLite + blob folder under ``LORAPLEX_HOME`` on one host). SIGTERM or Ctrl-C deletes the
 application: Ray stops routing to the replicas, lets requests in progress finish for up to
@@ -11,18 +12,22 @@ application: Ray stops routing to the replicas, lets requests in progress finish
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import ray
 import typer
 from ray import serve
+from ray.serve.config import AutoscalingConfig
 
 from loraplex.config import Settings, load_settings
+from loraplex.errors import LoraplexError
 from loraplex.server.ray_replica import replica_class
 from loraplex.server.ray_router import LoraplexRouter
 
@@ -33,15 +38,50 @@ REPLICAS_APP_NAME = "loraplex-replicas"
 """The replicas are an application of their own, not exposed over HTTP: Ray Serve allows one
 FastAPI ingress per application, and both the router and the replicas are FastAPI apps."""
 
+Replicas = int | dict[str, Any]
+"""A fixed replica count, or Ray Serve's ``autoscaling_config`` (its fields as a dict)."""
+
+
+def autoscaling_config(text: str) -> dict[str, Any]:
+    """``--autoscaling-config``'s JSON, checked against Ray Serve's ``AutoscalingConfig``."""
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise LoraplexError(f"--autoscaling-config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoraplexError("--autoscaling-config must be a JSON object.")
+    unknown = sorted(set(config) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise LoraplexError(f"--autoscaling-config: unknown fields {unknown} (docs/ray.md).")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as exc:  # pydantic's ValidationError
+        raise LoraplexError(f"--autoscaling-config: {' '.join(str(exc).split())}") from None
+    return config
+
+
+def describe(replicas: Replicas) -> str:
+    """``replicas`` in words, for the startup lines."""
+    if isinstance(replicas, int):
+        return f"{replicas} replicas"
+    low, high = replicas.get("min_replicas", 1), replicas.get("max_replicas", 1)
+    return f"{low} to {high} replicas, autoscaled"
+
 
 def replicas_application(
-    settings: Settings, replicas: int, adapters_per_replica: int
+    settings: Settings, replicas: Replicas, adapters_per_replica: int
 ) -> serve.Application:
-    """The engine replicas: the loraplex app, adapters multiplexed."""
+    """The engine replicas: the loraplex app, adapters multiplexed; a fixed count or
+    autoscaled on requests in progress and queued (``replicas``)."""
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": replicas}
+        if isinstance(replicas, dict)
+        else {"num_replicas": replicas}
+    )
     return serve.deployment(
         replica_class(settings, adapters_per_replica),
         name="LoraplexReplica",
-        num_replicas=replicas,
+        **scaling,
         max_ongoing_requests=settings.max_num_seqs,
         graceful_shutdown_timeout_s=settings.shutdown_timeout,
         health_check_period_s=5,
@@ -61,7 +101,7 @@ def router_application(settings: Settings, affinity: bool = True) -> serve.Appli
 
 def serve_on_ray(
     settings: Settings,
-    replicas: int,
+    replicas: Replicas,
     address: str | None,
     adapters_per_replica: int,
     affinity: bool = True,
@@ -79,7 +119,7 @@ def serve_on_ray(
     signal.signal(signal.SIGINT, on_signal)
     typer.echo(
         f"loraplex listening on http://{settings.host}:{settings.port} "
-        f"(Ray Serve, {replicas} replicas loading)"
+        f"(Ray Serve, {describe(replicas)} loading)"
     )
     serve.run(
         replicas_application(settings, replicas, adapters_per_replica),
@@ -87,7 +127,7 @@ def serve_on_ray(
         route_prefix=None,
     )
     serve.run(router_application(settings, affinity), name=APP_NAME, route_prefix="/")
-    log.info("loraplex on Ray Serve: %d replicas ready", replicas)
+    log.info("loraplex on Ray Serve: %s ready", describe(replicas))
     stop.wait()
     # Bounded: with a local cluster, a signal to the whole process group (a terminal's Ctrl-C,
     # a supervisor's killpg) stops some of Ray's own processes too, and Ray's calls then hang.

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def route_path(scope: dict[str, Any]) -> str:
+    """The path the app routes on: ASGI's ``path`` less the ``root_path`` the app is mounted
+    at (a proxy's prefix, e.g. a Ray Serve ``route_prefix``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root + "/") else path
+
+
 @dataclass
 class RequestRecord:
     """One request as observed; times in seconds (``time.perf_counter`` based)."""

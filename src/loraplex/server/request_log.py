@@ -26,7 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.server.live_stats import LiveStats
 from loraplex.server.metrics import Metrics
-from loraplex.server.request_context import RequestRecord, close_record, open_record
+from loraplex.server.request_context import (
+    RequestRecord,
+    close_record,
+    open_record,
+    route_path,
+)
 from loraplex.server.tracing import Tracing
 
 OBSERVED_PREFIXES = ("/v1/", "/generate")
@@ -79,13 +84,14 @@ class ObserveRequests:
         self.live = live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(OBSERVED_PREFIXES):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if not path.startswith(OBSERVED_PREFIXES):
             await self.app(scope, receive, send)
             return
         sent_id = Headers(scope=scope).get("x-request-id", "")
         client_id = sent_id if REQUEST_ID_RE.fullmatch(sent_id) else None
-        record = RequestRecord(client_id or "", scope["method"], scope["path"])
-        span = self.tracing.start(f"{scope['method']} {scope['path']}")
+        record = RequestRecord(client_id or "", scope["method"], path)
+        span = self.tracing.start(f"{scope['method']} {path}")
         token = open_record(record)
         done = False
 

@@ -182,8 +182,23 @@ RAY_PARAMETERS = [
     inspect.Parameter(
         "replicas",
         inspect.Parameter.KEYWORD_ONLY,
-        default=1,
-        annotation=Annotated[int, typer.Option("--replicas", min=1, help="With --ray.")],
+        default=None,
+        annotation=Annotated[
+            int | None, typer.Option("--replicas", min=1, help="With --ray (default 1).")
+        ],
+    ),
+    inspect.Parameter(
+        "autoscaling_config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--autoscaling-config",
+                help="With --ray, instead of --replicas: Ray Serve's autoscaling_config "
+                'as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4}\' (docs/ray.md).',
+            ),
+        ],
     ),
     inspect.Parameter(
         "address",
@@ -232,7 +247,8 @@ RAY_PARAMETERS = [
 def serve_command(
     *,
     ray: bool = False,
-    replicas: int = 1,
+    replicas: int | None = None,
+    autoscaling_config: str | None = None,
     address: str | None = None,
     affinity: bool = True,
     adapters_per_replica: int | None = None,
@@ -242,7 +258,7 @@ def serve_command(
     settings = load_settings(**{k: v for k, v in flags.items() if v is not None})
     check_exposure(settings)
     if ray:
-        serve_ray(settings, replicas, address, adapters_per_replica, affinity)
+        serve_ray(settings, replicas, autoscaling_config, address, adapters_per_replica, affinity)
         return
     check_memory(settings)
     sock = bind_socket(settings.host, settings.port)
@@ -277,18 +293,25 @@ def serve_command(
 
 def serve_ray(
     settings: Settings,
-    replicas: int,
+    replicas: int | None,
+    autoscaling: str | None,
     address: str | None,
     adapters_per_replica: int | None,
     affinity: bool = True,
 ) -> None:
     """``serve --ray``: Ray Serve replicas behind an adapter-affinity router."""
     try:
-        from loraplex.server.ray_serve import serve_on_ray
+        from loraplex.server.ray_serve import autoscaling_config, serve_on_ray
     except ImportError as exc:
         raise LoraplexError(
             f"--ray needs Ray Serve ({exc}): pip install 'loraplex[ray]'."
         ) from None
+    if replicas is not None and autoscaling is not None:
+        raise LoraplexError(
+            "--replicas and --autoscaling-config exclude each other: "
+            "set min_replicas and max_replicas in the config."
+        )
+    scaling = autoscaling_config(autoscaling) if autoscaling is not None else replicas or 1
     if settings.port == 0:  # Ray Serve's proxy binds the port itself: pick a free one
         with bind_socket(settings.host, 0) as sock:
             settings = settings.model_copy(update={"port": sock.getsockname()[1]})
@@ -296,7 +319,7 @@ def serve_ray(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     per_replica = adapters_per_replica or settings.max_cpu_loras
-    serve_on_ray(settings, replicas, address, per_replica, affinity)
+    serve_on_ray(settings, scaling, address, per_replica, affinity)
 
 
 _PARAMETERS = [*RAY_PARAMETERS, *serve_parameters()]
