@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -64,12 +66,20 @@ def test_weights_of_unwritten_slots_are_kept_without_a_copy(monkeypatch):
     assert copies == [1]  # slot 0's block was neither copied nor compared
 
 
+class Layer:
+    """A LoRA layer as the manager holds it: which wrapper it uses."""
+
+    def __init__(self, wrapper: object) -> None:
+        self.punica_wrapper = wrapper
+
+
 class Manager:
     """The part of vLLM's LoRAModelManager that ``watch_activations`` reads."""
 
-    def __init__(self, wrapper: object) -> None:
+    def __init__(self, wrapper: object, layers: dict[str, object]) -> None:
         self.lora_index_to_id: list[int | None] = [None, None]
         self.punica_wrapper_mapping = {"language_model": wrapper, "other": object()}
+        self.modules = layers
 
     def activate_adapter(self, lora_id: int) -> bool:
         if lora_id in self.lora_index_to_id:
@@ -80,10 +90,10 @@ class Manager:
 
 class Listener:
     def __init__(self) -> None:
-        self.heard: list[tuple[int, int]] = []
+        self.heard: list[tuple[int, int, list[object]]] = []
 
-    def slot_written(self, slot: int, slots: int) -> None:
-        self.heard.append((slot, slots))
+    def slot_written(self, slot: int, slots: int, layers: list[object]) -> None:
+        self.heard.append((slot, slots, layers))
 
 
 def test_activations_are_announced_to_the_wrappers_once():
@@ -93,10 +103,11 @@ def test_activations_are_announced_to_the_wrappers_once():
     watch_activations(Watched)
     watch_activations(Watched)  # idempotent: one announcement per write
     listener = Listener()
-    manager = Watched(listener)
+    mine, theirs = Layer(listener), Layer(object())
+    manager = Watched(listener, {"q": mine, "tower": theirs})
     assert manager.activate_adapter(5) and manager.activate_adapter(8)
     assert not manager.activate_adapter(5)  # already in a slot: nothing written
-    assert listener.heard == [(0, 2), (1, 2)]
+    assert listener.heard == [(0, 2, [mine]), (1, 2, [mine])]
 
 
 def test_the_fast_wrapper_watches_vllms_manager():
@@ -106,3 +117,78 @@ def test_the_fast_wrapper_watches_vllms_manager():
     import loraplex.fastlora.punica  # noqa: F401  (installs the watch)
 
     assert getattr(LoRAModelManager.activate_adapter, "_loraplex_watched", False)
+
+
+class Linear(Layer):
+    """A one-slice LoRA linear layer in vLLM's layout: 2 slots, rank 4, 8 in, 6 out."""
+
+    output_slices = (6,)
+
+    def __init__(self, wrapper: object) -> None:
+        super().__init__(wrapper)
+        self.lora_a_stacked = (torch.zeros(2, 1, 4, 8),)
+        self.lora_b_stacked = (torch.zeros(2, 1, 6, 4),)
+
+
+class Writer(Manager):
+    """Activation writes the slot of every layer as vLLM does: the adapter's weights where it
+    has them (``set_lora``), zeros elsewhere (``reset_lora``)."""
+
+    def __init__(self, wrapper: object, layers: dict[str, Linear], adapted: set[str]) -> None:
+        super().__init__(wrapper, layers)
+        self.adapted = adapted
+        self.gen = torch.Generator().manual_seed(7)
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        activated = super().activate_adapter(lora_id)
+        slot = self.lora_index_to_id.index(lora_id)
+        for name, layer in self.modules.items():
+            for stacked in (*layer.lora_a_stacked, *layer.lora_b_stacked):
+                stacked[slot] = 0
+                if name in self.adapted:
+                    stacked[slot].copy_(torch.randn(stacked[slot].shape, generator=self.gen))
+        return activated
+
+
+def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkeypatch):
+    """The fast wrapper packs the written slot inside the activation (``add_lora``), so a
+    preloaded version's first step finds every cache current and computes the same delta."""
+    pytest.importorskip("vllm")
+    from vllm.lora.layers import LoRAMapping
+
+    from loraplex.fastlora.punica import FastPunicaWrapperCPU
+
+    class Watched(Writer):
+        pass
+
+    watch_activations(Watched)
+    wrapper = FastPunicaWrapperCPU(16, 4, "cpu")
+    if not wrapper._weights.uses_onednn:
+        pytest.skip("vLLM's oneDNN GEMM is not available here")
+    packs = []
+    onednn = wrapper._weights._onednn
+    counting = SimpleNamespace(
+        create_onednn_mm=lambda w, batch: (
+            packs.append(w.shape) or onednn.create_onednn_mm(w, batch)
+        ),
+        onednn_mm=onednn.onednn_mm,
+    )
+    monkeypatch.setattr(wrapper._weights, "_onednn", counting)
+    q, k = Linear(wrapper), Linear(wrapper)
+    manager = Watched(wrapper, {"q": q, "k": k}, adapted={"q"})
+
+    assert manager.activate_adapter(5)
+    assert packs == [(8, 4), (4, 6)]  # q's A and B of slot 0, at once; k's zero slot: none
+
+    looked = []
+    changed = wrapper._writes.changed
+    monkeypatch.setattr(wrapper._writes, "changed", lambda *a: looked.append(a) or changed(*a))
+    wrapper.update_metadata(LoRAMapping((5,) * 3, (5,), is_prefill=True), [5, None], 2, 32)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(8))
+    for layer in (q, k):
+        y = torch.zeros(3, 6)
+        wrapper.run_linear(y, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, (6,))
+        a, b = layer.lora_a_stacked[0][0, 0], layer.lora_b_stacked[0][0, 0]
+        torch.testing.assert_close(y, x @ a.t() @ b.t())
+    assert packs == [(8, 4), (4, 6)]  # the step packed nothing
+    assert looked == []  # and found every zero flag and pack current

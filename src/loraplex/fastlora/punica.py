@@ -15,10 +15,12 @@ Imported only inside vLLM processes, through ``FastLoraCpuPlatform.get_punica_wr
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.library import Library
+from vllm.lora.layers import LogitsProcessorWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -53,9 +55,15 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._sampler_plan = None
         self._resized = {}
 
-    def slot_written(self, slot: int, slots: int) -> None:
-        """vLLM wrote an adapter into ``slot`` (``slot_writes.watch_activations``)."""
+    def slot_written(self, slot: int, slots: int, layers: Iterable[Any]) -> None:
+        """vLLM wrote an adapter into ``slot`` of ``layers`` (``slot_writes.watch_activations``):
+        bring that slot's zero flags and oneDNN packs up to date now, inside ``add_lora``,
+        rather than in the next step (the first request of a preloaded version)."""
         self._writes.written(slot, slots)
+        for layer in layers:
+            for lora_a, lora_b, size in _slices(layer):
+                if self._live.live((slot,), lora_a, lora_b):
+                    self._weights.refresh(lora_a, lora_b, slot, size)
 
     def _token(self, num_rows: int) -> LoraPlan:
         return self._fit(self._token_plan, self.token_lora_indices, num_rows, "token")
@@ -165,6 +173,23 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         size = lora_b_stacked.shape[-2]
         plan = plan.only(live)
         ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._weights)
+
+
+def _slices(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(A, B, output columns) of each slice of ``layer`` that the ops above compute, with the
+    columns ``ops.lora_linear`` uses: a linear layer's slices (``add_lora_linear``), the
+    lm_head's one (``add_lora_logits``); none for others (an embedding reads no cache)."""
+    if isinstance(layer, LogitsProcessorWithLoRA):
+        return [(layer.lora_a_stacked, layer.lora_b_stacked, layer.lora_b_stacked.shape[-2])]
+    sizes = getattr(layer, "output_slices", None)
+    if sizes is None:
+        return []
+    return [
+        (lora_a, lora_b, min(size, lora_b.shape[-2]))
+        for lora_a, lora_b, size in zip(
+            layer.lora_a_stacked, layer.lora_b_stacked, sizes, strict=True
+        )
+    ]
 
 
 def _resize(indices: torch.Tensor, num_rows: int) -> torch.Tensor:

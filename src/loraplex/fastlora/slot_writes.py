@@ -9,7 +9,11 @@ dummy adapters have the ids real adapters get later).
 So when a stacked tensor's version counter has moved, the caches (``live``, ``weights``)
 rescan only the slots written since they last looked, instead of every slot of all ~420
 stacked tensors after each load. If the counter moved and no write was heard (a write this
-module did not see), they rescan every slot, as before.
+module did not see), they rescan every slot, as before. The wrapper also brings its caches
+of the written slot up to date right then (``punica.FastPunicaWrapperCPU.slot_written``), so
+that the work is done inside ``add_lora`` and not in the next forward step: vLLM activates an
+adapter as it adds it (``LRUCacheWorkerLoRAManager.add_adapter``), so a preloaded version's
+first request finds its slot ready.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ class SlotWrites:
 
 
 def watch_activations(manager_cls: Any) -> None:
-    """Wrap ``manager_cls.activate_adapter`` (once) to call ``slot_written(slot, slots)`` on
-    each of the manager's punica wrappers that has it, after a slot was written."""
+    """Wrap ``manager_cls.activate_adapter`` (once) to call ``slot_written(slot, slots, layers)``
+    on each of the manager's punica wrappers that has it, after a slot was written; ``layers``
+    are the manager's LoRA layers that use that wrapper (whose stacked weights were written)."""
     original = manager_cls.activate_adapter
     if getattr(original, "_loraplex_watched", False):
         return
@@ -62,7 +67,12 @@ def watch_activations(manager_cls: Any) -> None:
             for wrapper in self.punica_wrapper_mapping.values():
                 notify = getattr(wrapper, "slot_written", None)
                 if notify is not None:
-                    notify(slot, len(self.lora_index_to_id))
+                    layers = [
+                        layer
+                        for layer in self.modules.values()
+                        if getattr(layer, "punica_wrapper", None) is wrapper
+                    ]
+                    notify(slot, len(self.lora_index_to_id), layers)
         return activated
 
     activate_adapter._loraplex_watched = True  # type: ignore[attr-defined]

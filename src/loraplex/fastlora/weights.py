@@ -104,6 +104,13 @@ class LoraWeights:
             return x.new_zeros(x.shape[0], packed.source.shape[1])
         return self._onednn.onednn_mm(packed.handler, x.contiguous(), None)
 
+    def refresh(self, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int, size: int) -> None:
+        """Pack ``slot``'s A and B of one slice now, as its first ``matmul`` (``size``
+        output columns) would; nothing without oneDNN."""
+        if self._onednn is not None:
+            self.packed(lora_a, False, slot, 1, size)
+            self.packed(lora_b, True, slot, 1, size)
+
     def packed(
         self, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int
     ) -> PackedBlock:

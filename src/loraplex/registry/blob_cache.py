@@ -2,8 +2,8 @@
 
 Each entry is a folder named by the version's content digest holding the version's files
 under their PEFT names, so the engine can load it as it is. A version's files are fetched in
-parallel and sha256-verified on arrival, and the folder appears atomically (rename), so a
-half-fetched entry is never seen.
+parallel and sha256-verified on arrival (by the store, as it writes them), and the folder
+appears atomically (rename), so a half-fetched entry is never seen.
 Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
 Entries are immutable: a digest always names the same files. Safe for several processes;
 within one, concurrent requests for a missing entry fetch it once (``SingleFlight``), and
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loraplex.errors import NotFound, Unavailable
-from loraplex.registry.blobs import BlobStore, sha256_file
+from loraplex.registry.blobs import BlobStore
 from loraplex.registry.single_flight import SingleFlight
 
 
@@ -75,7 +75,7 @@ class BlobCache:
         return target
 
     def _fetch_file(self, digest: str, dest: Path) -> None:
-        """One blob into ``dest``, sha256-checked."""
+        """One blob into ``dest`` (the store checks its sha256 as it writes it)."""
         try:
             self.store.get(digest, dest)
         except NotFound as exc:
@@ -83,11 +83,6 @@ class BlobCache:
                 f"{exc.message} The registry lists it, so the blob store is incomplete; "
                 "push the adapter again to restore it."
             ) from exc
-        if sha256_file(dest) != digest:
-            raise Unavailable(
-                f"Blob {digest[:12]} for {dest.name} failed its sha256 check on arrival; "
-                "the blob store holds corrupt data."
-            )
 
     def evict(self, keep: Path | None = None) -> list[str]:
         """Remove least recently used entries until the cache fits; returns removed digests."""

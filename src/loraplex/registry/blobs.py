@@ -3,16 +3,16 @@
 A blob is a file stored under its own sha256 (``sha256/ab/abcd...``), written once and never
 changed, so the same content pushed twice (or under two names) is stored once. Putting a blob
 that is already there refreshes its time stamp, so ``adapters gc`` (which keeps young blobs)
-never removes one a push is about to reference. ``put``
-re-hashes while copying and refuses content that does not match its key. This module does
-not know what an adapter is; the catalog records which blobs make up a version.
+never removes one a push is about to reference. ``put`` and ``get`` hash while copying and
+refuse content that does not match its key (``copy_verified``), so a fetched blob is read
+once. This module does not know what an adapter is; the catalog records which blobs make up
+a version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +35,8 @@ class BlobStore(Protocol):
         ...
 
     def get(self, digest: str, dest: Path) -> None:
-        """Write the blob to ``dest``; raises ``NotFound`` if it is missing."""
+        """Write the blob to ``dest``, its sha256 checked on the way (``Unavailable`` if it is
+        not ``digest``: the caller need not read it again); ``NotFound`` if it is missing."""
         ...
 
     def exists(self, digest: str) -> bool:
@@ -143,7 +144,8 @@ class LocalBlobStore:
         path = self._path(digest)
         if not path.is_file():
             raise NotFound(f"Blob {digest[:12]} is missing from {self.root}.")
-        shutil.copyfile(path, dest)
+        with path.open("rb") as handle:
+            copy_verified(handle, dest, digest)
 
     def exists(self, digest: str) -> bool:
         return self._path(digest).is_file()
