@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         "borrowers' requests end (none is aborted). Default: all of them "
         "(max_engine_sequences); 0: the unused shares stay free.",
     )
+    seat_grace_seconds: float = Field(
+        0.25,
+        ge=0,
+        description="With lending, a seat a tenant gives back within its share stays its own "
+        "this long while others wait, so its next request takes it back before a borrower "
+        "does; 0 turns this off.",
+    )
     tenant_idle_seconds: float = Field(
         5.0,
         ge=0,

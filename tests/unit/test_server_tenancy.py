@@ -361,7 +361,7 @@ def test_lending_lets_a_flood_borrow_unused_shares_up_to_lend() -> None:
 
 def test_a_lender_gets_the_next_seat_and_borrowed_seats_come_back_as_requests_end() -> None:
     async def main() -> None:
-        admission = FairAdmission(8, queue_size=20, timeout=30, reserve=1, lend=8)
+        admission = FairAdmission(8, queue_size=20, timeout=30, reserve=1, lend=8, grace=0.05)
         await admission.acquire("quiet", 1, 1, 10_000)  # its next requests' tags come last
         flooding = await flood(admission, "flood", 10)
         assert admission.held() == {"quiet": 1, "flood": 6}  # all the unreserved seats
@@ -378,7 +378,9 @@ def test_a_lender_gets_the_next_seat_and_borrowed_seats_come_back_as_requests_en
         assert admission.held() == {"quiet": 3, "flood": 4} and admission.waiting("quiet") == 1
         admission.release("quiet", 1)  # quiet's waiter fits in its share again: it goes in
         assert admission.held() == {"quiet": 3, "flood": 4} and admission.waiting("quiet") == 0
-        admission.release("quiet", 3)  # quiet wants no more: the flood borrows again
+        admission.release("quiet", 3)  # kept for quiet a moment, then the flood borrows
+        assert admission.held() == {"flood": 4}
+        await asyncio.sleep(0.1)
         assert admission.held() == {"flood": 7}
         assert await asyncio.wait_for(asyncio.gather(*more), 1) == [1, 1, 1]
         for task in flooding:
@@ -504,3 +506,31 @@ def test_known_keys_keep_working_through_a_registry_outage(monkeypatch) -> None:
     real_sleep(0.01)  # past the outage's retry interval
     assert asyncio.run(auth._lookup("good")) == tenant
     assert asyncio.run(auth._lookup("bad")) is None
+
+
+def test_a_wave_of_ends_leaves_each_tenant_its_share_for_its_next_requests() -> None:
+    """Equal-length requests that start together end together; the waiting borrower gets
+    only the seats above the returning tenant's share, then they come back as its next
+    requests arrive (``grace``), or go to the borrower once the grace is over."""
+
+    async def main(grace: float) -> dict[str, int]:
+        admission = FairAdmission(16, queue_size=20, timeout=30, reserve=2, grace=grace, lend=16)
+        for _ in range(14):  # alone: heavy takes all the unreserved seats
+            await admission.acquire("heavy", 2, 1, 100)
+        light = await flood(admission, "light", 16)
+        assert admission.held() == {"heavy": 14, "light": 1}  # a reserved seat
+        for _ in range(14):  # the wave ends before heavy's next requests arrive
+            admission.release("heavy", 1)
+        await asyncio.sleep(0)
+        after_wave = admission.held()
+        heavy = await flood(admission, "heavy", 16, weight=2)  # 14 clients come back
+        await asyncio.sleep(0.01)
+        back = admission.held()
+        for task in light + heavy:
+            task.cancel()
+        return {"light after the wave": after_wave["light"], "heavy back": back["heavy"]}
+
+    # shares of the 14 unreserved seats 2:1: heavy 9.3, light 4.7; heavy keeps 9
+    assert asyncio.run(main(grace=0.5)) == {"light after the wave": 5, "heavy back": 9}
+    # without it the borrower takes every unreserved seat; heavy gets back a reserved one
+    assert asyncio.run(main(grace=0)) == {"light after the wave": 14, "heavy back": 1}

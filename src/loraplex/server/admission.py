@@ -31,6 +31,11 @@ each step slower:
   holding none, or one whose request fits in its share), borrowers get no new seat and the
   lender gets the next one that frees; borrowed seats come back as the borrowers' requests
   end. A tenant waiting only for an adapter slot lends nothing back meanwhile.
+- Grace: a seat that a tenant within its share gives back stays its own for ``grace``
+  seconds while others wait, so a client whose next request follows the last one's end
+  takes it back before a borrower does. Without it, equal-length requests that start
+  together end together, the waiting borrowers take every seat freed by the wave, and the
+  weights even out.
 
 Adapters: the engine runs at most ``slots`` adapters in one batch; requests of more adapters
 than that swap adapters in and out of the slots and shrink the batch. So a request whose
@@ -82,6 +87,7 @@ class FairAdmission:
         lend: int = 0,
         slots: int | None = None,
         adapter_wait: float = 2.0,
+        grace: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
@@ -91,6 +97,8 @@ class FairAdmission:
         self.lend = lend
         self.slots = slots
         self.adapter_wait = adapter_wait
+        self.grace = grace
+        self._kept: dict[str, int] = defaultdict(int)  # seats in their grace, by tenant
         self._adapters: dict[str, int] = {}
         self.queue_size = queue_size
         self.timeout = timeout
@@ -178,7 +186,34 @@ class FairAdmission:
             if not self._adapters[adapter]:
                 del self._adapters[adapter]
         self._last_seen[tenant] = self.clock()
+        if self._keeps(tenant, seats):
+            self._kept[tenant] += seats
+            asyncio.get_running_loop().call_later(self.grace, self._unkeep, tenant, seats)
         self._dispatch()
+
+    def _keeps(self, tenant: str, seats: int) -> bool:
+        """Whether ``seats`` just given back by ``tenant`` stay its own for ``grace``
+        seconds: lending is on, another tenant waits, and they are within its share."""
+        if not (self.grace and self.lend and self.shared and tenant in self._weight):
+            return False
+        if not any(w.tenant != tenant for w in self._heap if not w.granted.done()):
+            return False
+        active = self._active_weights()
+        share = self.shared * active[tenant] / sum(active.values())
+        return self._held.get(tenant, 0) + self._kept.get(tenant, 0) + seats <= share
+
+    def _unkeep(self, tenant: str, seats: int) -> None:
+        """The grace of ``seats`` kept for ``tenant`` is over: others may take what is left."""
+        left = self._kept.get(tenant, 0) - seats
+        if left > 0:
+            self._kept[tenant] = left
+        else:
+            self._kept.pop(tenant, None)
+        self._dispatch()
+
+    def _in_use_for(self, tenant: str) -> int:
+        """Seats ``tenant`` cannot take now: those held, and those kept for other tenants."""
+        return self.in_use + sum(n for t, n in self._kept.items() if t != tenant)
 
     def _active_weights(self) -> dict[str, float]:
         """Weights of the tenants holding a seat, waiting, or seen within ``idle`` seconds."""
@@ -192,9 +227,10 @@ class FairAdmission:
     def _fits(self, tenant: str, seats: int, lenders: set[str]) -> bool:
         """Room for ``seats`` more for ``tenant``: the reserved seats and any share only for a
         tenant that holds none; else within ``capacity - reserve`` and the shares' limit."""
+        in_use = self._in_use_for(tenant)
         if not self._held.get(tenant):
-            return self.in_use + seats <= self.capacity
-        if self.in_use + seats > self.capacity - self.reserve:
+            return in_use + seats <= self.capacity
+        if in_use + seats > self.capacity - self.reserve:
             return False
         return self._within_shares(tenant, seats, lenders)
 
@@ -251,6 +287,8 @@ class FairAdmission:
 
     def _take(self, tenant: str, seats: int, start: float, adapter: str | None) -> None:
         self.in_use += seats
+        if tenant in self._kept:  # its own seats back, within their grace
+            self._kept[tenant] -= min(seats, self._kept[tenant])
         self._held[tenant] += seats
         if adapter is not None:
             self._adapters[adapter] = self._adapters.get(adapter, 0) + seats

@@ -109,6 +109,7 @@ class Service:
             lend=capacity if settings.lend_sequences is None else settings.lend_sequences,
             slots=settings.max_loras if settings.adapter_wait_seconds else None,
             adapter_wait=settings.adapter_wait_seconds,
+            grace=settings.seat_grace_seconds,
         )
         self.progress = ProgressTracker()
         self.started = int(time.time())  # the base model's ``created`` in /v1/models
