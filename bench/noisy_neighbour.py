@@ -5,11 +5,10 @@ One server per mode, auth on, base model only, tenants and keys made in a scratc
 most ``max_num_seqs`` sequences in the engine, the rest in per-tenant queues, a light
 tenant's unused share of seats left free: ``LORAPLEX_LEND_SEQUENCES=0``), ``lend`` (the
 server's default: the same, but the flood borrows up to ``--lend-sequences`` seats of the
-quiet tenant's unused share, all by default; the quiet tenant's requests take them back
-first), ``fifo``
-(``LORAPLEX_MAX_ENGINE_SEQUENCES=100000``: every request goes straight to vLLM's first-come
-scheduler) and, with ``--vllm``, vLLM's own server (no tenants: the two
-loads differ only client-side). In each server, in one run:
+quiet tenant's unused share, a quarter of the seats by default; the quiet tenant's requests
+take them back first), ``fifo`` (``LORAPLEX_MAX_ENGINE_SEQUENCES=100000``: every request
+goes straight to vLLM's first-come scheduler) and, with ``--vllm``, vLLM's own server (no
+tenants: the two loads differ only client-side). In each server, in one run:
 
 1. quiet alone: ``--quiet-requests`` sequential requests of ``--quiet-tokens`` -> p50/p99;
 2. for each flood size N of ``--floods``: the flood alone (N concurrent streams of
@@ -351,7 +350,7 @@ def parse_args() -> argparse.Namespace:
         "--lend-sequences",
         type=int,
         default=None,
-        help="seats the lend mode may lend (default: max_num_seqs, all of them)",
+        help="seats the lend mode may lend (default: the server's, a quarter of max_num_seqs)",
     )
     parser.add_argument(
         "--set",
@@ -380,7 +379,7 @@ def parse_args() -> argparse.Namespace:
     if args.weight_streams is None:
         args.weight_streams = args.max_num_seqs
     if args.lend_sequences is None:
-        args.lend_sequences = args.max_num_seqs
+        args.lend_sequences = args.max_num_seqs // 4
     return args
 
 

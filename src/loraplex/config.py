@@ -108,8 +108,10 @@ class Settings(BaseSettings):
         ge=0,
         description="Engine sequences of the light tenants' unused shares that tenants "
         "wanting more may borrow together; a lender's requests take them back first, as the "
-        "borrowers' requests end (none is aborted). Default: all of them "
-        "(max_engine_sequences); 0: the unused shares stay free.",
+        "borrowers' requests end (none is aborted). Default: a quarter of "
+        "max_engine_sequences (on CPU each sequence in the batch slows every step, so more "
+        "adds latency for the lender and little throughput; raise it on a GPU); 0: the "
+        "unused shares stay free.",
     )
     seat_grace_seconds: float = Field(
         0.25,

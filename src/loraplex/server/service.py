@@ -106,7 +106,7 @@ class Service:
             reserve=capacity // 8 if reserve is None else reserve,
             shared=settings.shared_sequences,
             idle=settings.tenant_idle_seconds,
-            lend=capacity if settings.lend_sequences is None else settings.lend_sequences,
+            lend=capacity // 4 if settings.lend_sequences is None else settings.lend_sequences,
             slots=settings.max_loras if settings.adapter_wait_seconds else None,
             adapter_wait=settings.adapter_wait_seconds,
             grace=settings.seat_grace_seconds,
