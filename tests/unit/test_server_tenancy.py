@@ -531,6 +531,6 @@ def test_a_wave_of_ends_leaves_each_tenant_its_share_for_its_next_requests() -> 
         return {"light after the wave": after_wave["light"], "heavy back": back["heavy"]}
 
     # shares of the 14 unreserved seats 2:1: heavy 9.3, light 4.7; heavy keeps 9
-    assert asyncio.run(main(grace=0.5)) == {"light after the wave": 5, "heavy back": 9}
+    assert asyncio.run(main(grace=5.0)) == {"light after the wave": 5, "heavy back": 9}
     # without it the borrower takes every unreserved seat; heavy gets back a reserved one
     assert asyncio.run(main(grace=0)) == {"light after the wave": 14, "heavy back": 1}
