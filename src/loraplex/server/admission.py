@@ -198,9 +198,8 @@ class FairAdmission:
             return False
         if not any(w.tenant != tenant for w in self._heap if not w.granted.done()):
             return False
-        active = self._active_weights()
-        share = self.shared * active[tenant] / sum(active.values())
-        return self._held.get(tenant, 0) + self._kept.get(tenant, 0) + seats <= share
+        kept = self._kept.get(tenant, 0)
+        return self._in_own_share(tenant, kept + seats, self._active_weights())
 
     def _unkeep(self, tenant: str, seats: int) -> None:
         """The grace of ``seats`` kept for ``tenant`` is over: others may take what is left."""

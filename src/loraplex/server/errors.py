@@ -8,6 +8,7 @@ that "did not load" because the engine is dead is the engine's 503, never a 409.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -33,6 +34,12 @@ def error_response(
     headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_event(exc: LoraplexError) -> str:
+    """The SSE event that ends a stream failing after it started (then ``[DONE]``)."""
+    error = {"message": exc.message, "type": exc.error_type, "code": exc.code}
+    return f"data: {json.dumps({'error': error})}\n\n"
 
 
 def _where(err: dict) -> str:

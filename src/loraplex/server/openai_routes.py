@@ -26,6 +26,7 @@ from loraplex.engine.types import Delta, GenerationParams, TokenLogprob
 from loraplex.errors import InvalidRequest, LoraplexError
 from loraplex.server.auth import Caller
 from loraplex.server.disconnect import unless_disconnected
+from loraplex.server.errors import error_event
 from loraplex.server.limits import check_caps
 from loraplex.server.logprobs import ChoiceLogprobs, chat_logprobs
 from loraplex.server.schemas import (
@@ -174,7 +175,7 @@ async def _sse_stream(
             if delta.text or delta.finish_reason or delta.logprobs or delta.prompt_logprobs:
                 yield _sse(chunk(delta))
     except LoraplexError as exc:
-        yield _sse({"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}})
+        yield error_event(exc)
     finally:
         lease.release()
     if usage_chunk is not None:

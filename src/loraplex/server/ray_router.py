@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from loraplex.adapters import parse_ref
 from loraplex.config import Settings
 from loraplex.errors import LoraplexError, TooLarge, Unavailable
-from loraplex.server.errors import error_response
+from loraplex.server.errors import error_event, error_response
 from loraplex.server.ray_metrics import targets_json
 
 log = logging.getLogger("loraplex.server")
@@ -92,9 +92,7 @@ def replica_stopped() -> Unavailable:
 def stream_cut() -> bytes:
     """The end of an event stream whose replica stopped: an error event, then ``[DONE]``, as
     the server ends a stream whose generation failed."""
-    exc = replica_stopped()
-    error = {"message": exc.message, "type": exc.error_type, "code": exc.code}
-    return f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
+    return f"{error_event(replica_stopped())}data: [DONE]\n\n".encode()
 
 
 async def body_of(
