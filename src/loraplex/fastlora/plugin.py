@@ -1,4 +1,5 @@
-"""The vLLM platform-plugin entry point for fast CPU LoRA, and its on/off switch.
+"""loraplex's vLLM plugin entry points: the platform for fast CPU LoRA (with its on/off
+switch), and the general plugin that keeps 16-bit CPU output independent of the batch.
 
 vLLM calls ``platform_plugin`` in each of its processes (API server, engine core, workers)
 when it first resolves ``current_platform``. It returns the qualified name of
@@ -54,3 +55,15 @@ def platform_plugin() -> str | None:
     if cpu_platform_plugin() != STOCK_CPU_PLATFORM:
         return None
     return PLATFORM
+
+
+def general_plugin() -> None:
+    """vLLM general plugin (run in each vLLM process before it builds a model): on CPU,
+    16-bit linear layers never compute a single row (``row_invariance``), so a request's
+    greedy output does not depend on its batch."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from loraplex.fastlora.row_invariance import pad_16_bit_linears
+
+        pad_16_bit_linears()
