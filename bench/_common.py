@@ -54,6 +54,27 @@ class Engine:
         """JSON-ready settings."""
         return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
 
+    def in_process_llm(self) -> Any:
+        """vLLM's ``LLM`` on these settings in this process (no engine-core process), eager."""
+        import os
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+        from vllm import LLM
+
+        return LLM(
+            model=str(self.base),
+            dtype=self.dtype,
+            enable_lora=True,
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            seed=0,
+            enforce_eager=True,
+        )
+
 
 def base_model_dir() -> Path:
     """The prepared bundled base model (prepared now if missing)."""

@@ -8,9 +8,10 @@ bench engine settings):
    bit-identical to the same row computed alone (M=1).
 2. Greedy output alone vs batched: 16 requests on 4 adapters (48 tokens), each run alone and
    then all together with 8 longer fillers; how many of the 16 completions change (token
-   ids), per dtype, and again with every linear layer given at least 2 rows (``single``: a
-   one-row step is padded with a zero row; ``always``: every input gets one zero row more),
-   so oneDNN's one-row kernel is never used.
+   ids), per dtype: as vLLM runs the linear layers (``none``: loraplex's general plugin off),
+   with one-row inputs padded with a zero row (``single``), and as loraplex serves them
+   (``loraplex``: ``fastlora.row_invariance`` gives 16-bit layers one zero row more, always;
+   fp32 layers are left as they are), so oneDNN's one-row kernel is never used.
 3. Throughput: 64 requests x 64 tokens on 8 adapters round-robin, per dtype.
 
     .venv/bin/python -m bench.batch_invariance          # ~4 min on 2 cores (quiet)
@@ -97,10 +98,8 @@ def gemm_rows(dtype_name: str) -> list[dict[str, Any]]:
     return out
 
 
-def pad_rows(mode: str) -> None:
-    """Make every oneDNN linear that vLLM builds compute at least 2 rows: ``single`` pads a
-    one-row input with a zero row; ``always`` appends a zero row to every input (no branch
-    on the row count, so a compiled graph would keep it)."""
+def pad_single_rows() -> None:
+    """Make every oneDNN linear that vLLM builds pad a one-row input with a zero row."""
     import torch
     from vllm.model_executor.layers import utils
 
@@ -111,7 +110,7 @@ def pad_rows(mode: str) -> None:
         linear = layer.cpu_linear
 
         def padded(x: torch.Tensor, weight: Any, bias: Any) -> torch.Tensor:
-            if mode == "always" or x.shape[0] == 1:
+            if x.shape[0] == 1:
                 zero = x.new_zeros(1, x.shape[1])
                 return linear(torch.cat([x, zero]), weight, bias)[:-1]
             return linear(x, weight, bias)
@@ -124,25 +123,12 @@ def pad_rows(mode: str) -> None:
 def engine_run(dtype: str, pad: str, folder: Path) -> dict[str, Any]:
     """Parts 2 and 3 for one dtype (and padding variant), in this process."""
     engine = Engine(base_model_dir(), dtype=dtype)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
-    if pad != "none":
-        pad_rows(pad)
-    from vllm import LLM, SamplingParams
+    if pad == "single":
+        pad_single_rows()
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(
-        model=str(engine.base),
-        dtype=dtype,
-        enable_lora=True,
-        max_loras=engine.max_loras,
-        max_cpu_loras=engine.max_cpu_loras,
-        max_lora_rank=engine.max_lora_rank,
-        max_model_len=engine.max_model_len,
-        max_num_seqs=engine.max_num_seqs,
-        seed=0,
-        enforce_eager=True,
-    )
+    llm = engine.in_process_llm()
     loras = [
         LoRARequest(name, i + 1, str(path))
         for i, (name, path) in enumerate(adapter_paths(folder, 8))
@@ -189,7 +175,10 @@ def run_child(*extra: str) -> Any:
     """One part in a fresh process (vLLM's engine does not leave a process clean)."""
     command = [sys.executable, "-m", "bench.batch_invariance", "--child", *extra]
     print("running", " ".join(extra), flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if "loraplex" not in extra:  # only the platform plugin: no row_invariance
+        env["VLLM_PLUGINS"] = "loraplex_fast_lora"
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
@@ -201,7 +190,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=["gemm", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
-    parser.add_argument("--pad", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--pad", choices=["none", "single", "loraplex"], help=argparse.SUPPRESS)
     parser.add_argument("--adapters", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -213,7 +202,7 @@ def main() -> None:
     for dtype in ("bfloat16", "float32"):
         result["gemm"][dtype] = run_child("--part", "gemm", "--dtype", dtype, *common)
     for dtype in ("bfloat16", "float32"):
-        for pad in ("none", "single", "always"):
+        for pad in ("none", "single", "loraplex"):
             flags = ["--part", "engine", "--dtype", dtype, "--pad", pad, *common]
             result["engine"].append(run_child(*flags))
     result["load_average_after"] = Path("/proc/loadavg").read_text().split()[:3]

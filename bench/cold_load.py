@@ -99,9 +99,7 @@ def registry_phases(kind: str, engine: Engine, folder: Path, repeats: int) -> li
 
 def engine_phases(engine: Engine, folder: Path, repeats: int) -> dict[str, list[Spent]]:
     """vLLM in this process: cold, warm and preloaded 1-token completions."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.lora.model_manager import LRUCacheLoRAModelManager
     from vllm.lora.request import LoRARequest
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
@@ -117,18 +115,7 @@ def engine_phases(engine: Engine, folder: Path, repeats: int) -> dict[str, list[
     timed(FastPunicaWrapperCPU, "slot_written", "  of which fast-LoRA slot_written", spent)
     timed(LiveSlots, "flags", "fast-LoRA zero flags (all calls)", spent)
     timed(weights.LoraWeights, "packed", "fast-LoRA packed lookups (all calls)", spent)
-    llm = LLM(
-        model=str(engine.base),
-        dtype=engine.dtype,
-        enable_lora=True,
-        max_loras=engine.max_loras,
-        max_cpu_loras=engine.max_cpu_loras,
-        max_lora_rank=engine.max_lora_rank,
-        max_model_len=engine.max_model_len,
-        max_num_seqs=engine.max_num_seqs,
-        seed=0,
-        enforce_eager=True,
-    )
+    llm = engine.in_process_llm()
     from vllm import _custom_ops
 
     timed(_custom_ops, "create_onednn_mm", "fast-LoRA oneDNN packs", spent)
