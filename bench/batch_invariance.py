@@ -14,7 +14,7 @@ bench engine settings):
    fp32 layers are left as they are), so oneDNN's one-row kernel is never used.
 3. Throughput: 64 requests x 64 tokens on 8 adapters round-robin, per dtype.
 
-    .venv/bin/python -m bench.batch_invariance          # ~4 min on 2 cores (quiet)
+    .venv/bin/python -m bench.batch_invariance          # ~9 min on 2 cores (quiet)
 """
 
 from __future__ import annotations
