@@ -99,23 +99,24 @@ def gemm_rows(dtype_name: str) -> list[dict[str, Any]]:
 
 
 def pad_single_rows() -> None:
-    """Make every oneDNN linear that vLLM builds pad a one-row input with a zero row."""
+    """Make every oneDNN linear that vLLM builds pad a one-row input with a zero row
+    (``row_invariance.padded``, but only where the step has one row)."""
     import torch
     from vllm.model_executor.layers import utils
+
+    from loraplex.fastlora.row_invariance import padded
 
     original = utils.dispatch_cpu_unquantized_gemm
 
     def dispatch(layer: Any, remove_weight: bool) -> None:
         original(layer, remove_weight)
         linear = layer.cpu_linear
+        two_rows = padded(linear)
 
-        def padded(x: torch.Tensor, weight: Any, bias: Any) -> torch.Tensor:
-            if x.shape[0] == 1:
-                zero = x.new_zeros(1, x.shape[1])
-                return linear(torch.cat([x, zero]), weight, bias)[:-1]
-            return linear(x, weight, bias)
+        def single_padded(x: torch.Tensor, weight: Any, bias: Any) -> torch.Tensor:
+            return (two_rows if x.shape[0] == 1 else linear)(x, weight, bias)
 
-        layer.cpu_linear = padded
+        layer.cpu_linear = single_padded
 
     utils.dispatch_cpu_unquantized_gemm = dispatch
 
