@@ -4,7 +4,9 @@ The first (cold) start compiles the model with torch.compile and saves it in vLL
 cache; the second (warm) start should load it from there. Prints seconds to ready for both,
 their ratio, and whether the warm start loaded the compiled model (its log says so), and
 writes ``bench/results/restart.json``. Run it on a quiet machine: start times under load say
-little. ``--eager`` adds a third start without torch.compile, the floor a warm start can reach.
+little. ``--eager`` adds a start without torch.compile, the floor a warm start can reach;
+``--process`` a warm start with vLLM's own CPU layout (``cpu_worker=process``: a worker
+process of its own, one more to spawn) beside loraplex's default (the model in the engine core).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eager", action="store_true", help="also time an eager start")
+    parser.add_argument(
+        "--process", action="store_true", help="also time a warm start with cpu_worker=process"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "restart.json")
     args = parser.parse_args()
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so started servers are stopped.
@@ -62,6 +67,10 @@ def main() -> None:
             "cold": start_once(root, "cold", base, cache, **settings),
             "warm": start_once(root, "warm", base, cache, **settings),
         }
+        if args.process:
+            runs["warm_process"] = start_once(
+                root, "warm_process", base, cache, **settings, cpu_worker="process"
+            )
         if args.eager:
             runs["eager"] = start_once(root, "eager", base, cache, dtype=args.dtype)
     cold, warm = runs["cold"]["seconds_to_ready"], runs["warm"]["seconds_to_ready"]
@@ -77,6 +86,9 @@ def main() -> None:
     print(f"cold start: {cold:.1f} s to ready (compiled and saved the model)")
     loaded = "loaded the compiled model" if runs["warm"]["loaded_compiled_model"] else "COMPILED"
     print(f"warm start: {warm:.1f} s to ready ({loaded})")
+    if "warm_process" in runs:
+        seconds = runs["warm_process"]["seconds_to_ready"]
+        print(f"warm start, cpu_worker=process: {seconds:.1f} s to ready")
     if "eager" in runs:
         print(f"eager start: {runs['eager']['seconds_to_ready']:.1f} s to ready (no compile)")
     print(f"warm / cold: {warm / cold:.2f}  ->  {args.out}")

@@ -208,6 +208,14 @@ class Settings(BaseSettings):
         description="Run the model eagerly, without torch.compile: starts about a minute "
         "sooner on CPU, decodes slower.",
     )
+    cpu_worker: Literal["auto", "inline", "process"] = Field(
+        "auto",
+        description="Where vLLM runs the model on CPU. inline: in vLLM's engine-core process, "
+        "on the threads OMP_NUM_THREADS allows (one process less to start, no core kept for "
+        "the scheduler). process: vLLM's CPU default, a worker process of its own bound to "
+        "every core but one (VLLM_CPU_OMP_THREADS_BIND). auto: process when "
+        "VLLM_CPU_OMP_THREADS_BIND is set (Ray Serve replicas bind cores), else inline.",
+    )
     seed: int = Field(0, description="Engine seed for sampling when a request gives none.")
 
     # --- OpenAI compatibility (issue 13): logprobs ---

@@ -109,6 +109,19 @@ def server(
         yield running
 
 
+def test_the_model_runs_in_the_engine_core_process(server: RunningServer) -> None:
+    """``cpu_worker`` auto on CPU (no core binding asked for): vLLM runs the model inside its
+    engine-core process, with no worker process of its own under it."""
+    engine = engine_process(server)
+    workers = [" ".join(child.cmdline()) for child in engine.children(recursive=True)]
+    assert workers == [], f"the engine core has worker processes: {workers}"
+    log = server.log_path.read_text(errors="replace")
+    assert "OpenMP thread binding info" not in log, "vLLM bound a worker process's threads"
+    body = {"model": BASE, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=REQUEST_TIMEOUT)
+    assert response.status_code == 200, response.text
+
+
 def test_stopped_engine_fails_liveness_then_recovers(server: RunningServer) -> None:
     engine = engine_process(server)
     with Bystander(server.url, [BASE, "pirate"]) as bystander:

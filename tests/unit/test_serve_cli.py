@@ -103,9 +103,52 @@ def test_kv_cache_setting_always_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -
     from loraplex.engine.vllm_engine import engine_args
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
     args = engine_args(Settings(kv_cache_gib=1, max_loras=2, max_cpu_loras=3), "/model")
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert (args.max_loras, args.max_cpu_loras) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("cpu_worker", "bind", "inline"),
+    [
+        ("auto", None, True),
+        ("auto", "0-3", False),  # a core binding (Ray Serve replicas) needs vLLM's worker process
+        ("inline", "0-3", True),
+        ("process", None, False),
+    ],
+)
+def test_where_the_model_runs_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, cpu_worker: str, bind: str | None, inline: bool
+) -> None:
+    pytest.importorskip("vllm")
+    from loraplex.engine.vllm_engine import engine_args, inline_cpu_worker
+
+    if bind is None:
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    assert inline_cpu_worker(cpu_worker) is inline
+    engine_args(Settings(cpu_worker=cpu_worker), "/model")  # type: ignore[arg-type]
+    # vLLM's CPU platform keeps its in-process executor only with multiprocessing off
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == ("0" if inline else "1")
+
+
+def test_an_inline_model_gets_every_usable_core_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unset, vLLM would give the process that runs the model one torch thread."""
+    pytest.importorskip("vllm")
+    from loraplex.engine.vllm_engine import engine_args
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    engine_args(Settings(cpu_worker="inline"), "/model")
+    assert os.environ["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    engine_args(Settings(cpu_worker="inline"), "/model")
+    assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
 def test_auth_off_on_a_public_address_is_refused() -> None:

@@ -56,10 +56,32 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def inline_cpu_worker(cpu_worker: str) -> bool:
+    """Whether vLLM should run the model in its engine-core process (see ``cpu_worker``).
+
+    vLLM on CPU gives the model a worker process of its own and keeps one core for the
+    scheduler's busy loop: on a 2-core machine the model gets one core, and every start
+    spawns and imports vLLM once more (~10 s). Inline, the engine-core process runs the
+    model on all its threads. Only a core binding (``VLLM_CPU_OMP_THREADS_BIND``, which
+    Ray Serve replicas set) needs the worker process, which is where vLLM applies it.
+    """
+    if cpu_worker != "auto":
+        return cpu_worker == "inline"
+    return not os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+
 def engine_args(settings: Settings, model_dir: str) -> Any:
     """vLLM ``AsyncEngineArgs`` from loraplex settings."""
+    import torch
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    if not torch.cuda.is_available() and inline_cpu_worker(settings.cpu_worker):
+        # vLLM's CPU platform keeps its single-process executor only with this off; the
+        # engine core still runs in a process of its own (AsyncLLM always spawns it).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Unset, vLLM drops the model's process to one torch thread "for serving" (right for
+        # its scheduler process, not for the process that runs the model).
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     # vLLM's CPU backend reads its KV cache size only from the environment.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
     # vLLM's compile cache under loraplex's home (unless set): a restart loads the compiled
