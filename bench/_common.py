@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +50,10 @@ class Engine:
     fast_lora: str = "on"
     """loraplex's CPU LoRA ops (a vLLM platform plugin installed with loraplex): it applies to
     vLLM's own server in the same environment too, so both get the same value."""
+    cpu_worker: str = "inline"
+    """Where the model runs on CPU (loraplex's ``--cpu-worker``); vLLM's own server gets the
+    same layout (``inline``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that a comparison
+    measures the gateways, not the layouts."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings."""
@@ -158,6 +163,11 @@ def vllm_server(
         "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
         "LORAPLEX_FAST_LORA": engine.fast_lora,
     }
+    if engine.cpu_worker == "inline":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env["OMP_NUM_THREADS"] = os.environ.get(
+            "OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)))
+        )  # unset, vLLM would run the model on one thread (as loraplex's engine_args says)
     with reserved_port() as port:
         command = vllm_command(engine, port, adapters, enable_lora, extra)
         url = f"http://127.0.0.1:{port}"
