@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import typer.main
@@ -98,12 +99,22 @@ def test_bind_socket_port_zero_and_taken_port() -> None:
             bind_socket("127.0.0.1", port)
 
 
+@pytest.fixture
+def restored_environ() -> Iterator[None]:
+    """engine_args sets vLLM's variables in os.environ; put them back after the test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("restored_environ")
 def test_kv_cache_setting_always_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     from loraplex.engine.vllm_engine import engine_args
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     args = engine_args(Settings(kv_cache_gib=1, max_loras=2, max_cpu_loras=3), "/model")
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert (args.max_loras, args.max_cpu_loras) == (2, 3)
@@ -118,6 +129,7 @@ def test_kv_cache_setting_always_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -
         ("process", None, False),
     ],
 )
+@pytest.mark.usefixtures("restored_environ")
 def test_where_the_model_runs_on_cpu(
     monkeypatch: pytest.MonkeyPatch, cpu_worker: str, bind: str | None, inline: bool
 ) -> None:
@@ -128,13 +140,14 @@ def test_where_the_model_runs_on_cpu(
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     else:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     assert inline_cpu_worker(cpu_worker) is inline
     engine_args(Settings(cpu_worker=cpu_worker), "/model")  # type: ignore[arg-type]
     # vLLM's CPU platform keeps its in-process executor only with multiprocessing off
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == ("0" if inline else "1")
 
 
+@pytest.mark.usefixtures("restored_environ")
 def test_an_inline_model_gets_every_usable_core_unless_told(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -142,7 +155,7 @@ def test_an_inline_model_gets_every_usable_core_unless_told(
     pytest.importorskip("vllm")
     from loraplex.engine.vllm_engine import engine_args
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     engine_args(Settings(cpu_worker="inline"), "/model")
     assert os.environ["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
