@@ -111,11 +111,12 @@ def server(
 
 def test_the_model_runs_in_the_engine_core_process(server: RunningServer) -> None:
     """``cpu_worker`` auto on CPU (no core binding asked for): vLLM runs the model inside its
-    engine-core process, with no worker process of its own under it."""
+    engine-core process, with no worker process of its own under it, forked from the server."""
     engine = engine_process(server)
     workers = [" ".join(child.cmdline()) for child in engine.children(recursive=True)]
     assert workers == [], f"the engine core has worker processes: {workers}"
     log = server.log_path.read_text(errors="replace")
+    assert "forking the engine core from the server process" in log  # not spawned
     assert "OpenMP thread binding info" not in log, "vLLM bound a worker process's threads"
     body = {"model": BASE, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
     response = httpx.post(server.url + "/v1/completions", json=body, timeout=REQUEST_TIMEOUT)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.engine.adapter_fit import AdapterFit
+from loraplex.engine.engine_core_start import new_async_llm
 from loraplex.engine.failed_loads import FailedLoads
 from loraplex.engine.lora_ids import LoraIdAllocator
 from loraplex.engine.residency import Residency
@@ -77,7 +78,7 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
 
     if not torch.cuda.is_available() and inline_cpu_worker(settings.cpu_worker):
         # vLLM's CPU platform keeps its single-process executor only with this off; the
-        # engine core still runs in a process of its own (AsyncLLM always spawns it).
+        # engine core still runs in a process of its own (engine_core_start).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # Unset, vLLM drops the model's process to one torch thread "for serving" (right for
         # its scheduler process, not for the process that runs the model).
@@ -138,9 +139,7 @@ class VllmEngine:
         self._stats = EngineStats()
         self._fit = AdapterFit(settings, Path(model_dir), resolve_dtype(settings.dtype))
         if llm is None:
-            from vllm.v1.engine.async_llm import AsyncLLM
-
-            llm = AsyncLLM.from_engine_args(
+            llm = new_async_llm(
                 engine_args(settings, model_dir), stat_loggers=[stat_logger_factory(self._stats)]
             )
         self._llm = llm
