@@ -5,8 +5,9 @@ cache; the second (warm) start should load it from there. Prints seconds to read
 their ratio, and whether the warm start loaded the compiled model (its log says so), and
 writes ``bench/results/restart.json``. Run it on a quiet machine: start times under load say
 little. ``--eager`` adds a start without torch.compile, the floor a warm start can reach;
-``--process`` a warm start with vLLM's own CPU layout (``cpu_worker=process``: a worker
-process of its own, one more to spawn) beside loraplex's default (the model in the engine core).
+``--process`` a start with vLLM's own CPU layout (``cpu_worker=process``: a worker process of
+its own, one more to spawn) beside loraplex's default (the model in a forked engine core); its
+engine core is spawned, and vLLM's compile cache key holds the start method, so it compiles.
 """
 
 from __future__ import annotations

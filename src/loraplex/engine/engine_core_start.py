@@ -8,9 +8,9 @@ vLLM itself does on CUDA. One thing breaks a fork: once this process ran a paral
 parallel op waits forever for pool threads the fork did not copy. A throwaway forked child
 tries one such op first (``fork_runs_parallel_ops``, ~0.1 s); if it hangs, vLLM spawns.
 A forked child does not load vLLM's plugins again, so an after-fork hook detaches it from the
-server's process group where the plugin would have (``detach``), and puts back the start
-method vLLM's CPU platform chose: it is part of the compile cache's key, and a forked engine
-must find what a spawned one compiled.
+server's process group where the plugin would have (``detach``). vLLM's compile cache key
+holds the start method: a forked engine core and a spawned one (``cpu_worker`` process, or a
+spawn after the check failed) each compile once into a cache entry of their own.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from typing import Any
 from loraplex.engine.detach import detach_engine_process
 
 log = logging.getLogger(__name__)
-
-SPAWN = "spawn"  # what vLLM's CPU platform sets, and so what its compile cache key holds
 
 
 def fork_runs_parallel_ops(timeout: float = 10.0) -> bool:
@@ -77,15 +75,6 @@ def new_async_llm(engine_args: Any, stat_loggers: list[Any]) -> Any:
         )
         return llm()
     log.info("forking the engine core from the server process")
-    multiprocessing.util.register_after_fork(_after_fork, _after_fork)
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
-    try:
-        return llm()
-    finally:
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = SPAWN
-
-
-def _after_fork(_: object) -> None:
-    """In the forked engine core: what a spawned one would have (see the module's doc)."""
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = SPAWN  # part of the compile cache's key
-    detach_engine_process()
+    multiprocessing.util.register_after_fork(detach_engine_process, lambda detach: detach())
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"  # vLLM's CPU platform set "spawn"
+    return llm()
