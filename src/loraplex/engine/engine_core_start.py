@@ -34,14 +34,17 @@ def fork_runs_parallel_ops(timeout: float = 10.0) -> bool:
 
     pid = os.fork()
     if pid == 0:  # the child: one op over enough elements to run on every torch thread
+        code = 1
         try:
             torch.ones(1 << 20).add_(1)
+            code = 0
         finally:
-            os._exit(0)
+            os._exit(code)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return True
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
