@@ -13,6 +13,11 @@ from loraplex.fastlora.slot_writes import SlotWrites, watch_activations
 from loraplex.fastlora.weights import LoraWeights
 
 
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to bf16 rounding (oneDNN and torch.matmul round differently)."""
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_changed_names_the_slots_written_since_a_stamp():
     writes = SlotWrites()
     assert writes.changed(writes.stamp, 3) is None  # nothing heard: unknown
@@ -48,12 +53,12 @@ def test_weights_of_unwritten_slots_are_kept_without_a_copy(monkeypatch):
     if not cache.uses_onednn:
         pytest.skip("vLLM's oneDNN GEMM is not available here")
     gen = torch.Generator().manual_seed(6)
-    a = torch.zeros(2, 1, 4, 8)
-    x = torch.randn(3, 8, generator=gen)
+    a = torch.zeros(2, 1, 4, 8, dtype=torch.bfloat16)  # a prepacked dtype
+    x = torch.randn(3, 8, generator=gen, dtype=torch.bfloat16)
     for slot in (0, 1):
         a[slot, 0].copy_(torch.randn(4, 8, generator=gen))
         writes.written(slot, 2)
-        torch.testing.assert_close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
+        close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
     copies = []
     real_copy = weights_module._block_copy
     monkeypatch.setattr(
@@ -62,7 +67,7 @@ def test_weights_of_unwritten_slots_are_kept_without_a_copy(monkeypatch):
     a[1, 0].copy_(torch.randn(4, 8, generator=gen))
     writes.written(1, 2)
     for slot in (0, 1):
-        torch.testing.assert_close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
+        close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
     assert copies == [1]  # slot 0's block was neither copied nor compared
 
 
@@ -126,8 +131,8 @@ class Linear(Layer):
 
     def __init__(self, wrapper: object) -> None:
         super().__init__(wrapper)
-        self.lora_a_stacked = (torch.zeros(2, 1, 4, 8),)
-        self.lora_b_stacked = (torch.zeros(2, 1, 6, 4),)
+        self.lora_a_stacked = (torch.zeros(2, 1, 4, 8, dtype=torch.bfloat16),)
+        self.lora_b_stacked = (torch.zeros(2, 1, 6, 4, dtype=torch.bfloat16),)
 
 
 class Writer(Manager):
@@ -184,11 +189,11 @@ def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkey
     changed = wrapper._writes.changed
     monkeypatch.setattr(wrapper._writes, "changed", lambda *a: looked.append(a) or changed(*a))
     wrapper.update_metadata(LoRAMapping((5,) * 3, (5,), is_prefill=True), [5, None], 2, 32)
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(8), dtype=torch.bfloat16)
     for layer in (q, k):
-        y = torch.zeros(3, 6)
+        y = torch.zeros(3, 6, dtype=torch.bfloat16)
         wrapper.run_linear(y, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, (6,))
         a, b = layer.lora_a_stacked[0][0, 0], layer.lora_b_stacked[0][0, 0]
-        torch.testing.assert_close(y, x @ a.t() @ b.t())
+        close(y, x @ a.t() @ b.t())
     assert packs == [(8, 4), (4, 6)]  # the step packed nothing
     assert looked == []  # and found every zero flag and pack current

@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 import torch
 
-from loraplex.fastlora.weights import LoraWeights
+from loraplex.fastlora.weights import PACKED_DTYPES, LoraWeights
+
+PACKED = torch.bfloat16
+"""The dtype of these tests' weights: one that is prepacked."""
+assert PACKED in PACKED_DTYPES
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to bf16 rounding (oneDNN and torch.matmul round differently)."""
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
 
 
 class CountingOneDnn:
@@ -36,7 +45,7 @@ def weights(monkeypatch) -> tuple[LoraWeights, CountingOneDnn]:
 
 
 def stacked_a(slots: int = 4, rank: int = 4, d_in: int = 8) -> torch.Tensor:
-    return torch.zeros(slots, 1, rank, d_in)
+    return torch.zeros(slots, 1, rank, d_in, dtype=PACKED)
 
 
 def test_writing_one_slot_repacks_that_slot_only(weights):
@@ -45,35 +54,35 @@ def test_writing_one_slot_repacks_that_slot_only(weights):
     a = stacked_a()
     a[1, 0].copy_(torch.randn(4, 8, generator=gen))
     a[2, 0].copy_(torch.randn(4, 8, generator=gen))
-    x = torch.randn(3, 8, generator=gen)
+    x = torch.randn(3, 8, generator=gen, dtype=PACKED)
     for slot in (1, 2):
-        torch.testing.assert_close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
+        close(cache.matmul(x, a, False, slot, 1, 4), x @ a[slot, 0].t())
     assert onednn.packs == 2
     slot1 = cache.packed(a, False, 1, 1, 4)
 
     a[2, 0].copy_(torch.randn(4, 8, generator=gen))  # vLLM loads another adapter into slot 2
-    torch.testing.assert_close(cache.matmul(x, a, False, 1, 1, 4), x @ a[1, 0].t())
-    torch.testing.assert_close(cache.matmul(x, a, False, 2, 1, 4), x @ a[2, 0].t())
+    close(cache.matmul(x, a, False, 1, 1, 4), x @ a[1, 0].t())
+    close(cache.matmul(x, a, False, 2, 1, 4), x @ a[2, 0].t())
     assert onednn.packs == 3  # slot 2 again; slot 1 kept its packed matrix
     assert cache.packed(a, False, 1, 1, 4) is slot1
 
     a[1, 0].copy_(a[1, 0].clone())  # the same values written again: nothing to repack
-    torch.testing.assert_close(cache.matmul(x, a, False, 1, 1, 4), x @ a[1, 0].t())
+    close(cache.matmul(x, a, False, 1, 1, 4), x @ a[1, 0].t())
     assert onednn.packs == 3
 
 
 def test_blocks_of_slots_follow_any_slot_they_cover(weights):
     cache, onednn = weights
     gen = torch.Generator().manual_seed(4)
-    b = torch.randn(4, 1, 6, 4, generator=gen)
-    h = torch.randn(5, 8, generator=gen)
+    b = torch.randn(4, 1, 6, 4, generator=gen, dtype=PACKED)
+    h = torch.randn(5, 8, generator=gen, dtype=PACKED)
     expected = h @ cache.block(b, True, 1, 2, 6)
-    torch.testing.assert_close(cache.matmul(h, b, True, 1, 2, 6), expected)
+    close(cache.matmul(h, b, True, 1, 2, 6), expected)
     b[3, 0].copy_(torch.randn(6, 4, generator=gen))  # outside the block
-    torch.testing.assert_close(cache.matmul(h, b, True, 1, 2, 6), expected)
+    close(cache.matmul(h, b, True, 1, 2, 6), expected)
     assert onednn.packs == 1
     b[2, 0].copy_(torch.randn(6, 4, generator=gen))  # inside it
-    torch.testing.assert_close(cache.matmul(h, b, True, 1, 2, 6), h @ cache.block(b, True, 1, 2, 6))
+    close(cache.matmul(h, b, True, 1, 2, 6), h @ cache.block(b, True, 1, 2, 6))
     assert onednn.packs == 2
 
 
@@ -82,12 +91,12 @@ def test_zero_slots_are_never_packed(weights):
     cache, onednn = weights
     gen = torch.Generator().manual_seed(5)
     a = stacked_a()
-    x = torch.randn(3, 8, generator=gen)
+    x = torch.randn(3, 8, generator=gen, dtype=PACKED)
     out = cache.matmul(x, a, False, 0, 1, 4)
     assert out.shape == (3, 4) and out.dtype == x.dtype and not out.any()
     assert onednn.packs == 0
     a[0, 0].copy_(torch.randn(4, 8, generator=gen))
-    torch.testing.assert_close(cache.matmul(x, a, False, 0, 1, 4), x @ a[0, 0].t())
+    close(cache.matmul(x, a, False, 0, 1, 4), x @ a[0, 0].t())
     assert onednn.packs == 1
     a[0, 0].zero_()  # unloaded: zero again
     assert not cache.matmul(x, a, False, 0, 1, 4).any()
@@ -103,3 +112,20 @@ def test_packed_copy_is_private(weights):
         before = packed.source.clone()
         stacked.add_(1.0)
         assert torch.equal(packed.source, before)
+
+
+def test_float32_is_never_packed(weights):
+    """In float32 MKL's sgemm is as fast at LoRA shapes, so a load packs nothing."""
+    cache, onednn = weights
+    gen = torch.Generator().manual_seed(6)
+    a, b = torch.randn(3, 1, 4, 8, generator=gen), torch.randn(3, 1, 6, 4, generator=gen)
+    x = torch.randn(5, 8, generator=gen)
+    h = cache.matmul(x, a, False, 1, 1, 4)
+    torch.testing.assert_close(h, x @ a[1, 0].t())
+    torch.testing.assert_close(cache.matmul(h, b, True, 1, 1, 6), h @ b[1, 0].t())
+    torch.testing.assert_close(
+        cache.matmul(h.repeat(1, 2), b, True, 0, 2, 6),
+        h.repeat(1, 2) @ cache.block(b, True, 0, 2, 6),
+    )
+    cache.refresh(a, b, 2, 6)
+    assert onednn.packs == 0
