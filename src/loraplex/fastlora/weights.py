@@ -2,10 +2,11 @@
 
 - ``b_t``: B as ``(slots, rank, out)`` so that a block of slots is one ``(span*rank, out)``
   matrix (vLLM stores ``(slots, 1, out, rank)``).
-- ``matmul``: ``x @ W`` for a slot or a block of slots of A or B through vLLM's oneDNN GEMM
-  with the weight prepacked once (what vLLM does for its own linear layers). Small LoRA GEMMs
-  through ``torch.matmul`` in bf16 cost several times more. Falls back to ``torch.matmul``
-  where vLLM's oneDNN op is missing or the dtypes differ.
+- ``matmul``: ``x @ W`` for a slot or a block of slots of A or B. In bf16/fp16 through vLLM's
+  oneDNN GEMM with the weight prepacked once (what vLLM does for its own linear layers): small
+  LoRA GEMMs through ``torch.matmul`` in bf16 cost ~2x more. In float32 through
+  ``torch.matmul`` (MKL's sgemm is as fast there, and a load then packs nothing), and where
+  vLLM's oneDNN op is missing or the dtypes differ.
 
 vLLM loads an adapter into a slot with in-place copies, which bump the version counter that
 all views of the stacked tensor share, so a moved counter says that *some* slot changed, not
