@@ -118,7 +118,7 @@ class LoraWeights:
 
     def refresh(self, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int, size: int) -> None:
         """Pack ``slot``'s A and B of one slice now, as its first ``matmul`` (``size``
-        output columns) would; nothing without oneDNN."""
+        output columns) would; nothing without oneDNN or in float32."""
         if self._packs(lora_a):
             self.packed(lora_a, False, slot, 1, size)
             self.packed(lora_b, True, slot, 1, size)
