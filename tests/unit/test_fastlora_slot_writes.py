@@ -9,7 +9,7 @@ import torch
 
 from loraplex.fastlora import weights as weights_module
 from loraplex.fastlora.live import LiveSlots
-from loraplex.fastlora.slot_writes import SlotWrites, watch_activations
+from loraplex.fastlora.slot_writes import SlotWrites, adapted_slices, watch_activations
 from loraplex.fastlora.weights import LoraWeights
 
 
@@ -81,10 +81,14 @@ class Layer:
 class Manager:
     """The part of vLLM's LoRAModelManager that ``watch_activations`` reads."""
 
-    def __init__(self, wrapper: object, layers: dict[str, object]) -> None:
+    def __init__(
+        self, wrapper: object, layers: dict[str, object], adapted: set[str] = frozenset()
+    ) -> None:
         self.lora_index_to_id: list[int | None] = [None, None]
         self.punica_wrapper_mapping = {"language_model": wrapper, "other": object()}
         self.modules = layers
+        self.adapted = adapted
+        self._registered_adapters: dict[int, str] = {}
 
     def activate_adapter(self, lora_id: int) -> bool:
         if lora_id in self.lora_index_to_id:
@@ -92,12 +96,21 @@ class Manager:
         self.lora_index_to_id[self.lora_index_to_id.index(None)] = lora_id
         return True
 
+    def add(self, lora_id: int) -> bool:
+        """``add_adapter``: register the adapter, then activate it."""
+        self._registered_adapters[lora_id] = f"adapter {lora_id}"
+        return self.activate_adapter(lora_id)
+
+    def _get_lora_layer_weights(self, adapter: str, name: str) -> SimpleNamespace | None:
+        """vLLM's per-layer weights of ``adapter``: one A tensor where it adapts ``name``."""
+        return SimpleNamespace(lora_a=torch.ones(1)) if name in self.adapted else None
+
 
 class Listener:
     def __init__(self) -> None:
-        self.heard: list[tuple[int, int, list[object]]] = []
+        self.heard: list[tuple[int, int, list[tuple[object, object]]]] = []
 
-    def slot_written(self, slot: int, slots: int, layers: list[object]) -> None:
+    def slot_written(self, slot: int, slots: int, layers: list[tuple[object, object]]) -> None:
         self.heard.append((slot, slots, layers))
 
 
@@ -110,9 +123,9 @@ def test_activations_are_announced_to_the_wrappers_once():
     listener = Listener()
     mine, theirs = Layer(listener), Layer(object())
     manager = Watched(listener, {"q": mine, "tower": theirs})
-    assert manager.activate_adapter(5) and manager.activate_adapter(8)
+    assert manager.add(5) and manager.add(8)
     assert not manager.activate_adapter(5)  # already in a slot: nothing written
-    assert listener.heard == [(0, 2, [mine]), (1, 2, [mine])]
+    assert listener.heard == [(0, 2, [(mine, None)]), (1, 2, [(mine, None)])]
 
 
 def test_the_fast_wrapper_watches_vllms_manager():
@@ -140,8 +153,7 @@ class Writer(Manager):
     has them (``set_lora``), zeros elsewhere (``reset_lora``)."""
 
     def __init__(self, wrapper: object, layers: dict[str, Linear], adapted: set[str]) -> None:
-        super().__init__(wrapper, layers)
-        self.adapted = adapted
+        super().__init__(wrapper, layers, adapted)
         self.gen = torch.Generator().manual_seed(7)
 
     def activate_adapter(self, lora_id: int) -> bool:
@@ -182,7 +194,7 @@ def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkey
     q, k = Linear(wrapper), Linear(wrapper)
     manager = Watched(wrapper, {"q": q, "k": k}, adapted={"q"})
 
-    assert manager.activate_adapter(5)
+    assert manager.add(5)
     assert packs == [(8, 4), (4, 6)]  # q's A and B of slot 0, at once; k's zero slot: none
 
     looked = []
@@ -197,3 +209,31 @@ def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkey
         close(y, x @ a.t() @ b.t())
     assert packs == [(8, 4), (4, 6)]  # the step packed nothing
     assert looked == []  # and found every zero flag and pack current
+
+
+def test_adapted_slices_say_which_slices_an_activation_wrote():
+    a = torch.ones(2, 8)
+    assert adapted_slices(None, 3) == (False, False, False)  # reset_lora: zeros
+    assert adapted_slices(SimpleNamespace(lora_a=a), 2) == (True, True)  # split by vLLM
+    packed = SimpleNamespace(lora_a=[a, None, a])  # q and v of a q/k/v layer
+    assert adapted_slices(packed, 3) == (True, False, True)
+    assert adapted_slices(packed, 4) == (None,) * 4  # regrouped by vLLM: look
+
+
+def test_a_written_slot_takes_its_flags_from_what_was_written_without_a_look():
+    writes = SlotWrites()
+    live = LiveSlots(writes)
+    a, b = torch.zeros(3, 1, 2, 4), torch.zeros(3, 1, 6, 2)
+    assert live.flags(a) == live.flags(b) == (False,) * 3
+    a[1], b[1] = 1.0, 1.0
+    writes.written(1, 3)
+    assert live.written(1, a, b, None)  # not known: looked at
+    a[1], b[1] = 0.0, 0.0
+    writes.written(1, 3)
+    # Weights written, though zero here: live without a look (the ops then add an exact 0).
+    assert live.written(1, a, b, True)
+    assert live.live((0, 1, 2), a, b) == (1,)
+    a[2], b[2] = 1.0, 1.0
+    writes.written(2, 3)
+    assert not live.written(2, a, b, False)  # told zero: the values are not looked at
+    assert live.live((0, 1, 2), a, b) == (1,)

@@ -26,9 +26,13 @@ class LiveSlots:
         self._writes = writes or SlotWrites()
         self._flags: dict[int, tuple[torch.Tensor, int, Stamp, tuple[bool, ...]]] = {}
 
-    def flags(self, stacked: torch.Tensor) -> tuple[bool, ...]:
+    def flags(
+        self, stacked: torch.Tensor, known: dict[int, bool] | None = None
+    ) -> tuple[bool, ...]:
         """One bool per slot (dim 0 of ``stacked``): True where the slot holds a nonzero value.
 
+        ``known``: the flags of slots just written, from what was written into them; they are
+        not looked at (a full scan, the first time a tensor is seen, looks at every slot).
         The entry holds a reference to the tensor, so its address cannot be reused by
         another tensor while it is cached.
         """
@@ -43,7 +47,8 @@ class LiveSlots:
             if written is not None:
                 flags = list(hit[3])
                 for slot in written:
-                    flags[slot] = bool(stacked[slot].any())
+                    flag = known.get(slot) if known else None
+                    flags[slot] = bool(stacked[slot].any()) if flag is None else flag
                 self._flags[key] = (stacked, version, stamp, tuple(flags))
                 return self._flags[key][3]
         flags = tuple(stacked.reshape(stacked.shape[0], -1).any(dim=1).tolist())
@@ -63,3 +68,14 @@ class LiveSlots:
             return ()
         b = self.flags(lora_b)
         return tuple(slot for slot in slots if b[slot])
+
+    def written(
+        self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, adapted: bool | None
+    ) -> bool:
+        """vLLM has just written ``slot`` of one slice: adapter weights (``adapted``), zeros
+        (not ``adapted``), or it is not known which (None: look). Whether the slot is live."""
+        if adapted is None:
+            return bool(self.live((slot,), lora_a, lora_b))
+        self.flags(lora_a, {slot: adapted})
+        self.flags(lora_b, {slot: adapted})
+        return adapted

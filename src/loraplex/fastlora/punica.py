@@ -28,7 +28,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from loraplex.fastlora import ops
 from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.plan import LoraPlan
-from loraplex.fastlora.slot_writes import SlotWrites, watch_activations
+from loraplex.fastlora.slot_writes import SlotWrites, adapted_slices, watch_activations
 from loraplex.fastlora.weights import LoraWeights
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
@@ -55,14 +55,17 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._sampler_plan = None
         self._resized = {}
 
-    def slot_written(self, slot: int, slots: int, layers: Iterable[Any]) -> None:
-        """vLLM wrote an adapter into ``slot`` of ``layers`` (``slot_writes.watch_activations``):
-        bring that slot's zero flags and oneDNN packs up to date now, inside ``add_lora``,
-        rather than in the next step (the first request of a preloaded version)."""
+    def slot_written(self, slot: int, slots: int, layers: Iterable[tuple[Any, Any]]) -> None:
+        """vLLM wrote an adapter into ``slot`` of each ``(layer, weights)``
+        (``slot_writes.watch_activations``): bring that slot's zero flags and oneDNN packs up
+        to date now, inside ``add_lora``, rather than in the next step (the first request of a
+        preloaded version)."""
         self._writes.written(slot, slots)
-        for layer in layers:
-            for lora_a, lora_b, size in _slices(layer):
-                if self._live.live((slot,), lora_a, lora_b):
+        for layer, weights in layers:
+            layer_slices = _slices(layer)
+            adapted = adapted_slices(weights, len(layer_slices))
+            for (lora_a, lora_b, size), written in zip(layer_slices, adapted, strict=True):
+                if self._live.written(slot, lora_a, lora_b, written):
                     self._weights.refresh(lora_a, lora_b, slot, size)
 
     def _token(self, num_rows: int) -> LoraPlan:

@@ -13,7 +13,9 @@ module did not see), they rescan every slot, as before. The wrapper also brings 
 of the written slot up to date right then (``punica.FastPunicaWrapperCPU.slot_written``), so
 that the work is done inside ``add_lora`` and not in the next forward step: vLLM activates an
 adapter as it adds it (``LRUCacheWorkerLoRAManager.add_adapter``), so a preloaded version's
-first request finds its slot ready.
+first request finds its slot ready. Which slices of a layer the adapter has weights for
+(``adapted_slices``) also says which are zero, so the zero flags of a written slot are set
+without a reduction over every stacked tensor.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class SlotWrites:
 def watch_activations(manager_cls: Any) -> None:
     """Wrap ``manager_cls.activate_adapter`` (once) to call ``slot_written(slot, slots, layers)``
     on each of the manager's punica wrappers that has it, after a slot was written; ``layers``
-    are the manager's LoRA layers that use that wrapper (whose stacked weights were written)."""
+    are ``(layer, weights)`` for the manager's LoRA layers that use that wrapper (whose stacked
+    weights were written), ``weights`` being what vLLM wrote into the layer (None: zeros)."""
     original = manager_cls.activate_adapter
     if getattr(original, "_loraplex_watched", False):
         return
@@ -64,12 +67,13 @@ def watch_activations(manager_cls: Any) -> None:
         activated = original(self, lora_id)
         if activated and lora_id in self.lora_index_to_id:
             slot = self.lora_index_to_id.index(lora_id)
+            adapter = self._registered_adapters[lora_id]
             for wrapper in self.punica_wrapper_mapping.values():
                 notify = getattr(wrapper, "slot_written", None)
                 if notify is not None:
                     layers = [
-                        layer
-                        for layer in self.modules.values()
+                        (layer, self._get_lora_layer_weights(adapter, name))
+                        for name, layer in self.modules.items()
                         if getattr(layer, "punica_wrapper", None) is wrapper
                     ]
                     notify(slot, len(self.lora_index_to_id), layers)
@@ -77,3 +81,21 @@ def watch_activations(manager_cls: Any) -> None:
 
     activate_adapter._loraplex_watched = True  # type: ignore[attr-defined]
     manager_cls.activate_adapter = activate_adapter
+
+
+def adapted_slices(weights: Any, n_slices: int) -> tuple[bool | None, ...]:
+    """For each of a layer's ``n_slices``, whether ``activate_adapter`` wrote adapter weights
+    into it (``weights``, vLLM's ``LoRALayerWeights`` of the layer, or None): False where it
+    left zeros (``reset_lora``: no weights for the layer, or none for that packed slice), None
+    where the layout does not tell (packed weights that vLLM regroups).
+
+    True only says that weights were written, not that they are nonzero: the zero flags then
+    count the slice as live without a reduction, which computes an exact zero at worst."""
+    if not weights:
+        return (False,) * n_slices
+    lora_a = weights.lora_a
+    if not isinstance(lora_a, list):
+        return (True,) * n_slices  # one tensor, split by vLLM across the slices
+    if len(lora_a) != n_slices:
+        return (None,) * n_slices
+    return tuple(a is not None for a in lora_a)
