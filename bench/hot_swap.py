@@ -12,19 +12,23 @@ the engine. In one run, per store:
    the failed requests (goal: p50 and max < 1 s, 0 failed);
 2. TTFT of a streamed 8-token completion for a version never served on this server (cold),
    the same again (warm), and a version first warmed by ``promote --preload``'s mechanism
-   (``Registry.preload``: every live server loads it and acknowledges) - median of
-   ``--repeats`` versions each (goal: cold from disk <= warm + 16 ms, from the store <= warm
-   + 50 ms).
+   (``Registry.preload``: every live server loads it and acknowledges), over ``--repeats``
+   versions each; cold - warm is the median of each version's own difference (goal: cold
+   from disk <= warm + 16 ms, from the store <= warm + 50 ms).
+3. ``vllm``: the same cold and warm TTFT on vLLM's own server (same engine settings but 2
+   slots and 2 CPU cache entries, so that a cold adapter is read from its folder again),
+   for comparison in the same run.
 
 Writes ``bench/results/hot_swap.json`` and the table in ``bench/README.md``.
 
-    .venv/bin/python -m bench.hot_swap                    # ~10 min on 2 cores (2 server starts)
+    .venv/bin/python -m bench.hot_swap                    # ~12 min on 2 cores (3 server starts)
     .venv/bin/python -m bench.hot_swap --swaps 10 --repeats 2   # smaller
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 import uuid
@@ -45,6 +49,7 @@ from bench._common import (
     machine_line,
     make_adapters,
     update_readme,
+    vllm_server,
     write_result,
 )
 from loraplex.config import Settings
@@ -53,6 +58,7 @@ from loraplex.testing.launcher import loraplex_server, reserved_port, running_se
 from loraplex.testing.rollout_load import AliasTimeline, RolloutLoad, move_alias
 
 SWAP_NAMES = ("swap-a", "swap-b", "swap-c")
+WARM_SAMPLES = 3  # warm TTFTs per version, right after its cold one (their median)
 
 
 @contextmanager
@@ -137,29 +143,44 @@ def hot_swap(url: str, registry: Registry, swaps: int, workers: int) -> dict[str
     }
 
 
-def cold_warm_preloaded(url: str, registry: Registry, versions: list[str]) -> dict[str, Any]:
-    """Median TTFT: cold then warm for half of ``versions``, preloaded for the other half."""
+def cold_warm_preloaded(
+    url: str, versions: list[str], registry: Registry | None = None
+) -> dict[str, Any]:
+    """TTFT cold, warm and preloaded. For each of half of ``versions``: its first request
+    (cold), then the median of ``WARM_SAMPLES`` more (warm); cold - warm is the median of
+    these per-version differences (paired, so drift in the server's speed cancels). The
+    other half is preloaded through ``registry`` first, then asked once (no registry: none)."""
     half = len(versions) // 2
-    cold, warm, preloaded = [], [], []
+    samples: dict[str, list[float]] = {"cold": [], "warm": [], "preloaded": []}
     ttft(url, SERVED_NAME)
     for key in versions[:half]:
-        cold.append(ttft(url, key))
-        warm.append(ttft(url, key))
-    for key in versions[half:]:
+        samples["cold"].append(ttft(url, key))
+        samples["warm"].append(statistics.median(ttft(url, key) for _ in range(WARM_SAMPLES)))
+    for key in versions[half:] if registry is not None else []:
         outcome = registry.preload(key, timeout=120, live_within=10)
         assert not outcome.failed and not outcome.missing, outcome
-        preloaded.append(ttft(url, key))
-    median = {k: statistics.median(v) * 1000 for k, v in (("cold", cold), ("warm", warm))}
-    median["preloaded"] = statistics.median(preloaded) * 1000
+        samples["preloaded"].append(ttft(url, key))
+    median = {k: round(statistics.median(v) * 1000, 1) for k, v in samples.items() if v}
+    paired = statistics.median(c - w for c, w in zip(samples["cold"], samples["warm"], strict=True))
+    preloaded = median.get("preloaded")
     return {
-        "ttft_ms": {k: round(v, 1) for k, v in median.items()},
-        "cold_minus_warm_ms": round(median["cold"] - median["warm"], 1),
-        "preloaded_minus_warm_ms": round(median["preloaded"] - median["warm"], 1),
-        "samples_ms": {
-            k: [round(x * 1000, 1) for x in v]
-            for k, v in (("cold", cold), ("warm", warm), ("preloaded", preloaded))
-        },
+        "ttft_ms": median,
+        "cold_minus_warm_ms": round(paired * 1000, 1),
+        "preloaded_minus_warm_ms": None
+        if preloaded is None
+        else round(preloaded - median["warm"], 1),
+        "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in samples.items()},
     }
+
+
+def run_vllm(engine: Engine, args: argparse.Namespace, folder: Path) -> dict:
+    """Cold and warm TTFT on vLLM's own server, same settings but 2 engine slots and 2 CPU
+    cache entries: it loads its ``--lora-modules`` at start, so only an adapter evicted since
+    is read from its folder again (each cold one here: the last two loaded are never cold)."""
+    adapters = adapter_paths(folder, 6 + 2 * args.repeats)[6:]
+    small = dataclasses.replace(engine, max_loras=2, max_cpu_loras=2)
+    with vllm_server(small, adapters, SCRATCH / "hot_swap-vllm.log") as server:
+        return cold_warm_preloaded(server.url, [name for name, _ in adapters])
 
 
 def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path) -> dict:
@@ -185,14 +206,14 @@ def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path)
         result: dict[str, Any] = {"blob_url": registry.blobs.url}
         if kind == "disk" or args.swap_all:
             result["hot_swap"] = hot_swap(server.url, registry, args.swaps, args.workers)
-        result.update(cold_warm_preloaded(server.url, registry, versions))
+        result.update(cold_warm_preloaded(server.url, versions, registry))
         registry.close()
         return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stores", default="disk,s3")
+    parser.add_argument("--stores", default="disk,s3,vllm", help="vllm: vLLM's own server")
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="versions per TTFT kind")
@@ -209,7 +230,10 @@ def main() -> None:
     started = datetime.now(UTC)
     stores: dict[str, Any] = {}
     for kind in args.stores.split(","):
-        stores[kind] = run_store(kind, engine, args, folder)
+        if kind == "vllm":
+            stores[kind] = run_vllm(engine, args, folder)
+        else:
+            stores[kind] = run_store(kind, engine, args, folder)
         load = Path("/proc/loadavg").read_text().split()[:3]
         result = {
             "settings": {**vars(args), "engine": engine.describe()},
@@ -223,13 +247,13 @@ def main() -> None:
 
 
 def _readme(result: dict, started: datetime) -> None:
-    rows = ["| store | cold TTFT ms | warm | preloaded | cold - warm | preloaded - warm |"]
+    rows = ["| store | cold TTFT ms | warm | preloaded | cold - warm (paired) | preloaded - warm |"]
     rows.append("|---|---|---|---|---|---|")
     for kind, r in result["stores"].items():
         t = r["ttft_ms"]
         rows.append(
-            f"| {kind} | {t['cold']} | {t['warm']} | {t['preloaded']} | "
-            f"{r['cold_minus_warm_ms']} | {r['preloaded_minus_warm_ms']} |"
+            f"| {kind} | {t['cold']} | {t['warm']} | {t.get('preloaded', '-')} | "
+            f"{r['cold_minus_warm_ms']} | {r['preloaded_minus_warm_ms'] or '-'} |"
         )
     swap = result["stores"].get("disk", {}).get("hot_swap")
     lines = [

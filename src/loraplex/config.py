@@ -126,11 +126,13 @@ class Settings(BaseSettings):
         description="A tenant keeps its share of the engine this long after its last request.",
     )
     adapter_wait_seconds: float = Field(
-        2.0,
+        0.0,
         ge=0,
-        description="Longest a request of an adapter not in the engine is held back while "
-        "requests of the max_loras adapters in it go first (grouping requests by adapter, so "
-        "slots are reused, not swapped); 0 turns grouping off.",
+        description="Grouping by adapter: longest a request of an adapter not in the engine is "
+        "held back while requests of the max_loras adapters in it go first; 0 (default) turns "
+        "it off. vLLM's scheduler already keeps such a request waiting without holding up the "
+        "others, so holding it back helps only when engine sequences are the bottleneck "
+        "(bench/README.md, adapter-aware admission).",
     )
     tenant_queue_size: int = Field(
         64, ge=1, description="Requests one tenant may have waiting; more get 429."
