@@ -251,9 +251,10 @@ def _readme(result: dict, started: datetime) -> None:
     rows.append("|---|---|---|---|---|---|")
     for kind, r in result["stores"].items():
         t = r["ttft_ms"]
+        preloaded = r["preloaded_minus_warm_ms"]
         rows.append(
             f"| {kind} | {t['cold']} | {t['warm']} | {t.get('preloaded', '-')} | "
-            f"{r['cold_minus_warm_ms']} | {r['preloaded_minus_warm_ms'] or '-'} |"
+            f"{r['cold_minus_warm_ms']} | {'-' if preloaded is None else preloaded} |"
         )
     swap = result["stores"].get("disk", {}).get("hot_swap")
     lines = [
