@@ -43,7 +43,9 @@ adapter is not among those in the engine now, when ``slots`` adapters already ar
 back (not blocking the others) while requests of those adapters go in: requests are grouped
 by adapter. After ``adapter_wait`` seconds it blocks the queue instead, so the engine drains
 until a slot frees and it goes in next: no adapter starves. Requests of the base model need
-no slot. ``slots=None`` turns this off.
+no slot. ``slots=None`` turns this off; the server does so unless
+``--adapter-wait-seconds`` is above 0 (the default is 0: vLLM's scheduler already keeps such a
+request waiting without holding up the others, so grouping helps only when seats are short).
 
 A tenant's queue is bounded (429 when full) and so is the wait (429 with ``Retry-After``
 after ``timeout`` seconds). Single event loop, no locks.
