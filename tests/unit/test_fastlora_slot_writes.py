@@ -9,7 +9,12 @@ import torch
 
 from loraplex.fastlora import weights as weights_module
 from loraplex.fastlora.live import LiveSlots
-from loraplex.fastlora.slot_writes import SlotWrites, adapted_slices, watch_activations
+from loraplex.fastlora.slot_writes import (
+    SlotWrites,
+    adapted_slices,
+    skip_resets_of_zero_slots,
+    watch_activations,
+)
 from loraplex.fastlora.weights import LoraWeights
 
 
@@ -237,3 +242,70 @@ def test_a_written_slot_takes_its_flags_from_what_was_written_without_a_look():
     writes.written(2, 3)
     assert not live.written(2, a, b, False)  # told zero: the values are not looked at
     assert live.live((0, 1, 2), a, b) == (1,)
+
+
+class Resettable:
+    """vLLM's ``BaseLinearLayerWithLoRA.reset_lora`` on two slices, counting the slots zeroed."""
+
+    def __init__(self) -> None:
+        self.lora_a_stacked = (torch.zeros(3, 1, 4, 8), torch.zeros(3, 1, 4, 8))
+        self.lora_b_stacked = (torch.zeros(3, 1, 6, 4), torch.zeros(3, 1, 6, 4))
+        self.zeroed: list[int] = []
+
+    def reset_lora(self, index: int) -> None:
+        self.zeroed.append(index)
+        for stacked in (*self.lora_a_stacked, *self.lora_b_stacked):
+            stacked[index] = 0
+
+    def set_lora(self, index: int) -> None:
+        self.reset_lora(index)
+        self.lora_a_stacked[1][index, 0, :2].copy_(torch.ones(2, 8))
+        self.lora_b_stacked[1][index, 0, :, :2].copy_(torch.ones(6, 2))
+
+
+def test_a_slot_still_zero_from_its_last_reset_is_not_zeroed_again():
+    class Layer(Resettable):
+        pass
+
+    skip_resets_of_zero_slots(Layer)
+    skip_resets_of_zero_slots(Layer)  # idempotent
+    layer = Layer()
+    layer.reset_lora(0)
+    layer.reset_lora(1)
+    layer.reset_lora(0)
+    layer.reset_lora(1)
+    assert layer.zeroed == [0, 1]
+
+    layer.set_lora(2)  # writes slot 2: the tensors moved, so no slot is taken as zero on trust
+    layer.reset_lora(0)
+    assert layer.zeroed == [0, 1, 2, 0]
+    layer.reset_lora(2)  # the adapter's weights are zeroed
+    assert layer.zeroed[-1] == 2
+    assert not any(t[2].any() for t in (*layer.lora_a_stacked, *layer.lora_b_stacked))
+
+    layer.lora_b_stacked[0][1, 0, 0, 0] = 5.0  # a write this module did not see
+    layer.reset_lora(1)
+    assert layer.zeroed[-1] == 1 and not layer.lora_b_stacked[0][1].any()
+
+
+def test_a_reset_after_set_lora_into_a_zero_slot_keeps_the_new_weights():
+    """set_lora's own reset of a zero slot is skipped; the weights it then writes stay."""
+
+    class Layer(Resettable):
+        pass
+
+    skip_resets_of_zero_slots(Layer)
+    layer = Layer()
+    layer.reset_lora(0)
+    layer.set_lora(0)
+    assert layer.zeroed == [0]
+    assert layer.lora_a_stacked[1][0].sum() == 16
+
+
+def test_vllms_linear_lora_layers_skip_resets_of_zero_slots():
+    pytest.importorskip("vllm")
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    import loraplex.fastlora.punica  # noqa: F401  (installs the wrapper)
+
+    assert getattr(BaseLinearLayerWithLoRA.reset_lora, "_loraplex_skips_zero", False)

@@ -68,6 +68,29 @@ def test_cache_fetches_verifies_and_reuses(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
 
 
+def test_a_local_stores_blobs_are_linked_into_the_cache_not_copied(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = _blob(store, tmp_path, b"w" * 100)
+    folder = BlobCache(tmp_path / "cache", store, 10_000).folder("c" * 64, {"w": digest})
+    stored = tmp_path / "blobs" / blob_key(digest)
+    assert (folder / "w").stat().st_ino == stored.stat().st_ino
+
+
+def test_where_linking_fails_the_cache_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = _blob(store, tmp_path, b"w" * 100)
+
+    def cross_device(source: Path, dest: Path) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    folder = BlobCache(tmp_path / "cache", store, 10_000).folder("c" * 64, {"w": digest})
+    assert (folder / "w").read_bytes() == b"w" * 100
+    assert (folder / "w").stat().st_ino != (tmp_path / "blobs" / blob_key(digest)).stat().st_ino
+
+
 def test_a_blob_missing_from_the_store_is_unavailable_not_unknown(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     cache = BlobCache(tmp_path / "cache", store, 10_000)
@@ -119,9 +142,9 @@ def test_a_versions_files_are_fetched_in_parallel(tmp_path: Path) -> None:
     both_started = threading.Barrier(2, timeout=60)
 
     class SlowStore(LocalBlobStore):
-        def get(self, digest: str, dest: Path) -> None:
+        def link(self, digest: str, dest: Path) -> None:
             both_started.wait()  # BrokenBarrierError if the gets ran one after the other
-            super().get(digest, dest)
+            super().link(digest, dest)
 
     cache = BlobCache(tmp_path / "cache", SlowStore(tmp_path / "blobs"), 10_000)
     folder = cache.folder("e" * 64, files)

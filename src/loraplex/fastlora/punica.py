@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.library import Library
 from vllm.lora.layers import LogitsProcessorWithLoRA
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -28,7 +29,12 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from loraplex.fastlora import ops
 from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.plan import LoraPlan
-from loraplex.fastlora.slot_writes import SlotWrites, adapted_slices, watch_activations
+from loraplex.fastlora.slot_writes import (
+    SlotWrites,
+    adapted_slices,
+    skip_resets_of_zero_slots,
+    watch_activations,
+)
 from loraplex.fastlora.weights import LoraWeights
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
@@ -238,6 +244,7 @@ def _nothing(*args) -> None:
 
 
 watch_activations(LoRAModelManager)
+skip_resets_of_zero_slots(BaseLinearLayerWithLoRA)
 
 _LIB = Library("loraplex", "FRAGMENT")
 for _name, _impl, _mutated in [

@@ -2,7 +2,7 @@
 
 Each entry is a folder named by the version's content digest holding the version's files
 under their PEFT names, so the engine can load it as it is. A version's files are fetched in
-parallel and sha256-verified on arrival (by the store, as it writes them), and the folder
+parallel (hard-linked from a local store) and sha256-verified on arrival, and the folder
 appears atomically (rename), so a half-fetched entry is never seen.
 Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
 Entries are immutable: a digest always names the same files. Safe for several processes;
@@ -75,9 +75,11 @@ class BlobCache:
         return target
 
     def _fetch_file(self, digest: str, dest: Path) -> None:
-        """One blob into ``dest`` (the store checks its sha256 as it writes it)."""
+        """One blob into ``dest`` (the store checks its sha256 as it writes it); from a local
+        store a hard link, not a copy (cold-load latency)."""
+        fetch = getattr(self.store, "link", self.store.get)
         try:
-            self.store.get(digest, dest)
+            fetch(digest, dest)
         except NotFound as exc:
             raise Unavailable(
                 f"{exc.message} The registry lists it, so the blob store is incomplete; "
