@@ -83,16 +83,17 @@ def test_single_flight_hands_the_error_to_every_waiter() -> None:
 
 
 class CountingStore(LocalBlobStore):
-    """A local store whose downloads are slow and counted."""
+    """A local store whose downloads (the cache links from a local store) are slow and
+    counted."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.gets: list[str] = []
 
-    def get(self, digest: str, dest: Path) -> None:
+    def link(self, digest: str, dest: Path) -> None:
         self.gets.append(digest)
         time.sleep(0.3)
-        super().get(digest, dest)
+        super().link(digest, dest)
 
 
 def test_concurrent_cold_requests_for_one_version_download_it_once(tmp_path: Path) -> None:
