@@ -205,6 +205,25 @@ class Settings(BaseSettings):
         0.85, gt=0, le=1, description="Share of GPU memory vLLM may use."
     )
     fast_lora: Literal["on", "off"] = Field("on", description="Use loraplex's CPU LoRA ops.")
+    merge_hot: Literal["on", "off"] = Field(
+        "off",
+        description="Merge an adapter that carries most of the traffic into the base weights "
+        "and serve it at base speed (CPU, float32, fast_lora on; keeps a second copy of the "
+        "linear weights). Other requests then pay for two LoRAs until it is unmerged.",
+    )
+    merge_hot_share: float = Field(
+        0.9,
+        gt=0.6,
+        le=1,
+        description="Share of recent tokens at which an adapter is merged (merge_hot); it is "
+        "unmerged when its share falls below 0.6.",
+    )
+    merge_hot_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Tokens over which merge_hot averages each adapter's share; a merge takes "
+        "about 2.3 times this many tokens of one adapter alone.",
+    )
     enforce_eager: bool = Field(
         False,
         description="Run the model eagerly, without torch.compile: starts about a minute "

@@ -1,5 +1,6 @@
 """loraplex's vLLM plugin entry points: the platform for fast CPU LoRA (with its on/off
-switch), and the general plugin that keeps 16-bit CPU output independent of the batch.
+switch), and the general plugin that keeps 16-bit CPU output independent of the batch (and, with
+``merge_hot`` on, keeps the base weights that a hot adapter is merged into).
 
 vLLM calls ``platform_plugin`` in each of its processes (API server, engine core, workers)
 when it first resolves ``current_platform``. It returns the qualified name of
@@ -67,3 +68,18 @@ def general_plugin() -> None:
         from loraplex.fastlora.row_invariance import pad_16_bit_linears
 
         pad_16_bit_linears()
+        if _merge_hot_enabled():
+            from loraplex.fastlora.merge import keep_base_weights
+
+            keep_base_weights()
+
+
+def _merge_hot_enabled() -> bool:
+    """The ``merge_hot`` setting; False (with an error logged) when settings are unusable."""
+    from loraplex.config import SettingsError, load_settings
+
+    try:
+        return load_settings().merge_hot == "on"
+    except SettingsError as exc:
+        logger.error("%s; not merging hot adapters", exc.message)
+        return False

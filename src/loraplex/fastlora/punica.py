@@ -15,6 +15,8 @@ Imported only inside vLLM processes, through ``FastLoraCpuPlatform.get_punica_wr
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +29,9 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from loraplex.fastlora import ops
+from loraplex.fastlora.hot_policy import HotPolicy
 from loraplex.fastlora.live import LiveSlots
+from loraplex.fastlora.merge import MergedSlot, unmergeable, watch_steps
 from loraplex.fastlora.plan import LoraPlan
 from loraplex.fastlora.slot_writes import (
     SlotWrites,
@@ -36,6 +40,9 @@ from loraplex.fastlora.slot_writes import (
     watch_activations,
 )
 from loraplex.fastlora.weights import LoraWeights
+
+# Under vLLM's logger: its handlers are the ones set up in the engine's processes.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
 _KEYS = itertools.count(1)
@@ -54,12 +61,133 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._live = LiveSlots(self._writes)
         self._key = next(_KEYS)
         _WRAPPERS[self._key] = self
+        self.hot: HotPolicy | None = _hot_policy()
+        self._merged: MergedSlot | None = None
+        self._merged_as: tuple[int, int] | None = None
+        """(LoRA id, write count of its slot) of the merged adapter."""
+        self._lora_ids: list[int | None] = []
+        self._step_tokens: dict[int | None, int] = {}
+        self._linear_plans: tuple[LoraPlan, LoraPlan | None] = (self._token_plan, None)
+        self._linear_indices: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._resized_linear: dict[int, tuple[LoraPlan, LoraPlan]] = {}
+        self.merge_events: list[tuple[str, int, int]] = []
+        """("merge" | "unmerge", LoRA id, step) for each switch, in order."""
+        self.steps = 0
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._token_plan = LoraPlan.build(self.token_lora_indices)
         self._sampler_plan = None
         self._resized = {}
+        self._lora_ids = list(lora_index_to_id)
+        if self.hot is not None:
+            slots, counts = torch.unique(self.token_lora_indices, return_counts=True)
+            self._step_tokens = {
+                self._lora_ids[slot] if slot >= 0 else None: count
+                for slot, count in zip(slots.tolist(), counts.tolist(), strict=True)
+            }
+        self._plan_linears()
+
+    def step(self, layers: list[Any]) -> None:
+        """A forward step is about to run with the current mapping (``merge.watch_steps``):
+        count its tokens and merge or unmerge the hot adapter (``hot_policy``) before it."""
+        self.steps += 1
+        if self.hot is None:
+            return
+        if self._merged_as is not None and self._merged_as != self._slot_of(self._merged_as[0]):
+            lora_id = self._merged_as[0]
+            self._unmerge()  # its slot was written or given to another adapter
+            self.hot.forget(lora_id)
+        target = self.hot.observe(self._step_tokens)
+        if target == self.merged:
+            return
+        if self._merged is not None:
+            self._unmerge()
+        if target is not None:
+            self._merge(target, layers)
+        self._plan_linears()
+
+    @property
+    def merged(self) -> int | None:
+        """The LoRA id merged into the base weights, if any."""
+        return self._merged_as[0] if self._merged_as is not None else None
+
+    def set_merging(self, on: bool) -> None:
+        """Turn hot-adapter merging on or off (off unmerges at the next step)."""
+        if self.hot is not None:
+            self.hot.enabled = on
+
+    def _slot_of(self, lora_id: int) -> tuple[int, int] | None:
+        """(LoRA id, write count of its slot), or None when the adapter has no slot."""
+        if lora_id not in self._lora_ids:
+            return None
+        slot = self._lora_ids.index(lora_id)
+        stamp = self._writes.stamp
+        return (lora_id, stamp[slot] if slot < len(stamp) else 0)
+
+    def _merge(self, lora_id: int, layers: list[Any]) -> None:
+        slot_key = self._slot_of(lora_id)
+        if slot_key is None:
+            return
+        slot = self._lora_ids.index(lora_id)
+        merges = []
+        for layer in layers:
+            offset, slices = 0, []
+            for index, (lora_a, lora_b, size) in enumerate(_slices(layer)):
+                if self._live.live((slot,), lora_a, lora_b):
+                    slices.append((index, offset, size))
+                offset += layer.output_slices[index]
+            if slices:
+                reason = unmergeable(layer)
+                if reason is not None:
+                    self._stop_merging(f"a LoRA layer cannot take a merged weight: {reason}")
+                    return
+                merges.append((layer, slices))
+        started = time.perf_counter()
+        try:
+            self._merged = MergedSlot(merges, slot)
+        except Exception as exc:  # never fail the step: serve unmerged
+            self._stop_merging(f"merging LoRA {lora_id} failed: {exc!r}")
+            return
+        self._merged_as = slot_key
+        self.merge_events.append(("merge", lora_id, self.steps))
+        logger.info(
+            "merged LoRA %d into the base weights of %d layers in %.0f ms",
+            lora_id,
+            self._merged.layers,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _stop_merging(self, why: str) -> None:
+        logger.warning("not merging hot adapters any more: %s", why)
+        self.hot = None
+
+    def _unmerge(self) -> None:
+        if self._merged is None or self._merged_as is None:
+            return
+        self._merged.restore()
+        self.merge_events.append(("unmerge", self._merged_as[0], self.steps))
+        logger.info("unmerged LoRA %d", self._merged_as[0])
+        self._merged, self._merged_as = None, None
+        self._plan_linears()
+
+    def _plan_linears(self) -> None:
+        """The plans of the linear layers: the token plan, or with an adapter merged, one
+        that leaves its tokens out and one that subtracts it from every other token."""
+        self._resized_linear = {}
+        if self._merged is None:
+            self._linear_plans, self._linear_indices = (self._token_plan, None), None
+            return
+        indices = self.token_lora_indices
+        hot = indices == self._merged.slot
+        self._linear_indices = (
+            torch.where(hot, -1, indices),
+            torch.where(hot, -1, self._merged.slot),
+        )
+        self._linear_plans = (
+            LoraPlan.build(self._linear_indices[0]),
+            LoraPlan.build(self._linear_indices[1]),
+        )
 
     def slot_written(self, slot: int, slots: int, layers: Iterable[tuple[Any, Any]]) -> None:
         """vLLM wrote an adapter into ``slot`` of each ``(layer, weights)``
@@ -73,6 +201,21 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
             for (lora_a, lora_b, size), written in zip(layer_slices, adapted, strict=True):
                 if self._live.written(slot, lora_a, lora_b, written):
                     self._weights.refresh(lora_a, lora_b, slot, size)
+
+    def _linear(self, num_rows: int) -> tuple[LoraPlan, LoraPlan | None]:
+        """The linear layers' plans (``_plan_linears``) for ``num_rows`` rows."""
+        if self._linear_indices is None:
+            return self._token(num_rows), None
+        if num_rows == self._linear_plans[0].num_tokens:
+            return self._linear_plans
+        resized = self._resized_linear.get(num_rows)
+        if resized is None:
+            # rows beyond the mapping are base rows: the merged adapter is taken out of them
+            skip_hot = _resize(self._linear_indices[0], num_rows)
+            subtract_hot = _resize(self._linear_indices[1], num_rows, self._merged.slot)
+            resized = (LoraPlan.build(skip_hot), LoraPlan.build(subtract_hot))
+            self._resized_linear[num_rows] = resized
+        return resized
 
     def _token(self, num_rows: int) -> LoraPlan:
         return self._fit(self._token_plan, self.token_lora_indices, num_rows, "token")
@@ -161,8 +304,8 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         exactly zero there: their tokens are left out of it, and a slice where every slot
         the step uses is zero is skipped (see ``live``).
         """
-        plan = self._token(x.shape[0])
-        if plan.empty:
+        plan, subtract = self._linear(x.shape[0])
+        if plan.empty and (subtract is None or subtract.empty):
             return
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
@@ -170,6 +313,9 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
             if live:
                 sub = plan.only(live)
                 ops.lora_linear(sub, y, x, lora_a, lora_b, scale, offset, size, self._weights)
+            if subtract is not None and self._live.live(subtract.slots, lora_a, lora_b):
+                # the merged adapter is in the base weight: take it out of the other rows
+                ops.lora_linear(subtract, y, x, lora_a, lora_b, -scale, offset, size, self._weights)
             offset += size
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):
@@ -201,11 +347,25 @@ def _slices(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     ]
 
 
-def _resize(indices: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``indices`` cut to ``num_rows``, or padded with -1 (no adapter) up to it."""
+def _hot_policy() -> HotPolicy | None:
+    """The hot-adapter policy of the ``merge_hot*`` settings; None when merging is off."""
+    from loraplex.config import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        logger.error("%s; not merging hot adapters", exc.message)
+        return None
+    if settings.merge_hot != "on":
+        return None
+    return HotPolicy(merge_share=settings.merge_hot_share, horizon_tokens=settings.merge_hot_tokens)
+
+
+def _resize(indices: torch.Tensor, num_rows: int, pad: int = -1) -> torch.Tensor:
+    """``indices`` cut to ``num_rows``, or padded with ``pad`` (-1: no adapter) up to it."""
     if indices.numel() >= num_rows:
         return indices[:num_rows]
-    padding = torch.full((num_rows - indices.numel(),), -1, dtype=indices.dtype)
+    padding = torch.full((num_rows - indices.numel(),), pad, dtype=indices.dtype)
     return torch.cat([indices, padding.to(indices.device)])
 
 
@@ -244,6 +404,7 @@ def _nothing(*args) -> None:
 
 
 watch_activations(LoRAModelManager)
+watch_steps(LoRAModelManager)
 skip_resets_of_zero_slots(BaseLinearLayerWithLoRA)
 
 _LIB = Library("loraplex", "FRAGMENT")

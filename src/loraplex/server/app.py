@@ -52,6 +52,9 @@ def vllm_engine_factory(settings: Settings, model_dir: Path) -> Engine:
     """The production engine: vLLM AsyncLLM in this process."""
     # Read by loraplex's vLLM platform plugin in every vLLM process; set before vLLM loads.
     os.environ["LORAPLEX_FAST_LORA"] = settings.fast_lora
+    os.environ["LORAPLEX_MERGE_HOT"] = settings.merge_hot
+    os.environ["LORAPLEX_MERGE_HOT_SHARE"] = str(settings.merge_hot_share)
+    os.environ["LORAPLEX_MERGE_HOT_TOKENS"] = str(settings.merge_hot_tokens)
     from loraplex.engine.vllm_engine import VllmEngine
 
     return VllmEngine(settings, str(model_dir))

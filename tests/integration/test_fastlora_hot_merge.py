@@ -1,0 +1,133 @@
+"""A hot adapter merged into the base weights gives the same tokens as unmerged (fp32, compiled).
+
+One engine with ``merge_hot`` on runs the same workload twice: first with merging switched
+off (the reference), then on. The workload is a batch of the hot adapter alone (an adapter of
+every projection, so every kind of linear layer is merged), long enough for the policy to
+merge it mid-generation, then a mixed batch (hot adapter, a q/v adapter, base) that starts
+merged, so the other rows get the hot adapter subtracted, until the policy unmerges it
+mid-generation. Every request's greedy tokens must equal the reference's, across both
+switches. The model is compiled (the server's default): the merge swaps the pointer inside
+vLLM's oneDNN handle, which a compiled graph must read at every step.
+
+Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON OUT_JSON``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HOT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three colours.",
+    "Why is the sky blue?",
+    "Name a large animal.",
+    "How do bees make honey?",
+]
+MIXED_PROMPTS = ["Tell me about Paris.", "What is two plus two?", "Describe a forest."]
+
+
+def _wrapper_state(worker, merging: bool | None = None) -> dict:
+    """In the engine's worker: switch merging (when given) and report steps and switches."""
+    from loraplex.fastlora.punica import _WRAPPERS
+
+    (wrapper,) = _WRAPPERS.values()
+    if merging is not None:
+        wrapper.set_merging(merging)
+    return {"steps": wrapper.steps, "events": list(wrapper.merge_events)}
+
+
+def engine_main(model: str, adapters_json: str, out_json: str) -> None:
+    """Run the workload with merging off, then on; write tokens, steps and switches."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    adapters = json.loads(adapters_json)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=256,
+        enable_lora=True,
+        max_loras=2,
+        max_lora_rank=16,
+        max_num_seqs=8,
+        seed=0,
+    )
+    hot = LoRARequest("hot", 1, adapters["hot"])
+    other = LoRARequest("other", 2, adapters["other"])
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    phases = {}
+    for merging in (False, True):
+        marks = [llm.collective_rpc(_wrapper_state, args=(merging,))[0]["steps"]]
+        hot_out = llm.generate(HOT_PROMPTS, params, lora_request=hot, use_tqdm=False)
+        marks.append(llm.collective_rpc(_wrapper_state)[0]["steps"])
+        mixed_out = llm.generate(
+            MIXED_PROMPTS, params, lora_request=[hot, other, None], use_tqdm=False
+        )
+        state = llm.collective_rpc(_wrapper_state)[0]
+        phases["on" if merging else "off"] = {
+            "hot": [list(o.outputs[0].token_ids) for o in hot_out],
+            "mixed": [list(o.outputs[0].token_ids) for o in mixed_out],
+            "marks": [*marks, state["steps"]],
+            "events": state["events"],
+        }
+    base = llm.generate(MIXED_PROMPTS, params, use_tqdm=False)
+    phases["base"] = [list(o.outputs[0].token_ids) for o in base]
+    Path(out_json).write_text(json.dumps(phases))
+
+
+@pytest.mark.integration
+def test_a_merged_hot_adapter_gives_the_unmerged_tokens(base_model_dir, tmp_path):
+    from loraplex.testing.random_adapters import LINEAR_PROJECTIONS, make_random_adapters
+
+    targets = {"hot": list(LINEAR_PROJECTIONS), "other": ["q_proj", "v_proj"]}
+    adapters = {
+        name: str(
+            make_random_adapters(
+                base_model_dir, [tmp_path / name], seed=seed, rank=8, std=0.04, targets=modules
+            )[0]
+        )
+        for seed, (name, modules) in enumerate(targets.items(), start=5)
+    }
+    out = tmp_path / "phases.json"
+    env = dict(
+        os.environ,
+        LORAPLEX_FAST_LORA="on",
+        LORAPLEX_MERGE_HOT="on",
+        LORAPLEX_MERGE_HOT_TOKENS="64",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc of a function
+    )
+    env.pop("VLLM_TARGET_DEVICE", None)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(base_model_dir), json.dumps(adapters), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    phases = json.loads(out.read_text())
+    off, on, base = phases["off"], phases["on"], phases["base"]
+
+    assert off["events"] == []  # merging off: nothing merged
+    start, hot_done, mixed_done = on["marks"]
+    (merge, unmerge) = on["events"]
+    assert merge[:2] == ["merge", 1] and start < merge[2] < hot_done  # mid hot batch
+    assert unmerge[:2] == ["unmerge", 1] and hot_done + 1 < unmerge[2] <= mixed_done
+    # the same tokens across both switches, for the hot adapter, another one and the base
+    assert on["hot"] == off["hot"]
+    assert on["mixed"] == off["mixed"]
+    # ... which would not be worth much if the adapters changed nothing
+    assert off["mixed"][0] != base[0] and off["mixed"][1] != base[1]
+    assert off["mixed"][2] == base[2]
+
+
+if __name__ == "__main__":
+    engine_main(*sys.argv[1:4])
