@@ -98,15 +98,14 @@ def main() -> None:
         "mixed, merging off": (mixed, False),
         "mixed, merging on": (mixed, True),
     }
-    _run(llm, prompts, [hot] * args.prompts, args.max_tokens)  # warm-up: compile, load
+    _run(llm, prompts, mixed, args.max_tokens)  # warm-up: compile, load both adapters
     ratios: dict[str, list[float]] = {name: [] for name in cases}
     rates: dict[str, list[float]] = {name: [] for name in cases}
     ended_merged: dict[str, list[bool]] = {name: [] for name in cases}
     for round_ in range(args.rounds):
         for name, (loras, merging) in cases.items():
             wrapper.set_merging(merging)
-            if merging and name.startswith("adapter"):
-                _run(llm, prompts[:2], loras[:2], 2)  # merged before the clock starts
+            _run(llm, prompts, loras, 1)  # merged or unmerged before the clock starts
             events = len(wrapper.merge_events)
             rates[name].append(_run(llm, prompts, loras, args.max_tokens))
             ended_merged[name].append(wrapper.merged is not None)
