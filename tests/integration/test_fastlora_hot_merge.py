@@ -7,7 +7,8 @@ merge it mid-generation, then a mixed batch (hot adapter, a q/v adapter, base) t
 merged, so the other rows get the hot adapter subtracted, until the policy unmerges it
 mid-generation. Every request's greedy tokens must equal the reference's, across both
 switches. The model is compiled (the server's default): the merge swaps the pointer inside
-vLLM's oneDNN handle, which a compiled graph must read at every step.
+vLLM's oneDNN handle, which a compiled graph must read at every step. A second test does
+the same through ``loraplex serve --merge-hot on``.
 
 Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON OUT_JSON``.
 """
@@ -18,9 +19,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+
+from loraplex.testing.launcher import TEST_BASE_NAME, loraplex_server, server_env
 
 HOT_PROMPTS = [
     "What is the capital of France?",
@@ -127,6 +132,46 @@ def test_a_merged_hot_adapter_gives_the_unmerged_tokens(base_model_dir, tmp_path
     # ... which would not be worth much if the adapters changed nothing
     assert off["mixed"][0] != base[0] and off["mixed"][1] != base[1]
     assert off["mixed"][2] == base[2]
+
+
+def test_a_served_hot_adapter_is_merged_and_answers_as_before(
+    tmp_path, base_model_dir, adapters_dir
+):
+    """Through ``loraplex serve --merge-hot on``: the setting reaches the engine's process,
+    no request fails, and the adapter and the base answer as they did before the merge."""
+    env = server_env(
+        tmp_path, base_model_dir, adapters_dir=adapters_dir, merge_hot="on", merge_hot_tokens=200
+    )
+    prompt = "Tell me about the sea."
+    log = tmp_path / "server.log"
+    with (
+        loraplex_server(log, env=env) as server,
+        httpx.Client(base_url=server.url, timeout=300) as client,
+    ):
+
+        def complete(model: str, text: str = prompt, max_tokens: int = 16) -> str:
+            response = client.post(
+                "/v1/completions",
+                json={
+                    "model": model,
+                    "prompt": text,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        before = {model: complete(model) for model in ("pirate", TEST_BASE_NAME)}
+        assert "into the base weights" not in server.log_path.read_text()
+        with ThreadPoolExecutor(8) as pool:  # the pirate's traffic alone: ~600 tokens
+            list(pool.map(lambda i: complete("pirate", f"Story {i}:", 64), range(8)))
+        assert "into the base weights" in server.log_path.read_text()
+        after = {model: complete(model) for model in ("pirate", TEST_BASE_NAME)}
+        assert "unmerged LoRA" not in server.log_path.read_text()  # still merged
+    assert after == before
+    assert before["pirate"] != before[TEST_BASE_NAME]
 
 
 if __name__ == "__main__":
