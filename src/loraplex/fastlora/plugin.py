@@ -75,11 +75,13 @@ def general_plugin() -> None:
 
 
 def _merge_hot_enabled() -> bool:
-    """The ``merge_hot`` setting; False (with an error logged) when settings are unusable."""
+    """The ``merge_hot`` setting (it needs ``fast_lora``); False (with an error logged) when
+    settings are unusable."""
     from loraplex.config import SettingsError, load_settings
 
     try:
-        return load_settings().merge_hot == "on"
+        settings = load_settings()
+        return settings.merge_hot == "on" and settings.fast_lora == "on"
     except SettingsError as exc:
         logger.error("%s; not merging hot adapters", exc.message)
         return False
