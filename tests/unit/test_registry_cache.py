@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.errors import InvalidAdapter, NotFound, Unavailable
+from loraplex.registry import blob_cache
 from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import LocalBlobStore, blob_key, open_blob_store
 
@@ -123,6 +124,29 @@ def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     cache.folder("9" * 64, {"adapter_model.safetensors": _blob(store, tmp_path, b"z" * 100)})
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([keys[1], "9" * 64])
     assert cache.size() == 200
+
+
+def test_fetches_under_the_bound_do_not_scan_the_cache_until_the_scan_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    cache = BlobCache(tmp_path / "cache", store, 1000)
+    scans = []
+    evict = cache.evict
+    monkeypatch.setattr(cache, "evict", lambda keep=None: scans.append(keep) or evict(keep))
+    for i in range(5):
+        cache.folder(f"{i}" * 64, {"w": _blob(store, tmp_path, bytes([i]) * 100)})
+    assert len(scans) == 1  # the first fetch: the total was unknown
+    # another process filled the cache meanwhile; this one counts it at its next scan
+    other = tmp_path / "cache" / ("a" * 64)
+    other.mkdir()
+    (other / "w").write_bytes(b"o" * 600)
+    os.utime(other, (1, 1))  # the least recently used
+    now = blob_cache.time.monotonic()
+    monkeypatch.setattr(blob_cache.time, "monotonic", lambda: now + blob_cache.RESCAN_SECONDS)
+    cache.folder("5" * 64, {"w": _blob(store, tmp_path, b"5" * 100)})
+    assert len(scans) == 2 and not other.exists()
+    assert cache.size() == 600
 
 
 def test_an_entry_larger_than_the_cache_is_still_served(tmp_path: Path) -> None:

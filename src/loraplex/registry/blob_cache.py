@@ -5,6 +5,9 @@ under their PEFT names, so the engine can load it as it is. A version's files ar
 parallel (hard-linked from a local store) and sha256-verified on arrival, and the folder
 appears atomically (rename), so a half-fetched entry is never seen.
 Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
+The folder is scanned for that only when this process's running total says the bound may be
+passed, or when its last scan is ``RESCAN_SECONDS`` old (other processes fill it too): a scan
+stats every entry, which a cold load should not pay for in a cache of thousands.
 Entries are immutable: a digest always names the same files. Safe for several processes;
 within one, concurrent requests for a missing entry fetch it once (``SingleFlight``), and
 ``fetches`` counts the downloads started.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +26,9 @@ from pathlib import Path
 from loraplex.errors import NotFound, Unavailable
 from loraplex.registry.blobs import BlobStore
 from loraplex.registry.single_flight import SingleFlight
+
+#: A process rescans the cache at least this often, to count what other processes added.
+RESCAN_SECONDS = 60.0
 
 
 class BlobCache:
@@ -34,6 +41,9 @@ class BlobCache:
         self.fetches = 0
         self._count_lock = threading.Lock()
         self._flight: SingleFlight[Path] = SingleFlight()
+        self._total: int | None = None
+        """Bytes held, as of the last scan plus what this process fetched since."""
+        self._scanned_at = 0.0
 
     def has(self, content_digest: str, files: dict[str, str]) -> bool:
         """Whether the folder is complete here already (``folder`` would fetch nothing)."""
@@ -71,8 +81,22 @@ class BlobCache:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.evict(keep=target)
+        try:
+            added: int | None = _entry_bytes(target)
+        except FileNotFoundError:  # evicted at once by another process
+            added = None
+        with self._count_lock:
+            self._total = None if self._total is None or added is None else self._total + added
+        if self._may_be_over():
+            self.evict(keep=target)
         return target
+
+    def _may_be_over(self) -> bool:
+        """Whether an eviction scan is due: the running total passed the bound, or is
+        unknown or stale."""
+        with self._count_lock:
+            fresh = time.monotonic() - self._scanned_at < RESCAN_SECONDS
+            return self._total is None or not fresh or self._total > self.max_bytes
 
     def _fetch_file(self, digest: str, dest: Path) -> None:
         """One blob into ``dest`` (the store checks its sha256 as it writes it); from a local
@@ -93,8 +117,7 @@ class BlobCache:
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
             try:
-                size = sum(f.stat().st_size for f in entry.iterdir())
-                entries.append((entry.stat().st_mtime, size, entry))
+                entries.append((entry.stat().st_mtime, _entry_bytes(entry), entry))
             except FileNotFoundError:
                 continue
         total = sum(size for _, size, _ in entries)
@@ -112,6 +135,8 @@ class BlobCache:
             shutil.rmtree(trash, ignore_errors=True)
             total -= size
             removed.append(entry.name)
+        with self._count_lock:
+            self._total, self._scanned_at = total, time.monotonic()
         return removed
 
     def size(self) -> int:
@@ -122,6 +147,10 @@ class BlobCache:
             if entry.is_dir() and not entry.name.startswith(".")
             for f in entry.iterdir()
         )
+
+
+def _entry_bytes(entry: Path) -> int:
+    return sum(f.stat().st_size for f in entry.iterdir())
 
 
 def _complete(folder: Path, files: dict[str, str]) -> bool:
