@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from engine_script import run_engine_script
 
 NEW_TOKENS = 20
 PROMPTS = [
@@ -150,19 +150,8 @@ def greedy(model, ids: list[int]) -> list[int]:
 
 
 def run_engine(base_model_dir, adapters, tmp_path, fast: str) -> tuple[list[dict], str]:
-    out = tmp_path / f"out-{fast}.json"
-    env = dict(os.environ, LORAPLEX_FAST_LORA=fast, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_TARGET_DEVICE", None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(base_model_dir), json.dumps(adapters), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return json.loads(out.read_text()), log
+    args = [str(base_model_dir), json.dumps(adapters)]
+    return run_engine_script(__file__, args, tmp_path, LORAPLEX_FAST_LORA=fast)
 
 
 @pytest.mark.integration

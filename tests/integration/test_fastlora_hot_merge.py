@@ -16,14 +16,13 @@ Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from engine_script import run_engine_script
 
 from loraplex.testing.launcher import TEST_BASE_NAME, loraplex_server, server_env
 
@@ -100,25 +99,14 @@ def test_a_merged_hot_adapter_gives_the_unmerged_tokens(base_model_dir, tmp_path
         )
         for seed, (name, modules) in enumerate(targets.items(), start=5)
     }
-    out = tmp_path / "phases.json"
-    env = dict(
-        os.environ,
-        LORAPLEX_FAST_LORA="on",
+    phases, _ = run_engine_script(
+        __file__,
+        [str(base_model_dir), json.dumps(adapters)],
+        tmp_path,
         LORAPLEX_MERGE_HOT="on",
         LORAPLEX_MERGE_HOT_TOKENS="64",
-        VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc of a function
     )
-    env.pop("VLLM_TARGET_DEVICE", None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(base_model_dir), json.dumps(adapters), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    phases = json.loads(out.read_text())
     off, on, base = phases["off"], phases["on"], phases["base"]
 
     assert off["events"] == []  # merging off: nothing merged

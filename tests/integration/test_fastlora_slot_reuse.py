@@ -12,12 +12,11 @@ Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from engine_script import run_engine_script
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 ORDER = ["narrow", "wide", "narrow", "wide", "narrow", None]
@@ -66,19 +65,9 @@ def test_a_reused_slot_carries_nothing_of_its_last_adapter(base_model_dir, tmp_p
         )
         for seed, (name, modules) in enumerate(targets.items(), start=3)
     }
-    out = tmp_path / "turns.json"
-    env = dict(os.environ, LORAPLEX_FAST_LORA="on", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_TARGET_DEVICE", None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(base_model_dir), json.dumps(adapters), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "Using FastPunicaWrapperCPU" in proc.stdout + proc.stderr
-    turns = json.loads(out.read_text())
+    args = [str(base_model_dir), json.dumps(adapters)]
+    turns, log = run_engine_script(__file__, args, tmp_path)
+    assert "Using FastPunicaWrapperCPU" in log
     by_adapter: dict[str | None, list] = {}
     for turn in turns:
         by_adapter.setdefault(turn["adapter"], []).append(turn["tokens"])
