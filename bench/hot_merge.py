@@ -106,6 +106,10 @@ def main() -> None:
         for name, (loras, merging) in cases.items():
             wrapper.set_merging(merging)
             _run(llm, prompts, loras, 1)  # merged or unmerged before the clock starts
+            for _ in range(100 if merging and name.startswith("adapter") else 0):
+                if wrapper.merged is not None:
+                    break
+                _run(llm, prompts, loras, 4)  # a merge is packed over a few dozen steps
             events = len(wrapper.merge_events)
             rates[name].append(_run(llm, prompts, loras, args.max_tokens))
             ended_merged[name].append(wrapper.merged is not None)

@@ -65,11 +65,13 @@ def engine_main(model: str, adapters_json: str, out_json: str) -> None:
     )
     hot = LoRARequest("hot", 1, adapters["hot"])
     other = LoRARequest("other", 2, adapters["other"])
+    # the hot batch outlasts the policy's decision (~10 steps in) and the packing (~30 steps)
+    hot_params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     phases = {}
     for merging in (False, True):
         marks = [llm.collective_rpc(_wrapper_state, args=(merging,))[0]["steps"]]
-        hot_out = llm.generate(HOT_PROMPTS, params, lora_request=hot, use_tqdm=False)
+        hot_out = llm.generate(HOT_PROMPTS, hot_params, lora_request=hot, use_tqdm=False)
         marks.append(llm.collective_rpc(_wrapper_state)[0]["steps"])
         mixed_out = llm.generate(
             MIXED_PROMPTS, params, lora_request=[hot, other, None], use_tqdm=False
@@ -128,7 +130,7 @@ def test_a_served_hot_adapter_is_merged_and_answers_as_before(
     """Through ``loraplex serve --merge-hot on``: the setting reaches the engine's process,
     no request fails, and the adapter and the base answer as they did before the merge."""
     env = server_env(
-        tmp_path, base_model_dir, adapters_dir=adapters_dir, merge_hot="on", merge_hot_tokens=200
+        tmp_path, base_model_dir, adapters_dir=adapters_dir, merge_hot="on", merge_hot_tokens=100
     )
     prompt = "Tell me about the sea."
     log = tmp_path / "server.log"
@@ -153,8 +155,9 @@ def test_a_served_hot_adapter_is_merged_and_answers_as_before(
 
         before = {model: complete(model) for model in ("pirate", TEST_BASE_NAME)}
         assert "into the base weights" not in server.log_path.read_text()
-        with ThreadPoolExecutor(8) as pool:  # the pirate's traffic alone: ~600 tokens
-            list(pool.map(lambda i: complete("pirate", f"Story {i}:", 64), range(8)))
+        # the pirate's traffic alone, ~800 tokens: decided after ~30 steps, packed in ~30 more
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: complete("pirate", f"Story {i}:", 96), range(8)))
         assert "into the base weights" in server.log_path.read_text()
         after = {model: complete(model) for model in ("pirate", TEST_BASE_NAME)}
         assert "unmerged LoRA" not in server.log_path.read_text()  # still merged

@@ -19,6 +19,7 @@ if not getattr(_custom_ops, "_supports_onednn", False):
 
 from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
 
+from loraplex.fastlora import punica  # noqa: E402
 from loraplex.fastlora.hot_policy import HotPolicy  # noqa: E402
 from loraplex.fastlora.merge import MergedSlot, unmergeable  # noqa: E402
 from loraplex.fastlora.punica import FastPunicaWrapperCPU  # noqa: E402
@@ -72,6 +73,11 @@ def test_a_merged_slot_is_in_the_handle_and_restore_gives_back_the_same_bits():
     handle = lay.base_layer._loraplex_handle
     before = _custom_ops.onednn_mm(handle, x, None)
     merged = MergedSlot([(lay, [(0, 0, 24), (2, 32, 8)])], slot=1)
+    with pytest.raises(RuntimeError):
+        merged.apply()  # nothing packed yet
+    assert merged.prepare(seconds=0.0)
+    assert torch.equal(_custom_ops.onednn_mm(handle, x, None), before)  # packed, not served
+    merged.apply()
     delta = torch.zeros_like(lay.base_layer._loraplex_weight)
     delta[0:24] = lay.lora_b_stacked[0][1, 0] @ lay.lora_a_stacked[0][1, 0]
     delta[32:40] = lay.lora_b_stacked[2][1, 0] @ lay.lora_a_stacked[2][1, 0]
@@ -107,6 +113,38 @@ def test_merged_outputs_equal_unmerged_for_every_row(ids):
     assert wrapper.merge_events[-1] == ("unmerge", 7, 2)
     for lay, expected in zip(layers, unmerged, strict=True):
         assert torch.equal(forward(wrapper, lay, x), expected)
+
+
+def test_a_merge_is_packed_over_steps_and_served_from_the_step_after_the_last(monkeypatch):
+    monkeypatch.setattr(punica, "MERGE_SECONDS_PER_STEP", 0.0)  # one layer per step
+    ids = [7, 3, 0, 7]
+    gen = torch.Generator().manual_seed(4)
+    layers = [layer(gen), layer(gen), layer(gen, live_slices=(1,))]
+    x = torch.randn(len(ids), D_IN, generator=gen)
+    wrapper = wrapper_for(ids)
+    unmerged = [forward(wrapper, lay, x) for lay in layers]
+    wrapper.hot.merged = 7
+    for _ in range(2):
+        wrapper.step(layers)
+        assert wrapper.merged is None and wrapper.merge_events == []
+        for lay, expected in zip(layers, unmerged, strict=True):
+            assert torch.equal(forward(wrapper, lay, x), expected)  # still the unmerged path
+    wrapper.step(layers)
+    assert wrapper.merged == 7 and wrapper.merge_events == [("merge", 7, 3)]
+    for lay, expected in zip(layers, unmerged, strict=True):
+        torch.testing.assert_close(forward(wrapper, lay, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merge_being_packed_is_dropped_when_its_slot_is_written(monkeypatch):
+    monkeypatch.setattr(punica, "MERGE_SECONDS_PER_STEP", 0.0)
+    gen = torch.Generator().manual_seed(5)
+    layers = [layer(gen), layer(gen)]
+    wrapper = wrapper_for([7] * 4)
+    wrapper.hot.merged = 7
+    wrapper.step(layers)  # one of two layers packed
+    wrapper._writes.written(0, 2)
+    wrapper.step(layers)  # dropped, and the policy starts over
+    assert wrapper.merge_events == [] and wrapper.hot.merged is None
 
 
 def test_rows_beyond_the_mapping_keep_no_delta_while_merged():

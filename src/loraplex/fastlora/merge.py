@@ -4,10 +4,11 @@ vLLM's CPU linear layers multiply by a oneDNN handle that holds the weight prepa
 (``dispatch_cpu_unquantized_gemm``) and then drop the weight. ``keep_base_weights`` wraps that
 dispatch so that each layer keeps its weight (``_loraplex_weight``) and its handle
 (``_loraplex_handle``). ``MergedSlot`` packs ``W + B @ A`` of one slot into a new handle for
-each adapted layer and swaps the two handles' pointers in place: the compiled graph reads the
-pointer from the handle's tensor at every call, so it runs on the merged weight from the next
-step on, and ``restore`` swaps them back (the original packing, bit for bit). Each handle
-object always owns exactly one pointer, so each is freed once whatever happens.
+each adapted layer, a few layers per step so that no step waits for all of them, then swaps
+every pair of handles' pointers in place at once: the compiled graph reads the pointer from
+the handle's tensor at every call, so it runs on the merged weights from the next step on,
+and ``restore`` swaps them back (the original packing, bit for bit). Each handle object
+always owns exactly one pointer, so each is freed once whatever happens.
 
 Costs: the kept weights (one more copy of the linear layers), and a repack of the adapted
 layers per merge. fp32 only: a merged 16-bit weight rounds differently from the unmerged sum.
@@ -17,12 +18,11 @@ Which rows then need which delta is the punica wrapper's job (``punica``).
 from __future__ import annotations
 
 import functools
-import logging
+import time
+from collections import deque
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 #: The dtype a merge is exact enough in: greedy outputs equal the unmerged ones.
 MERGE_DTYPES = (torch.float32,)
@@ -109,39 +109,59 @@ def unmergeable(layer: Any) -> str | None:
 
 
 class MergedSlot:
-    """One slot's LoRA merged into the base layers it adapts, until ``restore``."""
+    """One slot's LoRA merged into the base layers it adapts: packed a few layers at a time
+    (``prepare``), switched to in one go (``apply``), switched back by ``restore``."""
 
     def __init__(self, layers: list[tuple[Any, list[tuple[int, int, int]]]], slot: int) -> None:
-        """Merge ``slot`` into each ``(layer, slices)``: ``slices`` are the
+        """To merge ``slot`` into each ``(layer, slices)``: ``slices`` are the
         ``(index, row offset, rows)`` of the layer's LoRA slices where the slot is live."""
+        self.slot = slot
+        self.layers = len(layers)
+        self._todo = deque(layers)
+        self._packed: list[tuple[Any, Any]] = []
+        """(the layer's own handle, the merged weight's handle) of each packed layer."""
+        self.applied = False
+        self.packing_seconds = 0.0
+        self.packing_steps = 0
+
+    def prepare(self, seconds: float) -> bool:
+        """Pack merged weights, layer by layer, for about ``seconds`` (one layer at least);
+        whether every layer is packed. Nothing is served from them before ``apply``."""
         from vllm import _custom_ops
 
-        self.slot = slot
-        self._swapped: list[tuple[Any, Any]] = []
-        try:
-            for layer, slices in layers:
-                base = layer.base_layer
-                merged = base._loraplex_weight.clone()
-                for index, offset, rows in slices:
-                    lora_a = _slot(layer.lora_a_stacked[index], slot)
-                    lora_b = _slot(layer.lora_b_stacked[index], slot)[:rows]
-                    merged[offset : offset + rows].addmm_(lora_b, lora_a)
-                handle = _custom_ops.create_onednn_mm(merged.t(), 32)
-                _swap(base._loraplex_handle, handle)
-                self._swapped.append((base._loraplex_handle, handle))
-        except BaseException:
-            self.restore()
-            raise
+        began = time.perf_counter()
+        while self._todo:
+            layer, slices = self._todo.popleft()
+            base = layer.base_layer
+            merged = base._loraplex_weight.clone()
+            for index, offset, rows in slices:
+                lora_a = _slot(layer.lora_a_stacked[index], self.slot)
+                lora_b = _slot(layer.lora_b_stacked[index], self.slot)[:rows]
+                merged[offset : offset + rows].addmm_(lora_b, lora_a)
+            handle = _custom_ops.create_onednn_mm(merged.t(), 32)
+            self._packed.append((base._loraplex_handle, handle))
+            if time.perf_counter() - began >= seconds:
+                break
+        self.packing_seconds += time.perf_counter() - began
+        self.packing_steps += 1
+        return not self._todo
 
-    @property
-    def layers(self) -> int:
-        return len(self._swapped)
+    def apply(self) -> None:
+        """Serve every layer from its merged weight (all packed: ``prepare`` returned True)."""
+        if self._todo:
+            raise RuntimeError("apply before every layer is packed")
+        for original, merged in self._packed:
+            _swap(original, merged)
+        self.applied = True
 
     def restore(self) -> None:
-        """Put every layer back on its original handle and free the merged ones."""
-        while self._swapped:
-            original, merged = self._swapped.pop()
-            _swap(original, merged)
+        """Serve every layer from its own weight again, and free the merged ones."""
+        if self.applied:
+            for original, merged in self._packed:
+                _swap(original, merged)
+            self.applied = False
+        self._packed.clear()
+        self._todo.clear()
 
 
 def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:

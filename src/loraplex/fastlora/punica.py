@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,6 +42,10 @@ from loraplex.fastlora.weights import LoraWeights
 
 # Under vLLM's logger: its handlers are the ones set up in the engine's processes.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+#: Time a step may spend packing a merge (a merge of every projection of the bundled model
+#: takes 0.2-0.7 s in all: spread over steps, no request waits that long at once).
+MERGE_SECONDS_PER_STEP = 0.03
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
 _KEYS = itertools.count(1)
@@ -90,27 +93,29 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
 
     def step(self, layers: list[Any]) -> None:
         """A forward step is about to run with the current mapping (``merge.watch_steps``):
-        count its tokens and merge or unmerge the hot adapter (``hot_policy``) before it."""
+        count its tokens and merge or unmerge the hot adapter (``hot_policy``) before it.
+        A merge is packed over several steps (``MERGE_SECONDS_PER_STEP`` each), served from
+        the step after the last."""
         self.steps += 1
         if self.hot is None:
             return
         if self._merged_as is not None and self._merged_as != self._slot_of(self._merged_as[0]):
             lora_id = self._merged_as[0]
-            self._unmerge()  # its slot was written or given to another adapter
+            self._unmerge()  # its slot was written or given to another adapter (or dropped
+            # while it was being packed)
             self.hot.forget(lora_id)
         target = self.hot.observe(self._step_tokens)
-        if target == self.merged:
-            return
-        if self._merged is not None:
+        if self._merged_as is not None and target != self._merged_as[0]:
             self._unmerge()
-        if target is not None:
+        if target is not None and (self._merged is None or not self._merged.applied):
             self._merge(target, layers)
-        self._plan_linears()
 
     @property
     def merged(self) -> int | None:
-        """The LoRA id merged into the base weights, if any."""
-        return self._merged_as[0] if self._merged_as is not None else None
+        """The LoRA id served merged into the base weights, if any."""
+        if self._merged is None or self._merged_as is None or not self._merged.applied:
+            return None
+        return self._merged_as[0]
 
     def set_merging(self, on: bool) -> None:
         """Turn hot-adapter merging on or off (off unmerges at the next step)."""
@@ -126,10 +131,40 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         return (lora_id, stamp[slot] if slot < len(stamp) else 0)
 
     def _merge(self, lora_id: int, layers: list[Any]) -> None:
-        slot_key = self._slot_of(lora_id)
-        if slot_key is None:
+        """Start merging ``lora_id``, or go on packing it; apply it once every layer is."""
+        if self._merged is None:
+            slot_key = self._slot_of(lora_id)
+            if slot_key is None:
+                return
+            merges = self._merges(self._lora_ids.index(lora_id), layers)
+            if merges is None:
+                return
+            self._merged = MergedSlot(merges, self._lora_ids.index(lora_id))
+            self._merged_as = slot_key
+        merged = self._merged
+        try:
+            packed = merged.prepare(MERGE_SECONDS_PER_STEP)
+            if packed:
+                merged.apply()
+        except Exception as exc:  # never fail the step: serve unmerged
+            self._unmerge()
+            self._stop_merging(f"merging LoRA {lora_id} failed: {exc!r}")
             return
-        slot = self._lora_ids.index(lora_id)
+        if packed:
+            self.merge_events.append(("merge", lora_id, self.steps))
+            logger.info(
+                "merged LoRA %d into the base weights of %d layers (packed in %.0f ms over %d "
+                "steps)",
+                lora_id,
+                merged.layers,
+                merged.packing_seconds * 1e3,
+                merged.packing_steps,
+            )
+            self._plan_linears()
+
+    def _merges(self, slot: int, layers: list[Any]) -> list[tuple[Any, list]] | None:
+        """``(layer, live slices)`` of each layer where ``slot`` is live; None (and merging
+        stopped) when one of them cannot take a merged weight."""
         merges = []
         for layer in layers:
             offset, slices = 0, []
@@ -141,33 +176,23 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
                 reason = unmergeable(layer)
                 if reason is not None:
                     self._stop_merging(f"a LoRA layer cannot take a merged weight: {reason}")
-                    return
+                    return None
                 merges.append((layer, slices))
-        started = time.perf_counter()
-        try:
-            self._merged = MergedSlot(merges, slot)
-        except Exception as exc:  # never fail the step: serve unmerged
-            self._stop_merging(f"merging LoRA {lora_id} failed: {exc!r}")
-            return
-        self._merged_as = slot_key
-        self.merge_events.append(("merge", lora_id, self.steps))
-        logger.info(
-            "merged LoRA %d into the base weights of %d layers in %.0f ms",
-            lora_id,
-            self._merged.layers,
-            (time.perf_counter() - started) * 1000,
-        )
+        return merges
 
     def _stop_merging(self, why: str) -> None:
         logger.warning("not merging hot adapters any more: %s", why)
         self.hot = None
 
     def _unmerge(self) -> None:
+        """Serve unmerged again (or drop a merge still being packed)."""
         if self._merged is None or self._merged_as is None:
             return
+        applied = self._merged.applied
         self._merged.restore()
-        self.merge_events.append(("unmerge", self._merged_as[0], self.steps))
-        logger.info("unmerged LoRA %d", self._merged_as[0])
+        if applied:
+            self.merge_events.append(("unmerge", self._merged_as[0], self.steps))
+            logger.info("unmerged LoRA %d", self._merged_as[0])
         self._merged, self._merged_as = None, None
         self._plan_linears()
 
@@ -175,7 +200,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         """The plans of the linear layers: the token plan, or with an adapter merged, one
         that leaves its tokens out and one that subtracts it from every other token."""
         self._resized_linear = {}
-        if self._merged is None:
+        if self._merged is None or not self._merged.applied:
             self._linear_plans, self._linear_indices = (self._token_plan, None), None
             return
         indices = self.token_lora_indices
