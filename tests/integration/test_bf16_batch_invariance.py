@@ -3,7 +3,7 @@ other adapters (``fastlora.row_invariance``). Without it 3 of these 8 completion
 
 Eager: with the compiled model 1 of 8 still changes (a second source in the compiled graph,
 not yet located; bench/README.md, "Batch invariance in bf16"), which is why ``dtype=auto``
-stays fp32 on CPU."""
+stays fp32 on CPU. Skipped on CPUs with AMX, where the padding is not enough (below)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from loraplex.testing.launcher import RunningServer, loraplex_server, server_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        torch.cpu._is_amx_tile_supported(),
+        reason="on AMX CPUs bf16 rows depend on the row count in ways the padding does not "
+        "remove: vLLM multiplies weights of at most 1 MiB (o_proj) with sgl-kernel, and "
+        "oneDNN changes kernels above 32 rows (bench/README.md, 'Batch invariance in bf16')",
+    ),
+]
 BASE_NAME = "smollm2-135m"
 PROMPTS = [
     "The capital of France is",
