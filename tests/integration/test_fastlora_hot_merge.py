@@ -26,6 +26,8 @@ from engine_script import run_engine_script
 
 from loraplex.testing.launcher import TEST_BASE_NAME, loraplex_server, server_env
 
+pytestmark = pytest.mark.integration
+
 HOT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -88,7 +90,6 @@ def engine_main(model: str, adapters_json: str, out_json: str) -> None:
     Path(out_json).write_text(json.dumps(phases))
 
 
-@pytest.mark.integration
 def test_a_merged_hot_adapter_gives_the_unmerged_tokens(base_model_dir, tmp_path):
     from loraplex.testing.random_adapters import LINEAR_PROJECTIONS, make_random_adapters
 
