@@ -33,11 +33,12 @@ from loraplex.adapters import LINEAR_PROJECTIONS
 PROMPT = "Write a short story about a lighthouse keeper and the sea, number {}."
 
 
-def _wrapper() -> Any:
+def _hot_merge() -> Any:
+    """The engine's ``HotMerge`` (the one punica wrapper's, in this process)."""
     from loraplex.fastlora.punica import _WRAPPERS
 
     (wrapper,) = _WRAPPERS.values()
-    return wrapper
+    return wrapper.hot_merge
 
 
 def _run(llm: Any, prompts: list[str], loras: list[Any], max_tokens: int) -> float:
@@ -87,7 +88,7 @@ def main() -> None:
     )
     hot = LoRARequest(hot_name, 1, str(hot_path))
     other = LoRARequest(other_name, 2, str(other_path))
-    wrapper = _wrapper()
+    merge = _hot_merge()
     prompts = [PROMPT.format(i) for i in range(args.prompts)]
     quarter = args.prompts // 4
     mixed = [hot] * (args.prompts - 2 * quarter) + [other] * quarter + [None] * quarter
@@ -104,17 +105,17 @@ def main() -> None:
     ended_merged: dict[str, list[bool]] = {name: [] for name in cases}
     for round_ in range(args.rounds):
         for name, (loras, merging) in cases.items():
-            wrapper.set_merging(merging)
+            merge.set_enabled(merging)
             _run(llm, prompts, loras, 1)  # merged or unmerged before the clock starts
             for _ in range(100 if merging and name.startswith("adapter") else 0):
-                if wrapper.merged is not None:
+                if merge.lora_id is not None:
                     break
                 _run(llm, prompts, loras, 4)  # a merge is packed over a few dozen steps
-            events = len(wrapper.merge_events)
+            events = len(merge.events)
             rates[name].append(_run(llm, prompts, loras, args.max_tokens))
-            ended_merged[name].append(wrapper.merged is not None)
-            if len(wrapper.merge_events) != events:
-                print(f"  {name}: switched during the run: {wrapper.merge_events[events:]}")
+            ended_merged[name].append(merge.lora_id is not None)
+            if len(merge.events) != events:
+                print(f"  {name}: switched during the run: {merge.events[events:]}")
         base = rates["base"][-1]
         for name in cases:
             ratios[name].append(rates[name][-1] / base)
@@ -139,7 +140,7 @@ def main() -> None:
         "workload": {"prompts": args.prompts, "max_tokens": args.max_tokens},
         "rounds": args.rounds,
         "cases": summary,
-        "merge_events": wrapper.merge_events,
+        "merge_events": merge.events,
     }
     path = write_result("hot_merge", result)
     rows = ["| traffic | output tok/s (median) | vs base (median of rounds) | ended merged |"]

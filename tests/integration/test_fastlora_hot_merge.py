@@ -45,8 +45,8 @@ def _wrapper_state(worker, merging: bool | None = None) -> dict:
 
     (wrapper,) = _WRAPPERS.values()
     if merging is not None:
-        wrapper.set_merging(merging)
-    return {"steps": wrapper.steps, "events": list(wrapper.merge_events)}
+        wrapper.hot_merge.set_enabled(merging)
+    return {"steps": wrapper.hot_merge.steps, "events": list(wrapper.hot_merge.events)}
 
 
 def engine_main(model: str, adapters_json: str, out_json: str) -> None:

@@ -19,7 +19,8 @@ if not getattr(_custom_ops, "_supports_onednn", False):
 
 from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
 
-from loraplex.fastlora import punica  # noqa: E402
+from loraplex.fastlora import hot_merge  # noqa: E402
+from loraplex.fastlora.hot_merge import HotMerge  # noqa: E402
 from loraplex.fastlora.hot_policy import HotPolicy  # noqa: E402
 from loraplex.fastlora.merge import MergedSlot, unmergeable  # noqa: E402
 from loraplex.fastlora.punica import FastPunicaWrapperCPU  # noqa: E402
@@ -60,7 +61,7 @@ class Decided(HotPolicy):
 
 def wrapper_for(ids: list[int]) -> FastPunicaWrapperCPU:
     wrapper = FastPunicaWrapperCPU(64, 8, "cpu")
-    wrapper.hot = Decided()
+    wrapper.hot_merge = HotMerge(Decided(), wrapper._live, wrapper._writes)
     mapping = LoRAMapping(ids, ids, is_prefill=True)
     wrapper.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
     return wrapper
@@ -99,52 +100,52 @@ def test_merged_outputs_equal_unmerged_for_every_row(ids):
     wrapper = wrapper_for(ids)
     unmerged = [forward(wrapper, lay, x) for lay in layers]
 
-    wrapper.hot.merged = 7
+    wrapper.hot_merge.policy.merged = 7
     wrapper.step(layers)
-    assert wrapper.merge_events == [("merge", 7, 1)]
+    assert wrapper.hot_merge.events == [("merge", 7, 1)]
     merged = [forward(wrapper, lay, x) for lay in layers]
     for got, expected in zip(merged, unmerged, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     if set(ids) == {7}:  # all hot: no LoRA math left, the base linear alone
         assert wrapper._linear(len(ids))[0].empty and wrapper._linear(len(ids))[1].empty
 
-    wrapper.hot.merged = None
+    wrapper.hot_merge.policy.merged = None
     wrapper.step(layers)
-    assert wrapper.merge_events[-1] == ("unmerge", 7, 2)
+    assert wrapper.hot_merge.events[-1] == ("unmerge", 7, 2)
     for lay, expected in zip(layers, unmerged, strict=True):
         assert torch.equal(forward(wrapper, lay, x), expected)
 
 
 def test_a_merge_is_packed_over_steps_and_served_from_the_step_after_the_last(monkeypatch):
-    monkeypatch.setattr(punica, "MERGE_SECONDS_PER_STEP", 0.0)  # one layer per step
+    monkeypatch.setattr(hot_merge, "MERGE_SECONDS_PER_STEP", 0.0)  # one layer per step
     ids = [7, 3, 0, 7]
     gen = torch.Generator().manual_seed(4)
     layers = [layer(gen), layer(gen), layer(gen, live_slices=(1,))]
     x = torch.randn(len(ids), D_IN, generator=gen)
     wrapper = wrapper_for(ids)
     unmerged = [forward(wrapper, lay, x) for lay in layers]
-    wrapper.hot.merged = 7
+    wrapper.hot_merge.policy.merged = 7
     for _ in range(2):
         wrapper.step(layers)
-        assert wrapper.merged is None and wrapper.merge_events == []
+        assert wrapper.hot_merge.lora_id is None and wrapper.hot_merge.events == []
         for lay, expected in zip(layers, unmerged, strict=True):
             assert torch.equal(forward(wrapper, lay, x), expected)  # still the unmerged path
     wrapper.step(layers)
-    assert wrapper.merged == 7 and wrapper.merge_events == [("merge", 7, 3)]
+    assert wrapper.hot_merge.lora_id == 7 and wrapper.hot_merge.events == [("merge", 7, 3)]
     for lay, expected in zip(layers, unmerged, strict=True):
         torch.testing.assert_close(forward(wrapper, lay, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_merge_being_packed_is_dropped_when_its_slot_is_written(monkeypatch):
-    monkeypatch.setattr(punica, "MERGE_SECONDS_PER_STEP", 0.0)
+    monkeypatch.setattr(hot_merge, "MERGE_SECONDS_PER_STEP", 0.0)
     gen = torch.Generator().manual_seed(5)
     layers = [layer(gen), layer(gen)]
     wrapper = wrapper_for([7] * 4)
-    wrapper.hot.merged = 7
+    wrapper.hot_merge.policy.merged = 7
     wrapper.step(layers)  # one of two layers packed
     wrapper._writes.written(0, 2)
     wrapper.step(layers)  # dropped, and the policy starts over
-    assert wrapper.merge_events == [] and wrapper.hot.merged is None
+    assert wrapper.hot_merge.events == [] and wrapper.hot_merge.policy.merged is None
 
 
 def test_rows_beyond_the_mapping_keep_no_delta_while_merged():
@@ -152,11 +153,11 @@ def test_rows_beyond_the_mapping_keep_no_delta_while_merged():
     gen = torch.Generator().manual_seed(1)
     layers = [layer(gen)]
     wrapper = wrapper_for(ids)
-    wrapper.hot.merged = 7
+    wrapper.hot_merge.policy.merged = 7
     wrapper.step(layers)
     x = torch.randn(5, D_IN, generator=gen)  # two rows more than the mapping: base rows
     got = forward(wrapper, layers[0], x)
-    wrapper.hot.merged = None
+    wrapper.hot_merge.policy.merged = None
     wrapper.step(layers)
     torch.testing.assert_close(got, forward(wrapper, layers[0], x), rtol=1e-5, atol=1e-5)
 
@@ -165,12 +166,12 @@ def test_a_rewritten_merged_slot_is_unmerged_before_the_next_step():
     gen = torch.Generator().manual_seed(2)
     layers = [layer(gen)]
     wrapper = wrapper_for([7] * 4)
-    wrapper.hot.merged = 7
+    wrapper.hot_merge.policy.merged = 7
     wrapper.step(layers)
     wrapper._writes.written(0, 2)  # vLLM wrote another adapter (or zeros) into slot 0
     wrapper.step(layers)
-    assert [event[0] for event in wrapper.merge_events] == ["merge", "unmerge"]
-    assert wrapper.hot.merged is None
+    assert [event[0] for event in wrapper.hot_merge.events] == ["merge", "unmerge"]
+    assert wrapper.hot_merge.policy.merged is None
 
 
 def test_layers_that_cannot_be_merged_turn_merging_off():
@@ -179,6 +180,6 @@ def test_layers_that_cannot_be_merged_turn_merging_off():
     lay.base_layer._loraplex_handle = None
     assert "oneDNN" in unmergeable(lay)
     wrapper = wrapper_for([7] * 4)
-    wrapper.hot.merged = 7
+    wrapper.hot_merge.policy.merged = 7
     wrapper.step([lay])
-    assert wrapper.hot is None and wrapper.merge_events == []
+    assert wrapper.hot_merge.policy is None and wrapper.hot_merge.events == []

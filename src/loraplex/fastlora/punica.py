@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 from torch.library import Library
-from vllm.lora.layers import LogitsProcessorWithLoRA
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from loraplex.fastlora import ops
+from loraplex.fastlora.hot_merge import HotMerge
 from loraplex.fastlora.hot_policy import HotPolicy
+from loraplex.fastlora.layer_slices import lora_slices
 from loraplex.fastlora.live import LiveSlots
-from loraplex.fastlora.merge import MergedSlot, unmergeable, watch_steps
+from loraplex.fastlora.merge import watch_steps
 from loraplex.fastlora.plan import LoraPlan
 from loraplex.fastlora.slot_writes import (
     SlotWrites,
@@ -42,10 +43,6 @@ from loraplex.fastlora.weights import LoraWeights
 
 # Under vLLM's logger: its handlers are the ones set up in the engine's processes.
 logger = logging.getLogger(f"vllm.{__name__}")
-
-#: Time a step may spend packing a merge (a merge of every projection of the bundled model
-#: takes 0.2-0.7 s in all: spread over steps, no request waits that long at once).
-MERGE_SECONDS_PER_STEP = 0.03
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
 _KEYS = itertools.count(1)
@@ -64,18 +61,13 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._live = LiveSlots(self._writes)
         self._key = next(_KEYS)
         _WRAPPERS[self._key] = self
-        self.hot: HotPolicy | None = _hot_policy()
-        self._merged: MergedSlot | None = None
-        self._merged_as: tuple[int, int] | None = None
-        """(LoRA id, write count of its slot) of the merged adapter."""
+        self.hot_merge = _hot_merge(self._live, self._writes)
+        """The hot adapter merged into the base weights; None when ``merge_hot`` is off."""
         self._lora_ids: list[int | None] = []
         self._step_tokens: dict[int | None, int] = {}
         self._linear_plans: tuple[LoraPlan, LoraPlan | None] = (self._token_plan, None)
         self._linear_indices: tuple[torch.Tensor, torch.Tensor] | None = None
         self._resized_linear: dict[int, tuple[LoraPlan, LoraPlan]] = {}
-        self.merge_events: list[tuple[str, int, int]] = []
-        """("merge" | "unmerge", LoRA id, step) for each switch, in order."""
-        self.steps = 0
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -83,7 +75,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._sampler_plan = None
         self._resized = {}
         self._lora_ids = list(lora_index_to_id)
-        if self.hot is not None:
+        if self.hot_merge is not None and self.hot_merge.policy is not None:
             slots, counts = torch.unique(self.token_lora_indices, return_counts=True)
             self._step_tokens = {
                 self._lora_ids[slot] if slot >= 0 else None: count
@@ -93,122 +85,23 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
 
     def step(self, layers: list[Any]) -> None:
         """A forward step is about to run with the current mapping (``merge.watch_steps``):
-        count its tokens and merge or unmerge the hot adapter (``hot_policy``) before it.
-        A merge is packed over several steps (``MERGE_SECONDS_PER_STEP`` each), served from
-        the step after the last."""
-        self.steps += 1
-        if self.hot is None:
-            return
-        if self._merged_as is not None and self._merged_as != self._slot_of(self._merged_as[0]):
-            lora_id = self._merged_as[0]
-            self._unmerge()  # its slot was written or given to another adapter (or dropped
-            # while it was being packed)
-            self.hot.forget(lora_id)
-        target = self.hot.observe(self._step_tokens)
-        if self._merged_as is not None and target != self._merged_as[0]:
-            self._unmerge()
-        if target is not None and (self._merged is None or not self._merged.applied):
-            self._merge(target, layers)
-
-    @property
-    def merged(self) -> int | None:
-        """The LoRA id served merged into the base weights, if any."""
-        if self._merged is None or self._merged_as is None or not self._merged.applied:
-            return None
-        return self._merged_as[0]
-
-    def set_merging(self, on: bool) -> None:
-        """Turn hot-adapter merging on or off (off unmerges at the next step)."""
-        if self.hot is not None:
-            self.hot.enabled = on
-
-    def _slot_of(self, lora_id: int) -> tuple[int, int] | None:
-        """(LoRA id, write count of its slot), or None when the adapter has no slot."""
-        if lora_id not in self._lora_ids:
-            return None
-        slot = self._lora_ids.index(lora_id)
-        stamp = self._writes.stamp
-        return (lora_id, stamp[slot] if slot < len(stamp) else 0)
-
-    def _merge(self, lora_id: int, layers: list[Any]) -> None:
-        """Start merging ``lora_id``, or go on packing it; apply it once every layer is."""
-        if self._merged is None:
-            slot_key = self._slot_of(lora_id)
-            if slot_key is None:
-                return
-            merges = self._merges(self._lora_ids.index(lora_id), layers)
-            if merges is None:
-                return
-            self._merged = MergedSlot(merges, self._lora_ids.index(lora_id))
-            self._merged_as = slot_key
-        merged = self._merged
-        try:
-            packed = merged.prepare(MERGE_SECONDS_PER_STEP)
-            if packed:
-                merged.apply()
-        except Exception as exc:  # never fail the step: serve unmerged
-            self._unmerge()
-            self._stop_merging(f"merging LoRA {lora_id} failed: {exc!r}")
-            return
-        if packed:
-            self.merge_events.append(("merge", lora_id, self.steps))
-            logger.info(
-                "merged LoRA %d into the base weights of %d layers (packed in %.0f ms over %d "
-                "steps)",
-                lora_id,
-                merged.layers,
-                merged.packing_seconds * 1e3,
-                merged.packing_steps,
-            )
+        merge or unmerge the hot adapter before it (``hot_merge``)."""
+        if self.hot_merge is not None and self.hot_merge.step(
+            self._lora_ids, self._step_tokens, layers
+        ):
             self._plan_linears()
-
-    def _merges(self, slot: int, layers: list[Any]) -> list[tuple[Any, list]] | None:
-        """``(layer, live slices)`` of each layer where ``slot`` is live; None (and merging
-        stopped) when one of them cannot take a merged weight."""
-        merges = []
-        for layer in layers:
-            offset, slices = 0, []
-            for index, (lora_a, lora_b, size) in enumerate(_slices(layer)):
-                if self._live.live((slot,), lora_a, lora_b):
-                    slices.append((index, offset, size))
-                offset += layer.output_slices[index]
-            if slices:
-                reason = unmergeable(layer)
-                if reason is not None:
-                    self._stop_merging(f"a LoRA layer cannot take a merged weight: {reason}")
-                    return None
-                merges.append((layer, slices))
-        return merges
-
-    def _stop_merging(self, why: str) -> None:
-        logger.warning("not merging hot adapters any more: %s", why)
-        self.hot = None
-
-    def _unmerge(self) -> None:
-        """Serve unmerged again (or drop a merge still being packed)."""
-        if self._merged is None or self._merged_as is None:
-            return
-        applied = self._merged.applied
-        self._merged.restore()
-        if applied:
-            self.merge_events.append(("unmerge", self._merged_as[0], self.steps))
-            logger.info("unmerged LoRA %d", self._merged_as[0])
-        self._merged, self._merged_as = None, None
-        self._plan_linears()
 
     def _plan_linears(self) -> None:
         """The plans of the linear layers: the token plan, or with an adapter merged, one
         that leaves its tokens out and one that subtracts it from every other token."""
         self._resized_linear = {}
-        if self._merged is None or not self._merged.applied:
+        merged = None if self.hot_merge is None else self.hot_merge.slot
+        if merged is None:
             self._linear_plans, self._linear_indices = (self._token_plan, None), None
             return
         indices = self.token_lora_indices
-        hot = indices == self._merged.slot
-        self._linear_indices = (
-            torch.where(hot, -1, indices),
-            torch.where(hot, -1, self._merged.slot),
-        )
+        hot = indices == merged
+        self._linear_indices = (torch.where(hot, -1, indices), torch.where(hot, -1, merged))
         self._linear_plans = (
             LoraPlan.build(self._linear_indices[0]),
             LoraPlan.build(self._linear_indices[1]),
@@ -221,7 +114,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         preloaded version)."""
         self._writes.written(slot, slots)
         for layer, weights in layers:
-            layer_slices = _slices(layer)
+            layer_slices = lora_slices(layer)
             adapted = adapted_slices(weights, len(layer_slices))
             for (lora_a, lora_b, size), written in zip(layer_slices, adapted, strict=True):
                 if self._live.written(slot, lora_a, lora_b, written):
@@ -237,7 +130,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         if resized is None:
             # rows beyond the mapping are base rows: the merged adapter is taken out of them
             skip_hot = _resize(self._linear_indices[0], num_rows)
-            subtract_hot = _resize(self._linear_indices[1], num_rows, self._merged.slot)
+            subtract_hot = _resize(self._linear_indices[1], num_rows, self.hot_merge.slot)
             resized = (LoraPlan.build(skip_hot), LoraPlan.build(subtract_hot))
             self._resized_linear[num_rows] = resized
         return resized
@@ -355,25 +248,8 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         ops.lora_linear(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, 0, size, self._weights)
 
 
-def _slices(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(A, B, output columns) of each slice of ``layer`` that the ops above compute, with the
-    columns ``ops.lora_linear`` uses: a linear layer's slices (``add_lora_linear``), the
-    lm_head's one (``add_lora_logits``); none for others (an embedding reads no cache)."""
-    if isinstance(layer, LogitsProcessorWithLoRA):
-        return [(layer.lora_a_stacked, layer.lora_b_stacked, layer.lora_b_stacked.shape[-2])]
-    sizes = getattr(layer, "output_slices", None)
-    if sizes is None:
-        return []
-    return [
-        (lora_a, lora_b, min(size, lora_b.shape[-2]))
-        for lora_a, lora_b, size in zip(
-            layer.lora_a_stacked, layer.lora_b_stacked, sizes, strict=True
-        )
-    ]
-
-
-def _hot_policy() -> HotPolicy | None:
-    """The hot-adapter policy of the ``merge_hot*`` settings; None when merging is off."""
+def _hot_merge(live: LiveSlots, writes: SlotWrites) -> HotMerge | None:
+    """Hot-adapter merging as the ``merge_hot*`` settings say; None when it is off."""
     from loraplex.config import SettingsError, load_settings
 
     try:
@@ -383,7 +259,10 @@ def _hot_policy() -> HotPolicy | None:
         return None
     if settings.merge_hot != "on":
         return None
-    return HotPolicy(merge_share=settings.merge_hot_share, horizon_tokens=settings.merge_hot_tokens)
+    policy = HotPolicy(
+        merge_share=settings.merge_hot_share, horizon_tokens=settings.merge_hot_tokens
+    )
+    return HotMerge(policy, live, writes)
 
 
 def _resize(indices: torch.Tensor, num_rows: int, pad: int = -1) -> torch.Tensor:
