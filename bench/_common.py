@@ -157,9 +157,12 @@ def vllm_server(
     enable_lora: bool = True,
     extra: Sequence[str] = (),
     timeout: float = 900,
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """vLLM's own OpenAI server with the same engine settings and adapters, until the block ends."""
+    """vLLM's own OpenAI server with the same engine settings and adapters, until the block
+    ends; ``env`` adds to its environment."""
     env = {
+        **(env or {}),
         "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
         "LORAPLEX_FAST_LORA": engine.fast_lora,
     }

@@ -3,7 +3,7 @@
 One registry-backed loraplex server per blob store: ``disk`` (the local folder store) and
 ``s3`` (a ``moto_server`` S3 endpoint). The server has its own ``LORAPLEX_HOME``, so its blob
 cache starts empty: a version's first request fetches it from the store and loads it into
-the engine. In one run, per store:
+the engine. Each of ``--stores`` is one server start and one row of the table:
 
 1. hot swap under load (``disk`` only, or every store with ``--swap-all``): 3 adapters with
    two versions each, ``--workers`` client threads sending 4-token completions (every other
@@ -17,11 +17,20 @@ the engine. In one run, per store:
    from disk <= warm + 16 ms, from the store <= warm + 50 ms).
 3. ``vllm``: the same cold and warm TTFT on vLLM's own server (same engine settings but 2
    slots and 2 CPU cache entries, so that a cold adapter is read from its folder again),
-   for comparison in the same run.
+   for comparison in the same run. Its adapters were loaded once at start (``--lora-modules``)
+   and evicted, so its cold request reloads inside the engine step, in the request's own
+   step, which vLLM only does for an adapter it has loaded before.
+4. ``disk-reload``: loraplex on the ``disk`` store with the ``vllm`` row's engine settings,
+   every version served once first: a cold request reloads an evicted version from the
+   local blob cache (issue 15's definition of a cold load from local disk).
+5. ``vllm-resolver``: vLLM's own on-demand first load, the counterpart of loraplex's cold
+   request: the same engine settings as loraplex, no adapter named at start, and vLLM's
+   filesystem LoRA resolver (``VLLM_LORA_RESOLVER_CACHE_DIR``), which on the first request
+   for a name loads that folder with ``add_lora`` and then serves the request.
 
 Writes ``bench/results/hot_swap.json`` and the table in ``bench/README.md``.
 
-    .venv/bin/python -m bench.hot_swap                    # ~12 min on 2 cores (3 server starts)
+    .venv/bin/python -m bench.hot_swap                    # ~15 min on 2 cores (5 server starts)
     .venv/bin/python -m bench.hot_swap --swaps 10 --repeats 2   # smaller
 """
 
@@ -29,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
 import statistics
 import time
 import uuid
@@ -183,8 +194,36 @@ def run_vllm(engine: Engine, args: argparse.Namespace, folder: Path) -> dict:
         return cold_warm_preloaded(server.url, [name for name, _ in adapters])
 
 
+def run_vllm_resolver(engine: Engine, args: argparse.Namespace, folder: Path) -> dict:
+    """Cold and warm TTFT on vLLM's own server, same settings as loraplex, each cold adapter
+    loaded on its first request by vLLM's filesystem resolver. The resolver only takes an
+    adapter made for the served model's path, so each folder is copied with that path."""
+    resolver_dir = SCRATCH / f"hot_swap-resolver-{uuid.uuid4().hex[:6]}"
+    names = []
+    for name, path in adapter_paths(folder, 6 + 2 * args.repeats)[6:]:
+        shutil.copytree(path, resolver_dir / name)
+        config_path = resolver_dir / name / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(engine.base)
+        config_path.write_text(json.dumps(config))
+        names.append(name)
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir),
+    }
+    log = SCRATCH / "hot_swap-vllm-resolver.log"
+    with vllm_server(engine, [], log, env=env) as server:
+        return cold_warm_preloaded(server.url, names)
+
+
 def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path) -> dict:
+    """One loraplex server on store ``kind``; ``disk-reload``: the ``disk`` store with the
+    ``vllm`` row's 2 slots and 2 CPU-cache entries, every version served once first, so
+    that each cold request reloads an evicted version from the local blob cache."""
     root = SCRATCH / f"hot_swap-{kind}-{uuid.uuid4().hex[:6]}"
+    reload = kind == "disk-reload"
+    if reload:
+        kind, engine = "disk", dataclasses.replace(engine, max_loras=2, max_cpu_loras=2)
     with ExitStack() as stack:
         settings = store_settings(kind, root, engine, stack)
         registry = open_registry(Settings(home=root / "pusher", **settings))
@@ -204,8 +243,10 @@ def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path)
         }
         server = stack.enter_context(loraplex_server(root / "server.log", env=env, timeout=900))
         result: dict[str, Any] = {"blob_url": registry.blobs.url}
-        if kind == "disk" or args.swap_all:
+        if (kind == "disk" and not reload) or args.swap_all:
             result["hot_swap"] = hot_swap(server.url, registry, args.swaps, args.workers)
+        for version in versions if reload else []:
+            ttft(server.url, version)  # fetched into the blob cache; all but 2 evicted since
         result.update(cold_warm_preloaded(server.url, versions, registry))
         registry.close()
         return result
@@ -213,7 +254,11 @@ def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stores", default="disk,s3,vllm", help="vllm: vLLM's own server")
+    parser.add_argument(
+        "--stores",
+        default="disk,s3,vllm,vllm-resolver,disk-reload",
+        help="disk, s3, disk-reload: loraplex; vllm, vllm-resolver: vLLM's own server",
+    )
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="versions per TTFT kind")
@@ -232,6 +277,8 @@ def main() -> None:
     for kind in args.stores.split(","):
         if kind == "vllm":
             stores[kind] = run_vllm(engine, args, folder)
+        elif kind == "vllm-resolver":
+            stores[kind] = run_vllm_resolver(engine, args, folder)
         else:
             stores[kind] = run_store(kind, engine, args, folder)
         load = Path("/proc/loadavg").read_text().split()[:3]

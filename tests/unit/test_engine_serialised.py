@@ -146,3 +146,48 @@ def test_byte_budget_evicts_and_failed_loads_are_remembered(
         assert len(llm.adds) == 3  # the broken adapter never reached the engine
 
     asyncio.run(scenario())
+
+
+@dataclass
+class CallLog(StandInLLM):
+    """A stand-in that logs when each add or remove is sent and when its reply arrives."""
+
+    log: list[tuple[str, str, int]] = field(default_factory=list)
+
+    async def add_lora(self, request: Any) -> bool:
+        self.log.append(("sent", "add", request.lora_int_id))
+        result = await super().add_lora(request)
+        self.log.append(("replied", "add", request.lora_int_id))
+        return result
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        self.log.append(("sent", "remove", lora_id))
+        await asyncio.sleep(0.01)  # a slow reply: the add must not wait for it
+        result = await super().remove_lora(lora_id)
+        self.log.append(("replied", "remove", lora_id))
+        return result
+
+
+def test_an_eviction_is_sent_before_the_add_in_one_round_trip(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine, _, adapters = make(
+            model_dir, tmp_path, ["a", "b", "c"], max_loras=2, max_cpu_loras=2
+        )
+        llm = CallLog()
+        engine._llm = llm
+        for name in ("a", "b"):
+            await engine.load(adapters[name])
+        llm.log.clear()
+        await engine.load(adapters["c"])  # the cache holds two: "a" leaves
+        a_id, c_id = engine._ids.known("a@v1"), engine._ids.known("c@v1")
+        sent = [entry for entry in llm.log if entry[0] == "sent"]
+        assert sent == [("sent", "remove", a_id), ("sent", "add", c_id)]
+        # the add went out before the removal's reply, and both replied before load returned
+        assert llm.log.index(("sent", "add", c_id)) < llm.log.index(("replied", "remove", a_id))
+        assert len(llm.log) == 4
+        assert sorted(engine.residency()) == ["b@v1", "c@v1"]
+        await agree(engine)
+
+    asyncio.run(scenario())

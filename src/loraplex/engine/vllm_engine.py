@@ -294,21 +294,20 @@ class VllmEngine:
             began = time.perf_counter()
             nbytes = await asyncio.to_thread(self._fit.check, adapter)
             checked = time.perf_counter()
-            for victim in self._residency.victims(version, nbytes):
+            victims = self._residency.victims(version, nbytes)
+            for victim in victims:
                 log.info("engine: evicting adapter %s to make room for %s", victim, version)
                 self._residency.leave(victim)
                 self._stats.evictions += 1
-                await self._remove(victim)
-            evicted = time.perf_counter()
-            await self._llm.add_lora(self._request_for(adapter))
+            await self._remove_then_add(victims, adapter)
             log.debug(
-                "engine: loaded %s: fetch %.1f ms, checks %.1f ms, evictions %.1f ms, "
-                "vLLM add_lora %.1f ms",
+                "engine: loaded %s: fetch %.1f ms, checks %.1f ms, vLLM add_lora "
+                "(after %d removals) %.1f ms",
                 version,
                 adapter.fetch_seconds * 1e3,
                 (checked - began) * 1e3,
-                (evicted - checked) * 1e3,
-                (time.perf_counter() - evicted) * 1e3,
+                len(victims),
+                (time.perf_counter() - checked) * 1e3,
             )
         except (Unavailable, TooLarge):
             raise  # the cache is full or the engine is down: nothing to remember
@@ -325,6 +324,17 @@ class VllmEngine:
         self._failed.forget(version)
         self._residency.add(version, nbytes)
         return False
+
+    async def _remove_then_add(self, victims: list[str], adapter: ResolvedAdapter) -> None:
+        """Remove ``victims`` from the engine, then add ``adapter``, in one round trip: the
+        engine core runs utility calls in the order they were sent, so the removals make room
+        before the add without waiting for their replies (~2 ms a load here). Every call has
+        finished when this returns or raises (the first error, removals' first)."""
+        calls = [self._remove(victim) for victim in victims]
+        calls.append(self._llm.add_lora(self._request_for(adapter)))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     def _remember(self, version: str, error: LoraplexError) -> None:
         self._failed.record(version, error)
