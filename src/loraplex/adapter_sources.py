@@ -320,7 +320,7 @@ class RegistryAdapterSource:
         )
 
     def _checked_for(self, version: VersionRecord) -> BaseSpec | None:
-        """``spec`` if the push's validation holds for it: the version's files (sha256-checked
+        """``spec`` if the push's validation holds for it: the version's files (content-checked
         on arrival in the blob cache) passed ``validate_adapter`` at push against a base with
         this fingerprint, and its rank and size are within this server's limits."""
         spec = self.spec

@@ -7,10 +7,11 @@ import os
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 
 from loraplex.errors import InvalidAdapter, NotFound, Unavailable
-from loraplex.registry import blob_cache
+from loraplex.registry import blob_cache, blobs
 from loraplex.registry.blob_cache import BlobCache
 from loraplex.registry.blobs import LocalBlobStore, blob_key, open_blob_store
 
@@ -107,6 +108,71 @@ def test_cache_refuses_a_corrupt_blob(tmp_path: Path) -> None:
     with pytest.raises(Unavailable, match="arrived with sha256"):
         cache.folder("d" * 64, {"adapter_model.safetensors": digest})
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def _stored_blob(tmp_path: Path) -> tuple[LocalBlobStore, str, Path]:
+    """A store holding one 100-byte blob: the store, the blob's digest, its BLAKE3 file."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = _blob(store, tmp_path, b"w" * 100)
+    return store, digest, (tmp_path / "blobs" / blob_key(digest)).with_name(f"{digest}.blake3")
+
+
+def test_a_link_is_checked_against_the_blobs_blake3_not_its_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, digest, fast = _stored_blob(tmp_path)
+    assert fast.read_text() == blake3.blake3(b"w" * 100).hexdigest()  # written by put
+    assert dict(store.stored()).keys() == {digest}  # not a blob itself
+
+    def no_sha256(path: Path) -> str:
+        raise AssertionError("the sha256 was read")
+
+    monkeypatch.setattr(blobs, "sha256_file", no_sha256)
+    store.link(digest, tmp_path / "linked")
+    assert (tmp_path / "linked").read_bytes() == b"w" * 100
+    store.delete(digest)
+    assert not fast.exists()
+
+
+@pytest.mark.parametrize("damage", [b"x" * 100, b"w" * 99, b"w" * 101])
+def test_a_corrupt_or_truncated_blob_with_a_blake3_file_is_refused(
+    tmp_path: Path, damage: bytes
+) -> None:
+    store, digest, _ = _stored_blob(tmp_path)
+    (tmp_path / "blobs" / blob_key(digest)).write_bytes(damage)
+    with pytest.raises(Unavailable, match="the stored blob is corrupt"):
+        store.link(digest, tmp_path / "linked")
+    assert not (tmp_path / "linked").exists()
+
+
+@pytest.mark.parametrize("recorded", [None, "0" * 64, "\udcff"])
+def test_a_missing_or_wrong_blake3_file_falls_back_to_the_sha256_and_is_rewritten(
+    tmp_path: Path, recorded: str | None
+) -> None:
+    store, digest, fast = _stored_blob(tmp_path)
+    if recorded is None:
+        fast.unlink()  # a blob stored before the BLAKE3 files were kept
+    else:
+        fast.write_bytes(recorded.encode(errors="surrogateescape"))
+    store.link(digest, tmp_path / "linked")
+    assert (tmp_path / "linked").read_bytes() == b"w" * 100
+    assert fast.read_text() == blake3.blake3(b"w" * 100).hexdigest()
+
+
+def test_a_store_this_process_cannot_write_still_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, digest, fast = _stored_blob(tmp_path)
+    fast.unlink()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(blobs.os, "replace", read_only)
+    store.link(digest, tmp_path / "linked")
+    assert (tmp_path / "linked").read_bytes() == b"w" * 100
+    assert not fast.exists()
+    assert [p.name for p in fast.parent.iterdir()] == [digest]  # no temporary file left
 
 
 def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:

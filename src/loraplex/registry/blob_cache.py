@@ -2,8 +2,9 @@
 
 Each entry is a folder named by the version's content digest holding the version's files
 under their PEFT names, so the engine can load it as it is. A version's files are fetched in
-parallel (hard-linked from a local store) and sha256-verified on arrival, and the folder
-appears atomically (rename), so a half-fetched entry is never seen.
+parallel (hard-linked from a local store) and checked on arrival (sha256; from a local store
+the BLAKE3 kept beside the blob, see ``blobs``), and the folder appears atomically (rename),
+so a half-fetched entry is never seen.
 Past ``max_bytes`` the least recently used entries are removed (use touches the folder).
 The folder is scanned for that only when this process's running total says the bound may be
 passed, or when its last scan is ``RESCAN_SECONDS`` old (other processes fill it too): a scan
