@@ -16,6 +16,7 @@ Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON
 from __future__ import annotations
 
 import json
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,14 +155,22 @@ def test_a_served_hot_adapter_is_merged_and_answers_as_before(
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["text"]
 
+        def hot_metrics() -> list[str]:
+            lines = client.get("/metrics").text.splitlines()
+            return [line for line in lines if line.startswith("loraplex_hot_")]
+
         before = {model: complete(model) for model in ("pirate", TEST_BASE_NAME)}
         assert "into the base weights" not in server.log_path.read_text()
+        assert hot_metrics() == ["loraplex_hot_merges_total 0.0", "loraplex_hot_unmerges_total 0.0"]
         # the pirate's traffic alone, ~800 tokens: decided after ~30 steps, packed in ~30 more
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: complete("pirate", f"Story {i}:", 96), range(8)))
         assert "into the base weights" in server.log_path.read_text()
         after = {model: complete(model) for model in ("pirate", TEST_BASE_NAME)}
         assert "unmerged LoRA" not in server.log_path.read_text()  # still merged
+        merged, *counts = hot_metrics()
+        assert re.fullmatch(r'loraplex_hot_merged\{version="pirate@[\w-]+"\} 1\.0', merged)
+        assert counts == ["loraplex_hot_merges_total 1.0", "loraplex_hot_unmerges_total 0.0"]
     assert after == before
     assert before["pirate"] != before[TEST_BASE_NAME]
 

@@ -104,5 +104,8 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return self.engine_stats
 
+    async def refresh_stats(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         self.stopped = True

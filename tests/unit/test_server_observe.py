@@ -72,6 +72,8 @@ async def test_metrics_after_known_traffic(serve: Serve, engine: FakeEngine) -> 
         assert_error(missing, 404, "model_not_found")
         engine.engine_stats.evictions = 3
         engine.engine_stats.kv_cache_usage = 0.25
+        engine.engine_stats.hot_merged = "sales@v1"
+        engine.engine_stats.hot_merges, engine.engine_stats.hot_unmerges = 2, 1
         text = (await client.get("/metrics")).text
     sales = engine.loads[0]
     ok = {"route": "/v1/chat/completions", "status": "200", "tenant": "anonymous"}
@@ -94,6 +96,9 @@ async def test_metrics_after_known_traffic(serve: Serve, engine: FakeEngine) -> 
     assert value(text, "loraplex_adapters_resident", tier="cpu") == 2
     assert value(text, "loraplex_adapter_cache_evictions_total") == 3
     assert value(text, "loraplex_engine_kv_cache_usage_ratio") == 0.25
+    assert value(text, "loraplex_hot_merged", version="sales@v1") == 1
+    assert value(text, "loraplex_hot_merges_total") == 2
+    assert value(text, "loraplex_hot_unmerges_total") == 1
     assert value(text, "loraplex_live") == 1
     assert value(text, "loraplex_base_model_info", name=BASE) == 1
     assert "loraplex_build_info{" in text

@@ -66,6 +66,9 @@ class EngineStats:
     waiting: int = 0  # sequences queued in the engine
     kv_cache_usage: float = 0.0  # fraction of the KV cache in use
     evictions: int = 0  # adapter versions evicted to make room for others, since start
+    hot_merged: str | None = None  # the version served merged into the base weights now
+    hot_merges: int = 0  # hot-adapter merges since start (merge_hot on)
+    hot_unmerges: int = 0
 
 
 class Engine(Protocol):
@@ -116,7 +119,11 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats:
-        """Scheduler state and adapter evictions, for /metrics."""
+        """Scheduler state, adapter evictions and hot merges, for /metrics."""
+        ...
+
+    async def refresh_stats(self) -> None:
+        """Update what ``stats`` reports that the engine tells only when asked (a scrape)."""
         ...
 
     def shutdown(self) -> None:

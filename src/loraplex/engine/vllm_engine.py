@@ -71,6 +71,13 @@ def inline_cpu_worker(cpu_worker: str) -> bool:
     return not os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
 
 
+HOT_MERGE_REPORT = "loraplex.fastlora.worker_extension.HotMergeReport"
+
+#: How long a /metrics scrape waits for the engine's hot-merge report (it is answered between
+#: engine steps); past it the last report is shown.
+HOT_MERGE_REPORT_SECONDS = 2.0
+
+
 def engine_args(settings: Settings, model_dir: str) -> Any:
     """vLLM ``AsyncEngineArgs`` from loraplex settings."""
     import torch
@@ -104,6 +111,8 @@ def engine_args(settings: Settings, model_dir: str) -> Any:
         max_logprobs=settings.max_logprobs,
         enforce_eager=settings.enforce_eager,
         disable_log_stats=False,  # scheduler stats feed /metrics (scheduler_stats.py)
+        # what the hot-adapter merge is doing, for /metrics (collective_rpc)
+        worker_extension_cls=HOT_MERGE_REPORT if settings.merge_hot == "on" else "",
     )
 
 
@@ -420,6 +429,21 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    async def refresh_stats(self) -> None:
+        """Ask the engine's worker what the hot-adapter merge is doing (``merge_hot`` on)."""
+        if self.settings.merge_hot != "on":
+            return
+        try:
+            async with asyncio.timeout(HOT_MERGE_REPORT_SECONDS):
+                (report, *_) = await self._llm.collective_rpc("loraplex_hot_merge")
+        except Exception as exc:  # noqa: BLE001 - a scrape shows the last report instead
+            log.warning("engine: no hot-merge report for /metrics: %r", exc)
+            return
+        merged = report["merged"]
+        self._stats.hot_merged = None if merged is None else self._ids.version_of(merged)
+        self._stats.hot_merges = report["merges"]
+        self._stats.hot_unmerges = report["unmerges"]
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -82,6 +82,7 @@ async def registry_state(source: Any) -> dict[str, Any]:
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of the server's metrics."""
     await request.app.state.auth.require_metrics(request)
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    metrics = request.app.state.metrics
+    if metrics.engine.engine is not None:
+        await metrics.engine.engine.refresh_stats()
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

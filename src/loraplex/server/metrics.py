@@ -83,7 +83,8 @@ class HitWindow:
 
 
 class EngineCollector(Collector):
-    """Residency, evictions and scheduler state, read from the engine at scrape time."""
+    """Residency, evictions, scheduler state and hot merges, read from the engine at scrape
+    time."""
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
@@ -108,6 +109,17 @@ class EngineCollector(Collector):
         kv = GaugeMetricFamily(
             "loraplex_engine_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1)."
         )
+        merged = GaugeMetricFamily(
+            "loraplex_hot_merged",
+            "1 for the adapter version served merged into the base weights (merge_hot).",
+            labels=["version"],
+        )
+        merges = CounterMetricFamily(
+            "loraplex_hot_merges", "Hot adapters merged into the base weights (merge_hot)."
+        )
+        unmerges = CounterMetricFamily(
+            "loraplex_hot_unmerges", "Hot adapters unmerged from the base weights (merge_hot)."
+        )
         engine = self.engine
         if engine is not None:
             states = list(engine.residency().values())
@@ -119,7 +131,11 @@ class EngineCollector(Collector):
             running.add_metric([], stats.running)
             waiting.add_metric([], stats.waiting)
             kv.add_metric([], stats.kv_cache_usage)
-        yield from (resident, pinned, evictions, running, waiting, kv)
+            if stats.hot_merged is not None:
+                merged.add_metric([stats.hot_merged], 1)
+            merges.add_metric([], stats.hot_merges)
+            unmerges.add_metric([], stats.hot_unmerges)
+        yield from (resident, pinned, evictions, running, waiting, kv, merged, merges, unmerges)
 
 
 class AdmissionCollector(Collector):
