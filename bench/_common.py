@@ -161,21 +161,21 @@ def vllm_server(
 ) -> Iterator[RunningServer]:
     """vLLM's own OpenAI server with the same engine settings and adapters, until the block
     ends; ``env`` adds to its environment."""
-    env = {
+    server_env = {
         **(env or {}),
         "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
         "LORAPLEX_FAST_LORA": engine.fast_lora,
     }
     if engine.cpu_worker == "inline":
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        env["OMP_NUM_THREADS"] = os.environ.get(
+        server_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        server_env["OMP_NUM_THREADS"] = os.environ.get(
             "OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)))
         )  # unset, vLLM would run the model on one thread (as loraplex's engine_args says)
     with reserved_port() as port:
         command = vllm_command(engine, port, adapters, enable_lora, extra)
         url = f"http://127.0.0.1:{port}"
         with running_server(
-            command, log, url=url, env=env, ready_path="/health", timeout=timeout
+            command, log, url=url, env=server_env, ready_path="/health", timeout=timeout
         ) as server:
             yield server
 

@@ -70,9 +70,15 @@ class StandInLLM:
             yield SimpleNamespace(outputs=[choice], num_cached_tokens=0)
 
 
-def make(model_dir: Path, tmp_path: Path, names: list[str], **settings: Any):
+def make(
+    model_dir: Path,
+    tmp_path: Path,
+    names: list[str],
+    llm: StandInLLM | None = None,
+    **settings: Any,
+):
     dims = BaseDims.from_model_dir(model_dir)
-    llm = StandInLLM()
+    llm = llm or StandInLLM()
     engine = VllmEngine(load_settings(max_lora_rank=16, **settings), str(model_dir), llm=llm)
     adapters = {}
     for seed, name in enumerate(names):
@@ -172,11 +178,9 @@ def test_an_eviction_is_sent_before_the_add_in_one_round_trip(
     model_dir: Path, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        engine, _, adapters = make(
-            model_dir, tmp_path, ["a", "b", "c"], max_loras=2, max_cpu_loras=2
+        engine, llm, adapters = make(
+            model_dir, tmp_path, ["a", "b", "c"], CallLog(), max_loras=2, max_cpu_loras=2
         )
-        llm = CallLog()
-        engine._llm = llm
         for name in ("a", "b"):
             await engine.load(adapters[name])
         llm.log.clear()

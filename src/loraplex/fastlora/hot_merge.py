@@ -82,23 +82,24 @@ class HotMerge:
 
     def _slot_of(self, lora_id: int, lora_ids: list[int | None]) -> tuple[int, int] | None:
         """(LoRA id, write count of its slot), or None when the adapter has no slot."""
-        if lora_id not in lora_ids:
-            return None
-        slot = lora_ids.index(lora_id)
+        slot = _index(lora_ids, lora_id)
+        return None if slot is None else self._key(lora_id, slot)
+
+    def _key(self, lora_id: int, slot: int) -> tuple[int, int]:
+        """(LoRA id, write count of ``slot``): changes when the slot is written again."""
         stamp = self._writes.stamp
         return (lora_id, stamp[slot] if slot < len(stamp) else 0)
 
     def _merge(self, lora_id: int, lora_ids: list[int | None], layers: list[Any]) -> None:
         """Start merging ``lora_id``, or go on packing it; apply it once every layer is."""
         if self._merged is None:
-            slot_key = self._slot_of(lora_id, lora_ids)
-            if slot_key is None:
+            slot = _index(lora_ids, lora_id)
+            if slot is None:
                 return
-            slot = lora_ids.index(lora_id)
             merges = self._merges(slot, layers)
             if merges is None:
                 return
-            self._merged, self._merged_as = MergedSlot(merges, slot), slot_key
+            self._merged, self._merged_as = MergedSlot(merges, slot), self._key(lora_id, slot)
         merged = self._merged
         try:
             packed = merged.prepare(MERGE_SECONDS_PER_STEP)
@@ -151,3 +152,11 @@ class HotMerge:
             self.events.append(("unmerge", self._merged_as[0], self.steps))
             logger.info("unmerged LoRA %d", self._merged_as[0])
         self._merged, self._merged_as = None, None
+
+
+def _index(lora_ids: list[int | None], lora_id: int) -> int | None:
+    """The slot holding ``lora_id``, or None."""
+    try:
+        return lora_ids.index(lora_id)
+    except ValueError:
+        return None
