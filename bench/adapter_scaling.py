@@ -3,6 +3,9 @@
 Makes random rank-r PEFT adapters, starts one ``loraplex serve`` (engine slots ``max_loras``,
 CPU cache ``max_cpu_loras``), then runs the same seeded streamed workload with requests
 spread over N adapters (Zipf popularity) for each N, and over the base model alone (N=0).
+Before each N, every one of its adapters gets one short request, so both servers start the
+measured part with them loaded: vLLM's own server loads its ``--lora-modules`` at start, and
+what a first load costs is ``hot_swap``'s measure, not this one's.
 Reports each N's throughput and p99 as ratios to the base model's, and the adapter cache hit
 ratio from ``/metrics``. Writes ``bench/results/adapter_scaling.json`` + ``.png`` and the
 table in ``bench/README.md``. Small defaults run in a few minutes on 2 cores.
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any
+
+import httpx
 
 from bench._common import (
     RESULTS,
@@ -71,7 +76,15 @@ def main() -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=32)
     add_workload_options(parser)
     parser.add_argument("--server", choices=["loraplex", "vllm"], default="loraplex")
+    parser.add_argument(
+        "--merge-hot",
+        action="store_true",
+        help="loraplex with merge_hot on (an adapter carrying most tokens is merged into the "
+        "base weights); results and README table of their own",
+    )
     args = parser.parse_args()
+    if args.merge_hot and args.server != "loraplex":
+        parser.error("--merge-hot is a loraplex setting")
 
     counts = sorted({int(c) for c in args.counts.split(",")})
     targets = list(LINEAR_PROJECTIONS) if args.targets == "all-linear" else args.targets.split(",")
@@ -100,7 +113,9 @@ def main() -> None:
     }
     log = SCRATCH / f"scaling-{args.server}.log"
     server = (
-        loraplex_server(engine, folder, log)
+        loraplex_server(
+            engine, folder, log, {"LORAPLEX_MERGE_HOT": "on"} if args.merge_hot else None
+        )
         if args.server == "loraplex"
         else vllm_server(engine, adapter_paths(folder, max(counts)), log)
     )
@@ -108,6 +123,7 @@ def main() -> None:
     points: dict[str, dict[str, Any]] = {}
     with server as running:
         for n in [0, *counts]:
+            _load(running.url, names[:n])
             report = measure(
                 running.url, adapter_names=names[:n], adapters=n, base_model=SERVED_NAME, **common
             )
@@ -123,11 +139,19 @@ def main() -> None:
         "points": points,
         "runs": reports,
     }
-    name = "adapter_scaling" if args.server == "loraplex" else f"adapter_scaling_{args.server}"
+    name = _name(args)
     path = write_result(name, result)
     _plot(points, name)
     _readme(points, args, targets)
     print(f"wrote {path}")
+
+
+def _load(url: str, names: list[str]) -> None:
+    """One one-token request per adapter, in turn (not measured)."""
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for name in names:
+            body = {"model": name, "prompt": "Hello", "max_tokens": 1}
+            client.post("/v1/completions", json=body).raise_for_status()
 
 
 def _plot(points: dict[str, dict[str, Any]], name: str) -> None:
@@ -163,13 +187,22 @@ def _readme(points: dict, args: argparse.Namespace, targets: list[str]) -> None:
             f"| {p.get('e2e_p99_vs_base', 1.0)} | {p['cache_hit_ratio']} | {p['success_rate']} |"
         )
     head = (
-        f"Machine: {machine_line()}. Server: {args.server}. Workload per point: "
+        f"Machine: {machine_line()}. Server: {args.server}"
+        f"{' (merge_hot on)' if args.merge_hot else ''}. Workload per point: "
         f"{args.requests} streamed requests, concurrency {args.concurrency}, {args.max_tokens} "
         f"max tokens, Zipf {args.zipf}; adapters rank {args.rank} on {','.join(targets)}; "
         f"max_loras {args.max_loras}, max_cpu_loras {args.max_cpu_loras}, {args.dtype}. "
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
     )
-    update_readme(f"adapter_scaling_{args.server}", head + "\n\n" + "\n".join(rows))
+    section = f"adapter_scaling_{args.server}{'_merge_hot' if args.merge_hot else ''}"
+    update_readme(section, head + "\n\n" + "\n".join(rows))
+
+
+def _name(args: argparse.Namespace) -> str:
+    """The results file's name: ``adapter_scaling`` for loraplex, with ``_vllm`` for vLLM's
+    server or ``_merge_hot`` for loraplex with merge_hot on."""
+    suffix = "_vllm" if args.server == "vllm" else "_merge_hot" if args.merge_hot else ""
+    return f"adapter_scaling{suffix}"
 
 
 if __name__ == "__main__":
