@@ -66,7 +66,7 @@ def patterns(slots, gen):
 def use_onednn(request) -> bool:
     """Both matmul back ends: torch.matmul, and vLLM's prepacked oneDNN GEMM (when present)."""
     if request.param and not LoraWeights().uses_onednn:
-        pytest.skip("vLLM's oneDNN GEMM is not available here")
+        pytest.skip("vLLM's oneDNN GEMM cannot pack bf16 on this CPU (needs AVX-512)")
     return request.param
 
 

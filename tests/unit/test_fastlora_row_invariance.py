@@ -1,5 +1,5 @@
 """``row_invariance``: a 16-bit linear layer's row has the same bits alone and in a batch,
-through vLLM's real CPU linear dispatch (oneDNN)."""
+through vLLM's real CPU linear dispatch (oneDNN; ``torch`` on a CPU without AVX-512)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def dispatched_layer(weight: torch.Tensor) -> torch.nn.Module:
 
 
 def first_row(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return layer.cpu_linear(x.contiguous(), None, None)[0]
+    return layer.cpu_linear(x.contiguous(), layer.weight, None)[0]
 
 
 @pytest.fixture
@@ -51,9 +51,9 @@ def test_one_row_alone_equals_that_row_in_a_batch_in_bf16(original_dispatch) -> 
         alone = first_row(layer, x[:1])
         for rows in (2, 3, 8):
             assert torch.equal(alone, first_row(layer, x[:rows]))
-        assert layer.cpu_linear(x, None, None).shape == (8, N)
+        assert layer.cpu_linear(x, layer.weight, None).shape == (8, N)
     if all(torch.equal(a, b) for a, b in zip(plain, plain_batched, strict=True)):
-        pytest.skip("this CPU's oneDNN computes one row as it does in a batch: nothing to fix")
+        pytest.skip("this CPU's linear computes one row as it does in a batch: nothing to fix")
 
 
 def test_fp32_layers_are_left_as_vllm_built_them(original_dispatch) -> None:
@@ -61,4 +61,4 @@ def test_fp32_layers_are_left_as_vllm_built_them(original_dispatch) -> None:
     layer = dispatched_layer(torch.randn(N, K))
     x = torch.randn(3, K)
     assert layer.cpu_linear.__qualname__.startswith("dispatch_cpu_unquantized_gemm")
-    assert layer.cpu_linear(x, None, None).shape == (3, N)
+    assert layer.cpu_linear(x, layer.weight, None).shape == (3, N)

@@ -56,7 +56,7 @@ def test_weights_of_unwritten_slots_are_kept_without_a_copy(monkeypatch):
     writes = SlotWrites()
     cache = LoraWeights(writes=writes)
     if not cache.uses_onednn:
-        pytest.skip("vLLM's oneDNN GEMM is not available here")
+        pytest.skip("vLLM's oneDNN GEMM cannot pack bf16 on this CPU (needs AVX-512)")
     gen = torch.Generator().manual_seed(6)
     a = torch.zeros(2, 1, 4, 8, dtype=torch.bfloat16)  # a prepacked dtype
     x = torch.randn(3, 8, generator=gen, dtype=torch.bfloat16)
@@ -186,7 +186,7 @@ def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkey
     watch_activations(Watched)
     wrapper = FastPunicaWrapperCPU(16, 4, "cpu")
     if not wrapper._weights.uses_onednn:
-        pytest.skip("vLLM's oneDNN GEMM is not available here")
+        pytest.skip("vLLM's oneDNN GEMM cannot pack bf16 on this CPU (needs AVX-512)")
     packs = []
     onednn = wrapper._weights._onednn
     counting = SimpleNamespace(

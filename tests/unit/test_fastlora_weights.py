@@ -38,7 +38,7 @@ class CountingOneDnn:
 def weights(monkeypatch) -> tuple[LoraWeights, CountingOneDnn]:
     cache = LoraWeights()
     if not cache.uses_onednn:
-        pytest.skip("vLLM's oneDNN GEMM is not available here")
+        pytest.skip("vLLM's oneDNN GEMM cannot pack bf16 on this CPU (needs AVX-512)")
     counting = CountingOneDnn(cache._onednn)
     monkeypatch.setattr(cache, "_onednn", counting)
     return cache, counting

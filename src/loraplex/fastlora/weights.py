@@ -6,7 +6,8 @@
   oneDNN GEMM with the weight prepacked once (what vLLM does for its own linear layers): small
   LoRA GEMMs through ``torch.matmul`` in bf16 cost ~2x more. In float32 through
   ``torch.matmul`` (MKL's sgemm is as fast there, and a load then packs nothing), and where
-  vLLM's oneDNN op is missing or the dtypes differ.
+  vLLM's oneDNN op is missing, cannot multiply bf16 on this CPU (no AVX-512: vLLM's own
+  layers fall back to ``torch`` there too) or the dtypes differ.
 
 vLLM loads an adapter into a slot with in-place copies, which bump the version counter that
 all views of the stacked tensor share, so a moved counter says that *some* slot changed, not
@@ -22,6 +23,7 @@ This module does not decide which rows use which slot (``plan``) nor add into ou
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +45,20 @@ def slots(stacked: torch.Tensor) -> torch.Tensor:
     return stacked[:, 0] if stacked.dim() == 4 else stacked
 
 
+@functools.cache
 def _onednn() -> Any | None:
+    """vLLM's oneDNN ops where they can pack a bf16 weight on this CPU, else None."""
     try:
         from vllm import _custom_ops
     except ImportError:
         return None
-    return _custom_ops if getattr(_custom_ops, "_supports_onednn", False) else None
+    if not getattr(_custom_ops, "_supports_onednn", False):
+        return None
+    try:
+        _custom_ops.create_onednn_mm(torch.ones(16, 16, dtype=torch.bfloat16), 32)
+    except RuntimeError:  # "could not create a primitive descriptor": an AVX2-only CPU
+        return None
+    return _custom_ops
 
 
 @dataclass
