@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from onednn_stand_in import onednn_ops
 
 from loraplex.fastlora import weights as weights_module
 from loraplex.fastlora.live import LiveSlots
@@ -55,8 +56,7 @@ def test_live_rescans_the_written_slot_only_and_everything_when_it_heard_nothing
 def test_weights_of_unwritten_slots_are_kept_without_a_copy(monkeypatch):
     writes = SlotWrites()
     cache = LoraWeights(writes=writes)
-    if not cache.uses_onednn:
-        pytest.skip("vLLM's oneDNN GEMM cannot pack bf16 on this CPU (needs AVX-512)")
+    monkeypatch.setattr(cache, "_onednn", onednn_ops(cache._onednn))
     gen = torch.Generator().manual_seed(6)
     a = torch.zeros(2, 1, 4, 8, dtype=torch.bfloat16)  # a prepacked dtype
     x = torch.randn(3, 8, generator=gen, dtype=torch.bfloat16)
@@ -185,10 +185,8 @@ def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkey
 
     watch_activations(Watched)
     wrapper = FastPunicaWrapperCPU(16, 4, "cpu")
-    if not wrapper._weights.uses_onednn:
-        pytest.skip("vLLM's oneDNN GEMM cannot pack bf16 on this CPU (needs AVX-512)")
     packs = []
-    onednn = wrapper._weights._onednn
+    onednn = onednn_ops(wrapper._weights._onednn)
     counting = SimpleNamespace(
         create_onednn_mm=lambda w, batch: (
             packs.append(w.shape) or onednn.create_onednn_mm(w, batch)
