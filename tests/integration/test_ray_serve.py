@@ -352,32 +352,38 @@ def test_killed_replica_is_replaced_and_loses_no_request_that_had_not_started(
         "ignore_eos": True,  # so a request in progress cannot end before the kill
         "temperature": 0,
     }
-    # the victim is the replica serving this stream, long enough to outlast the requests below
+    # the victim is the replica serving this stream (500 tokens: ~36 s on a slow 2-core
+    # machine). Six requests are kept in flight from before it starts, so that one of them
+    # runs beside it on the victim within seconds, long before the stream could end.
     streamed = {**body, "max_tokens": 500, "stream": True}
     url = ray_server.url + "/v1/completions"
-    with httpx.stream("POST", url, json=streamed, headers=auth(), timeout=300) as stream:
-        assert stream.status_code == 200
-        victim = stream.headers[REPLICA_HEADER]
-        events = (line for line in stream.iter_lines() if line.startswith("data: "))
-        assert "choices" in json.loads(next(events)[len("data: ") :])  # it has started
-        victim_metrics = replica_metrics(ray_server)[victim]
-        with ThreadPoolExecutor(6) as pool:
-            running: list = []
-            deadline = time.monotonic() + 300
-            # the stream and at least one of these requests. The router may send a whole wave
-            # to the other, less loaded replica: then another wave goes out.
+    with ThreadPoolExecutor(6) as pool:
+        running: list = []
+
+        def keep_six_in_flight() -> None:
+            missing = 6 - sum(not future.done() for future in running)
+            running.extend(
+                pool.submit(httpx.post, url, json=body, headers=auth(), timeout=300)
+                for _ in range(missing)
+            )
+
+        keep_six_in_flight()
+        with httpx.stream("POST", url, json=streamed, headers=auth(), timeout=300) as stream:
+            assert stream.status_code == 200
+            victim = stream.headers[REPLICA_HEADER]
+            events = (line for line in stream.iter_lines() if line.startswith("data: "))
+            assert "choices" in json.loads(next(events)[len("data: ") :])  # it has started
+            started = time.monotonic()
+            victim_metrics = replica_metrics(ray_server)[victim]
+            # the stream and at least one of the requests
             while metric_sum(victim_metrics, "loraplex_requests_in_flight", ADMIN_KEY) < 2:
-                assert time.monotonic() < deadline, "no request reached the replica to kill"
-                if all(f.done() for f in running):
-                    running += [
-                        pool.submit(httpx.post, url, json=body, headers=auth(), timeout=300)
-                        for _ in range(6)
-                    ]
+                assert time.monotonic() - started < 20, "no request reached the replica to kill"
+                keep_six_in_flight()
                 time.sleep(0.2)
             processes[victim].kill()
             processes[victim].wait(60)
             during = [future.result() for future in running]
-        rest = list(events)  # ends, never hangs (or httpx's read timeout fails the test)
+            rest = list(events)  # ends, never hangs (or httpx's read timeout fails the test)
     assert rest[-1] == "data: [DONE]", rest[-3:]
     cut = json.loads(rest[-2][len("data: ") :])
     assert cut.get("error", {}).get("code") == "unavailable", rest[-3:]
