@@ -42,9 +42,9 @@ MIXED_PROMPTS = ["Tell me about Paris.", "What is two plus two?", "Describe a fo
 
 def _wrapper_state(worker, merging: bool | None = None) -> dict:
     """In the engine's worker: switch merging (when given) and report steps and switches."""
-    from loraplex.fastlora.punica import _WRAPPERS
+    from loraplex.fastlora.punica import wrappers
 
-    (wrapper,) = _WRAPPERS.values()
+    (wrapper,) = wrappers()
     if merging is not None:
         wrapper.hot_merge.set_enabled(merging)
     return {"steps": wrapper.hot_merge.steps, "events": list(wrapper.hot_merge.events)}

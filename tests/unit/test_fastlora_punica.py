@@ -201,3 +201,27 @@ def test_slices_and_slots_with_zero_weights_are_left_out(name, monkeypatch):
     used = tuple(sorted({s for s in slots_of(ids) if s >= 0}))
     assert used == (0, 1, 2)
     assert calls == [(0, (0, 1, 2)), (2, (0, 2))]
+
+
+def test_a_slice_written_between_steps_of_one_mapping_is_computed_again():
+    """The layer's work is cached per step mapping, and a weight write (an adapter loaded
+    into a slot while the mapping stays) is seen: a slice that was zero and is now written
+    adds its delta, and one zeroed again adds none."""
+    ids = TOKENS["decode mixed"]
+    gen = torch.Generator().manual_seed(5)
+    a, b = stacked(gen)
+    written_a, written_b = a[1].clone(), b[1].clone()
+    a[1].zero_()
+    b[1].zero_()
+    x = torch.randn(len(ids), D_IN, generator=gen)
+    y = torch.randn(len(ids), sum(SLICES), generator=gen)
+    fast, _ = wrappers(ids, ids)
+    for _ in range(2):
+        for write in (None, (written_a, written_b), (torch.zeros_like(a[1]), written_b)):
+            if write is not None:
+                a[1].copy_(write[0])
+                b[1].copy_(write[1])
+            got = y.clone()
+            fast.add_lora_linear(got, x, a, b, 0.5, SLICES)
+            want = reference(y, x, a, b, slots_of(ids), scale=0.5)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

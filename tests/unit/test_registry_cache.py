@@ -134,6 +134,17 @@ def test_a_link_is_checked_against_the_blobs_blake3_not_its_sha256(
     assert not fast.exists()
 
 
+def test_put_writes_the_blake3_from_the_copy_without_reading_the_blob_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_second_read(path: Path) -> str:
+        raise AssertionError("the stored blob was read again for its BLAKE3")
+
+    monkeypatch.setattr(blobs, "blake3_file", no_second_read)
+    _store, _digest, fast = _stored_blob(tmp_path)
+    assert fast.read_text() == blake3.blake3(b"w" * 100).hexdigest()
+
+
 @pytest.mark.parametrize("damage", [b"x" * 100, b"w" * 99, b"w" * 101])
 def test_a_corrupt_or_truncated_blob_with_a_blake3_file_is_refused(
     tmp_path: Path, damage: bytes

@@ -37,19 +37,17 @@ def lora_linear(
     y_cols = y.narrow(1, offset, size)
     for slot, start, stop in plan.direct:
         h = weights.matmul(x[start:stop], lora_a, False, slot, 1, size)
-        if scale != 1.0:
-            h.mul_(scale)
-        _add(y_cols[start:stop], weights.matmul(h, lora_b, True, slot, 1, size))
+        weights.add_matmul(y_cols[start:stop], h, lora_b, True, slot, 1, size, scale)
     packed = plan.packed
     if packed is None:
         return
     lo, span = packed.lo, packed.span
     h = weights.matmul(x[packed.rows], lora_a, False, lo, span, size)
     h.mul_(packed.mask(rank, h.dtype, scale))
-    delta = weights.matmul(h, lora_b, True, lo, span, size)
     if isinstance(packed.rows, slice):
-        _add(y_cols[packed.rows], delta)
+        weights.add_matmul(y_cols[packed.rows], h, lora_b, True, lo, span, size)
     else:
+        delta = weights.matmul(h, lora_b, True, lo, span, size)
         y_cols.index_add_(0, packed.rows, delta.to(y.dtype))
 
 

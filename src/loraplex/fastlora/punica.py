@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,6 +48,11 @@ _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
 _KEYS = itertools.count(1)
 
 
+def wrappers() -> list[FastPunicaWrapperCPU]:
+    """The punica wrappers of this process (one per LoRA model manager)."""
+    return list(_WRAPPERS.values())
+
+
 class FastPunicaWrapperCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU whose LoRA matmuls read adapter weights in place."""
 
@@ -68,6 +73,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._linear_plans: tuple[LoraPlan, LoraPlan | None] = (self._token_plan, None)
         self._linear_indices: tuple[torch.Tensor, torch.Tensor] | None = None
         self._resized_linear: dict[int, tuple[LoraPlan, LoraPlan]] = {}
+        self._jobs: dict[int, tuple] = {}
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -136,7 +142,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         return resized
 
     def _token(self, num_rows: int) -> LoraPlan:
-        return self._fit(self._token_plan, self.token_lora_indices, num_rows, "token")
+        return self._fit(self._token_plan, lambda: self.token_lora_indices, num_rows, "token")
 
     def _sampler(self, num_rows: int) -> LoraPlan:
         """The plan of the lm_head LoRA for ``num_rows`` rows of hidden states.
@@ -153,22 +159,25 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
             return self._token_plan  # logits of every token (prompt logprobs): token mapping
         if self._sampler_plan is None:
             self._sampler_plan = LoraPlan.build(self.sampler_indices)
-        return self._fit(self._sampler_plan, self.sampler_indices, num_rows, "sampler")
+        return self._fit(self._sampler_plan, lambda: self.sampler_indices, num_rows, "sampler")
 
-    def _fit(self, plan: LoraPlan, indices: torch.Tensor, num_rows: int, kind: str) -> LoraPlan:
+    def _fit(
+        self, plan: LoraPlan, indices: Callable[[], torch.Tensor], num_rows: int, kind: str
+    ) -> LoraPlan:
         """The step's plan for ``num_rows`` input rows; never raises in the forward pass.
 
         vLLM maps one slot per row. Should a step's rows and mapping ever differ (padding,
         or logits for more rows than requests), rows beyond the mapping get no adapter and
         a longer mapping is cut to the rows: an exception here would fail every request in
-        the batch and the engine with it.
+        the batch and the engine with it. ``indices`` is read only then (vLLM slices it on
+        every read).
         """
         if num_rows == plan.num_tokens:
             return plan
         key = (kind, num_rows)
         resized = self._resized.get(key)
         if resized is None:
-            resized = LoraPlan.build(_resize(indices, num_rows))
+            resized = LoraPlan.build(_resize(indices(), num_rows))
             self._resized[key] = resized
         return resized
 
@@ -225,16 +234,45 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         plan, subtract = self._linear(x.shape[0])
         if plan.empty and (subtract is None or subtract.empty):
             return
+        for job in self._layer_jobs(plan, subtract, lora_a_stacked, lora_b_stacked, output_slices):
+            sub, lora_a, lora_b, sign, offset, size = job
+            ops.lora_linear(sub, y, x, lora_a, lora_b, sign * scale, offset, size, self._weights)
+
+    def _layer_jobs(
+        self,
+        plan: LoraPlan,
+        subtract: LoraPlan | None,
+        lora_a_stacked: list[torch.Tensor],
+        lora_b_stacked: list[torch.Tensor],
+        output_slices: list[int],
+    ) -> list[tuple[LoraPlan, torch.Tensor, torch.Tensor, float, int, int]]:
+        """What ``run_linear`` computes for one layer in this step: ``(plan, A, B, sign,
+        offset, size)`` per slice with live slots (sign -1: the merged adapter taken out).
+        Cached per layer until the plans change or vLLM writes any of its weights."""
+        versions = tuple(t._version for t in lora_a_stacked) + tuple(
+            t._version for t in lora_b_stacked
+        )
+        first = lora_a_stacked[0]
+        hit = self._jobs.get(first.data_ptr())
+        if (
+            hit is not None
+            and hit[0] is first
+            and hit[1] is plan
+            and hit[2] is subtract
+            and hit[3] == versions
+        ):
+            return hit[4]
+        jobs = []
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             live = self._live.live(plan.slots, lora_a, lora_b)
             if live:
-                sub = plan.only(live)
-                ops.lora_linear(sub, y, x, lora_a, lora_b, scale, offset, size, self._weights)
+                jobs.append((plan.only(live), lora_a, lora_b, 1.0, offset, size))
             if subtract is not None and self._live.live(subtract.slots, lora_a, lora_b):
-                # the merged adapter is in the base weight: take it out of the other rows
-                ops.lora_linear(subtract, y, x, lora_a, lora_b, -scale, offset, size, self._weights)
+                jobs.append((subtract, lora_a, lora_b, -1.0, offset, size))
             offset += size
+        self._jobs[first.data_ptr()] = (first, plan, subtract, versions, jobs)
+        return jobs
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):
         y2 = y.view(-1, y.shape[-1])

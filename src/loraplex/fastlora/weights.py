@@ -82,6 +82,7 @@ class LoraWeights:
         self._onednn = _onednn() if use_onednn else None
         self._writes = writes or SlotWrites()
         self._b_t: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, bool, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._packed: dict[int, tuple[torch.Tensor, dict[tuple, PackedBlock]]] = {}
 
     @property
@@ -104,27 +105,56 @@ class LoraWeights:
     def block(self, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int):
         """Slots ``lo .. lo+span-1`` as the right-hand ``(K, N)`` matrix of ``x @ W``.
 
-        A gives ``(in, span*rank)``, B gives ``(span*rank, size)``.
+        A gives ``(in, span*rank)``, B gives ``(span*rank, size)``. Views of ``stacked``
+        (which vLLM writes in place) are cached; B of several slots reads ``b_t``.
         """
-        if is_b and span == 1:
-            return slots(stacked)[lo, :size].t()  # a view: no transpose of every slot
-        if is_b:
+        if is_b and span > 1:
             rank = stacked.shape[-1]
             return self.b_t(stacked)[lo : lo + span, :, :size].reshape(span * rank, size)
-        a3 = slots(stacked)
-        return a3[lo : lo + span].reshape(span * a3.shape[1], a3.shape[2]).t()
+        key = (stacked.data_ptr(), is_b, lo, span, size)
+        hit = self._views.get(key)
+        if hit is not None and hit[0] is stacked:
+            return hit[1]
+        if is_b:
+            view = slots(stacked)[lo, :size].t()  # a view: no transpose of every slot
+        else:
+            a3 = slots(stacked)
+            view = a3[lo : lo + span].reshape(span * a3.shape[1], a3.shape[2]).t()
+        self._views[key] = (stacked, view)
+        return view
 
     def matmul(
         self, x: torch.Tensor, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int
     ) -> torch.Tensor:
         """``x @ block(...)``, prepacked through oneDNN when possible."""
         if not self._packs(stacked) or x.dtype != stacked.dtype:
-            weight = self.block(stacked, is_b, lo, span, size)
-            return x @ weight.to(x.dtype)
+            return torch.mm(x, self.block(stacked, is_b, lo, span, size).to(x.dtype))
         packed = self.packed(stacked, is_b, lo, span, size)
         if packed.handler is None:
             return x.new_zeros(x.shape[0], packed.source.shape[1])
         return self._onednn.onednn_mm(packed.handler, x.contiguous(), None)
+
+    def add_matmul(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        stacked: torch.Tensor,
+        is_b: bool,
+        lo: int,
+        span: int,
+        size: int,
+        alpha: float = 1.0,
+    ) -> None:
+        """``y += alpha * x @ block(...)``: one fused ``addmm_`` where nothing is prepacked
+        and the dtypes agree (decode steps are dominated by per-op overhead), else
+        ``matmul`` and an add."""
+        if not self._packs(stacked) and x.dtype == stacked.dtype == y.dtype:
+            y.addmm_(x, self.block(stacked, is_b, lo, span, size), alpha=alpha)
+            return
+        delta = self.matmul(x, stacked, is_b, lo, span, size)
+        if alpha != 1.0:
+            delta.mul_(alpha)
+        y.add_(delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
     def refresh(self, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int, size: int) -> None:
         """Pack ``slot``'s A and B of one slice now, as its first ``matmul`` (``size``

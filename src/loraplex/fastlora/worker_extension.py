@@ -10,10 +10,10 @@ class HotMergeReport:
 
     def loraplex_hot_merge(self) -> dict[str, int | None]:
         """The LoRA id served merged now (None: none), and the merges and unmerges so far."""
-        from loraplex.fastlora.punica import _WRAPPERS
+        from loraplex.fastlora.punica import wrappers
 
         merged, kinds = None, []
-        for wrapper in _WRAPPERS.values():
+        for wrapper in wrappers():
             if wrapper.hot_merge is None:
                 continue
             merged = wrapper.hot_merge.lora_id if merged is None else merged

@@ -104,12 +104,16 @@ def copy_verified(
     digest: str,
     deadline: float | None = None,
     size: int | None = None,
-) -> None:
+    *,
+    with_blake3: bool = False,
+) -> str | None:
     """Copy a stream to ``dest`` atomically; ``Unavailable`` if it ends before ``size``
     bytes, its sha256 is not ``digest``, or the copy is still running at ``deadline`` (a
-    ``time.monotonic()`` value)."""
+    ``time.monotonic()`` value). With ``with_blake3``, returns the copy's BLAKE3, computed
+    in the same pass."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     hasher = hashlib.sha256()
+    fast = blake3.blake3() if with_blake3 else None
     received = 0
     try:
         with tmp.open("wb") as out:
@@ -120,6 +124,8 @@ def copy_verified(
                         "store is too slow; retry later."
                     )
                 hasher.update(chunk)
+                if fast is not None:
+                    fast.update(chunk)
                 out.write(chunk)
                 received += len(chunk)
             out.flush()
@@ -136,6 +142,7 @@ def copy_verified(
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    return None if fast is None else fast.hexdigest()
 
 
 class LocalBlobStore:
@@ -155,8 +162,8 @@ class LocalBlobStore:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
-            copy_verified(handle, path, digest)
-        self._record_fast_digest(path)
+            fast = copy_verified(handle, path, digest, with_blake3=True)
+        self._record_fast_digest(path, fast)
 
     def get(self, digest: str, dest: Path) -> None:
         path = self._path(digest)
@@ -201,13 +208,14 @@ class LocalBlobStore:
         except (OSError, UnicodeDecodeError):
             return None
 
-    def _record_fast_digest(self, path: Path) -> None:
-        """Write the BLAKE3 of the blob at ``path``, whose sha256 was just checked; a store
-        this process may not write keeps working without it (every link reads the sha256)."""
+    def _record_fast_digest(self, path: Path, fast: str | None = None) -> None:
+        """Write the BLAKE3 of the blob at ``path`` (``fast``, or read from the file), whose
+        sha256 was just checked; a store this process may not write keeps working without it
+        (every link reads the sha256)."""
         target = self._fast_digest_path(path)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
-            tmp.write_text(blake3_file(path))
+            tmp.write_text(fast or blake3_file(path))
             os.replace(tmp, target)
         except OSError:
             tmp.unlink(missing_ok=True)
