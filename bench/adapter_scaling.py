@@ -7,8 +7,11 @@ Before each N, every one of its adapters gets one short request, so both servers
 measured part with them loaded: vLLM's own server loads its ``--lora-modules`` at start, and
 what a first load costs is ``hot_swap``'s measure, not this one's.
 Reports each N's throughput and p99 as ratios to the base model's, and the adapter cache hit
-ratio from ``/metrics``. Writes ``bench/results/adapter_scaling.json`` + ``.png`` and the
-table in ``bench/README.md``. Small defaults run in a few minutes on 2 cores.
+ratio from ``/metrics``. ``--rounds`` repeats base and every N in turn, and the base model
+runs once more at the end; each N's best round is compared with the base's best (as
+``lora_step`` does), and ``base_drift`` (last base / first base) says how much the machine
+itself drifted during the run. Writes ``bench/results/adapter_scaling.json`` +
+``.png`` and the table in ``bench/README.md``. Small defaults run in a few minutes on 2 cores.
 
     .venv/bin/python -m bench.adapter_scaling
     .venv/bin/python -m bench.adapter_scaling --counts 1,8,32,128,512 --requests 512 \\
@@ -43,6 +46,20 @@ from bench._common import (
 from loraplex.adapters import LINEAR_PROJECTIONS
 
 
+def _points(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each N's best round (highest throughput) as a point, with ratios to the base's best;
+    the base's point also gets ``base_drift``, its last round's throughput over its first's."""
+    best = {n: max(reports, key=_throughput) for n, reports in runs.items()}
+    base = _point(best["0"], None)
+    points = {n: _point(report, base) for n, report in best.items()}
+    points["0"]["base_drift"] = ratio(_throughput(runs["0"][-1]), _throughput(runs["0"][0]))
+    return points
+
+
+def _throughput(report: dict[str, Any]) -> float:
+    return report["throughput"]["output_tokens_per_s"] or 0.0
+
+
 def _point(report: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
     thr, lat = report["throughput"], report["latency_ms"]
     point = {
@@ -70,6 +87,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1, help="times base and each N are run")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,v_proj", help="or all-linear")
     parser.add_argument("--max-loras", type=int, default=8)
@@ -119,25 +137,28 @@ def main() -> None:
         if args.server == "loraplex"
         else vllm_server(engine, adapter_paths(folder, max(counts)), log)
     )
-    reports: dict[str, dict[str, Any]] = {}
-    points: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {str(n): [] for n in [0, *counts]}
     with server as running:
-        for n in [0, *counts]:
+        for n in [0, *counts] * args.rounds + [0]:
             _load(running.url, names[:n])
             report = measure(
                 running.url, adapter_names=names[:n], adapters=n, base_model=SERVED_NAME, **common
             )
-            reports[str(n)] = report
-            points[str(n)] = _point(report, points.get("0"))
-            print(f"{n:>4} adapters: {points[str(n)]}", flush=True)
+            runs[str(n)].append(report)
+            print(f"{n:>4} adapters: {_point(report, None)}", flush=True)
+    points = _points(runs)
+    print(f"best rounds (base drift {points['0']['base_drift']}):")
+    for n, point in points.items():
+        print(f"{n:>4} adapters: x{point['throughput_vs_base']}, TTFT p50 {point['ttft_p50_ms']}")
     result = {
         "description": "throughput and p99 with N distinct adapters vs the base model alone",
         "server": args.server,
         "engine": engine.describe(),
         "adapters": {"rank": args.rank, "targets": targets, "zipf": args.zipf},
         "workload": common,
+        "rounds": args.rounds,
         "points": points,
-        "runs": reports,
+        "runs": runs,
     }
     name = _name(args)
     path = write_result(name, result)
@@ -192,7 +213,9 @@ def _readme(points: dict, args: argparse.Namespace, targets: list[str]) -> None:
         f"{args.requests} streamed requests, concurrency {args.concurrency}, {args.max_tokens} "
         f"max tokens, Zipf {args.zipf}; adapters rank {args.rank} on {','.join(targets)}; "
         f"max_loras {args.max_loras}, max_cpu_loras {args.max_cpu_loras}, {args.dtype}. "
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Best of {args.rounds} "
+        f"round(s) per row (the base: of {args.rounds + 1}, its last / first throughput "
+        f"{points['0']['base_drift']})."
     )
     section = f"adapter_scaling_{args.server}{'_merge_hot' if args.merge_hot else ''}"
     update_readme(section, head + "\n\n" + "\n".join(rows))

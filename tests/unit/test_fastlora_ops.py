@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from onednn_stand_in import onednn_ops
 
 from loraplex.fastlora import ops
 from loraplex.fastlora.plan import LoraPlan
@@ -154,6 +155,29 @@ def test_bfloat16_close_to_float32_reference(use_onednn):
         )
         offset += size
     torch.testing.assert_close(y16.float(), expected, rtol=0.05, atol=0.1)
+
+
+def test_prepacked_bfloat16_applies_the_scale_once_on_every_path():
+    """The prepacked path (vLLM's oneDNN ops, or their torch stand-in on a CPU that cannot
+    pack bf16) for direct segments, a contiguous packed group and scattered packed rows."""
+    gen = torch.Generator().manual_seed(12)
+    slices = (48, 16)
+    a_list, b_list = weights(4, 8, 32, slices, gen)
+    a_list = [a * 0.1 for a in a_list]  # deltas of a few units: bf16 keeps ~0.02 of them
+    cache = LoraWeights()
+    cache._onednn = onednn_ops(cache._onednn)
+    for name, indices in patterns(4, gen).items():
+        x = torch.randn(indices.numel(), 32, generator=gen)
+        y = torch.randn(indices.numel(), sum(slices), generator=gen)
+        expected = reference(y, x, a_list, b_list, indices, 0.5, slices)
+        y16, offset = y.bfloat16(), 0
+        for a, b, size in zip(a_list, b_list, slices, strict=True):
+            plan = LoraPlan.build(indices)
+            ops.lora_linear(
+                plan, y16, x.bfloat16(), a.bfloat16(), b.bfloat16(), 0.5, offset, size, cache
+            )
+            offset += size
+        torch.testing.assert_close(y16.float(), expected, rtol=0.05, atol=0.1, msg=name)
 
 
 def test_cached_layouts_follow_weight_updates(use_onednn):
