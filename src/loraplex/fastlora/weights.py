@@ -82,7 +82,7 @@ class LoraWeights:
         self._onednn = _onednn() if use_onednn else None
         self._writes = writes or SlotWrites()
         self._b_t: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self._views: dict[tuple[int, bool, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, bool, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._packed: dict[int, tuple[torch.Tensor, dict[tuple, PackedBlock]]] = {}
 
     @property
@@ -105,21 +105,21 @@ class LoraWeights:
     def block(self, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int):
         """Slots ``lo .. lo+span-1`` as the right-hand ``(K, N)`` matrix of ``x @ W``.
 
-        A gives ``(in, span*rank)``, B gives ``(span*rank, size)``. Views of ``stacked``
-        (which vLLM writes in place) are cached; B of several slots reads ``b_t``.
+        A gives ``(in, span*rank)``, B gives ``(span*rank, size)``. One slot's views of
+        ``stacked`` (which vLLM writes in place) are cached: at most one per slot and size.
         """
-        if is_b and span > 1:
-            rank = stacked.shape[-1]
-            return self.b_t(stacked)[lo : lo + span, :, :size].reshape(span * rank, size)
-        key = (stacked.data_ptr(), is_b, lo, span, size)
+        if span > 1:
+            if is_b:
+                rank = stacked.shape[-1]
+                return self.b_t(stacked)[lo : lo + span, :, :size].reshape(span * rank, size)
+            a3 = slots(stacked)
+            return a3[lo : lo + span].reshape(span * a3.shape[1], a3.shape[2]).t()
+        key = (stacked.data_ptr(), is_b, lo, size)
         hit = self._views.get(key)
         if hit is not None and hit[0] is stacked:
             return hit[1]
-        if is_b:
-            view = slots(stacked)[lo, :size].t()  # a view: no transpose of every slot
-        else:
-            a3 = slots(stacked)
-            view = a3[lo : lo + span].reshape(span * a3.shape[1], a3.shape[2]).t()
+        # views: no transpose of every slot
+        view = slots(stacked)[lo, :size].t() if is_b else slots(stacked)[lo].t()
         self._views[key] = (stacked, view)
         return view
 
