@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.fastlora.plan import LoraPlan
-from loraplex.fastlora.weights import LoraWeights, slots
+from loraplex.fastlora.weights import LoraWeights, add_cast, slots
 
 
 def lora_linear(
@@ -89,7 +89,7 @@ def expand(
         y_cols.zero_()
     h = h[:, :rank].to(b3.dtype)
     for slot, start, stop in plan.direct:
-        _add(y_cols[start:stop], h[start:stop] @ b3[slot, :size].t())
+        add_cast(y_cols[start:stop], h[start:stop] @ b3[slot, :size].t())
     packed = plan.packed
     if packed is None:
         return
@@ -98,10 +98,6 @@ def expand(
     b_block = b3[lo : lo + span, :size].transpose(1, 2).reshape(span * rank, size)
     delta = wide @ b_block
     if isinstance(packed.rows, slice):
-        _add(y_cols[packed.rows], delta)
+        add_cast(y_cols[packed.rows], delta)
     else:
         y_cols.index_add_(0, packed.rows, delta.to(y.dtype))
-
-
-def _add(target: torch.Tensor, delta: torch.Tensor) -> None:
-    target.add_(delta if delta.dtype == target.dtype else delta.to(target.dtype))

@@ -45,6 +45,11 @@ def slots(stacked: torch.Tensor) -> torch.Tensor:
     return stacked[:, 0] if stacked.dim() == 4 else stacked
 
 
+def add_cast(target: torch.Tensor, delta: torch.Tensor) -> None:
+    """``target += delta``, ``delta`` cast to ``target``'s dtype where they differ."""
+    target.add_(delta if delta.dtype == target.dtype else delta.to(target.dtype))
+
+
 @functools.cache
 def _onednn() -> Any | None:
     """vLLM's oneDNN ops where they can pack a bf16 weight on this CPU, else None."""
@@ -154,7 +159,7 @@ class LoraWeights:
         delta = self.matmul(x, stacked, is_b, lo, span, size)
         if alpha != 1.0:
             delta.mul_(alpha)
-        y.add_(delta if delta.dtype == y.dtype else delta.to(y.dtype))
+        add_cast(y, delta)
 
     def refresh(self, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int, size: int) -> None:
         """Pack ``slot``'s A and B of one slice now, as its first ``matmul`` (``size``
