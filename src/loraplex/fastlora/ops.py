@@ -14,10 +14,100 @@ vLLM is ``punica``'s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loraplex.fastlora.plan import LoraPlan
 from loraplex.fastlora.weights import LoraWeights, add_cast, slots
+
+
+@dataclass(frozen=True)
+class PreparedSlice:
+    """``lora_linear`` for one plan and one slice, with every weight view looked up once.
+
+    Only where nothing is prepacked and one dtype runs through (float32 serving): each
+    product is then a plain ``mm`` or ``addmm_`` on views of vLLM's stacked weights, which
+    follow its in-place slot writes (a B block of several slots is a transposed copy, valid
+    until vLLM writes B again). Decode steps are dominated by per-op overhead, so rows that
+    are the whole input are not sliced at all (``None`` rows).
+    """
+
+    dtype: torch.dtype
+    offset: int
+    size: int
+    scale: float
+    direct: tuple[tuple[slice | None, torch.Tensor, torch.Tensor], ...]
+    """(rows, A view ``(in, rank)``, B view ``(rank, size)``) per direct segment."""
+    packed: tuple[slice | torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """(rows, A block, B block, mask times scale) of the packed group."""
+
+    def accepts(self, y: torch.Tensor, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and y.dtype == self.dtype
+
+    def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """``y[:, offset:offset+size] += scale * x @ A[slot].T @ B[slot].T`` per row's slot."""
+        whole = self.offset == 0 and self.size == y.shape[1]
+        y_cols = y if whole else y.narrow(1, self.offset, self.size)
+        for rows, a, b in self.direct:
+            if rows is None:
+                y_cols.addmm_(torch.mm(x, a), b, alpha=self.scale)
+            else:
+                y_cols[rows].addmm_(torch.mm(x[rows], a), b, alpha=self.scale)
+        if self.packed is None:
+            return
+        rows, a, b, mask = self.packed
+        h = torch.mm(x if rows is None else x[rows], a)
+        h.mul_(mask)
+        if rows is None:
+            y_cols.addmm_(h, b)
+        elif isinstance(rows, slice):
+            y_cols[rows].addmm_(h, b)
+        else:
+            y_cols.index_add_(0, rows, torch.mm(h, b))
+
+
+def prepare(
+    plan: LoraPlan,
+    y_width: int,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    offset: int,
+    size: int,
+    weights: LoraWeights,
+) -> PreparedSlice | None:
+    """``lora_linear``'s work for ``plan`` with its weight views resolved; None where the
+    weights are prepacked or A and B differ in dtype (``lora_linear`` handles those)."""
+    if weights.packs(lora_a) or lora_a.dtype != lora_b.dtype:
+        return None
+    rank = lora_a.shape[-2]
+    size = min(size, lora_b.shape[-2], y_width - offset)
+
+    def rows_of(start: int, stop: int) -> slice | None:
+        return None if start == 0 and stop == plan.num_tokens else slice(start, stop)
+
+    direct = tuple(
+        (
+            rows_of(start, stop),
+            weights.block(lora_a, False, slot, 1, size),
+            weights.block(lora_b, True, slot, 1, size),
+        )
+        for slot, start, stop in plan.direct
+    )
+    group = plan.packed
+    packed = None
+    if group is not None:
+        rows = group.rows
+        if isinstance(rows, slice):
+            rows = rows_of(rows.start, rows.stop)
+        packed = (
+            rows,
+            weights.block(lora_a, False, group.lo, group.span, size),
+            weights.block(lora_b, True, group.lo, group.span, size),
+            group.mask(rank, lora_a.dtype, scale),
+        )
+    return PreparedSlice(lora_a.dtype, offset, size, scale, direct, packed)
 
 
 def lora_linear(
@@ -32,6 +122,10 @@ def lora_linear(
     weights: LoraWeights,
 ) -> None:
     """``y[:, offset:offset+size] += scale * x @ A[slot].T @ B[slot].T`` for each row's slot."""
+    prepared = prepare(plan, y.shape[1], lora_a, lora_b, scale, offset, size, weights)
+    if prepared is not None and prepared.accepts(y, x):
+        prepared.run(y, x)
+        return
     rank = lora_a.shape[-2]
     size = min(size, lora_b.shape[-2], y.shape[1] - offset)
     y_cols = y.narrow(1, offset, size)

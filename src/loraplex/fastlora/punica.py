@@ -45,6 +45,9 @@ from loraplex.fastlora.weights import LoraWeights
 logger = logging.getLogger(f"vllm.{__name__}")
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
+
+#: One slice of one layer in one step: (plan, A, B, scale, offset, size, prepared views).
+LayerJob = tuple[LoraPlan, torch.Tensor, torch.Tensor, float, int, int, ops.PreparedSlice | None]
 _KEYS = itertools.count(1)
 
 
@@ -234,9 +237,14 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         plan, subtract = self._linear(x.shape[0])
         if plan.empty and (subtract is None or subtract.empty):
             return
-        for job in self._layer_jobs(plan, subtract, lora_a_stacked, lora_b_stacked, output_slices):
-            sub, lora_a, lora_b, sign, offset, size = job
-            ops.lora_linear(sub, y, x, lora_a, lora_b, sign * scale, offset, size, self._weights)
+        jobs = self._layer_jobs(
+            plan, subtract, lora_a_stacked, lora_b_stacked, scale, output_slices, y.shape[1]
+        )
+        for sub, lora_a, lora_b, signed, offset, size, prepared in jobs:
+            if prepared is not None and prepared.accepts(y, x):
+                prepared.run(y, x)
+            else:
+                ops.lora_linear(sub, y, x, lora_a, lora_b, signed, offset, size, self._weights)
 
     def _layer_jobs(
         self,
@@ -244,11 +252,14 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         subtract: LoraPlan | None,
         lora_a_stacked: list[torch.Tensor],
         lora_b_stacked: list[torch.Tensor],
+        scale: float,
         output_slices: list[int],
-    ) -> list[tuple[LoraPlan, torch.Tensor, torch.Tensor, float, int, int]]:
-        """What ``run_linear`` computes for one layer in this step: ``(plan, A, B, sign,
-        offset, size)`` per slice with live slots (sign -1: the merged adapter taken out).
-        Cached per layer until the plans change or vLLM writes any of its weights."""
+        y_width: int,
+    ) -> list[LayerJob]:
+        """What ``run_linear`` computes for one layer in this step: ``(plan, A, B, scale,
+        offset, size, prepared)`` per slice with live slots (scale negated: the merged
+        adapter taken out; ``prepared``: ``ops.prepare``'s views). Cached per layer until
+        the plans or the scale change or vLLM writes any of its weights."""
         versions = tuple(t._version for t in lora_a_stacked) + tuple(
             t._version for t in lora_b_stacked
         )
@@ -260,18 +271,25 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
             and hit[1] is plan
             and hit[2] is subtract
             and hit[3] == versions
+            and hit[4] == (scale, y_width)
         ):
-            return hit[4]
+            return hit[5]
         jobs = []
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            parts = []
             live = self._live.live(plan.slots, lora_a, lora_b)
             if live:
-                jobs.append((plan.only(live), lora_a, lora_b, 1.0, offset, size))
+                parts.append((plan.only(live), scale))
             if subtract is not None and self._live.live(subtract.slots, lora_a, lora_b):
-                jobs.append((subtract, lora_a, lora_b, -1.0, offset, size))
+                parts.append((subtract, -scale))
+            for sub, signed in parts:
+                prepared = ops.prepare(
+                    sub, y_width, lora_a, lora_b, signed, offset, size, self._weights
+                )
+                jobs.append((sub, lora_a, lora_b, signed, offset, size, prepared))
             offset += size
-        self._jobs[first.data_ptr()] = (first, plan, subtract, versions, jobs)
+        self._jobs[first.data_ptr()] = (first, plan, subtract, versions, (scale, y_width), jobs)
         return jobs
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):

@@ -94,7 +94,7 @@ class LoraWeights:
     def uses_onednn(self) -> bool:
         return self._onednn is not None
 
-    def _packs(self, stacked: torch.Tensor) -> bool:
+    def packs(self, stacked: torch.Tensor) -> bool:
         """Whether ``stacked``'s blocks go through prepacked oneDNN (else ``torch.matmul``)."""
         return self._onednn is not None and stacked.dtype in PACKED_DTYPES
 
@@ -132,7 +132,7 @@ class LoraWeights:
         self, x: torch.Tensor, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int
     ) -> torch.Tensor:
         """``x @ block(...)``, prepacked through oneDNN when possible."""
-        if not self._packs(stacked) or x.dtype != stacked.dtype:
+        if not self.packs(stacked) or x.dtype != stacked.dtype:
             return torch.mm(x, self.block(stacked, is_b, lo, span, size).to(x.dtype))
         packed = self.packed(stacked, is_b, lo, span, size)
         if packed.handler is None:
@@ -153,7 +153,7 @@ class LoraWeights:
         """``y += alpha * x @ block(...)``: one fused ``addmm_`` where nothing is prepacked
         and the dtypes agree (decode steps are dominated by per-op overhead), else
         ``matmul`` and an add."""
-        if not self._packs(stacked) and x.dtype == stacked.dtype == y.dtype:
+        if not self.packs(stacked) and x.dtype == stacked.dtype == y.dtype:
             y.addmm_(x, self.block(stacked, is_b, lo, span, size), alpha=alpha)
             return
         delta = self.matmul(x, stacked, is_b, lo, span, size)
@@ -164,7 +164,7 @@ class LoraWeights:
     def refresh(self, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int, size: int) -> None:
         """Pack ``slot``'s A and B of one slice now, as its first ``matmul`` (``size``
         output columns) would; nothing without oneDNN or in float32."""
-        if self._packs(lora_a):
+        if self.packs(lora_a):
             self.packed(lora_a, False, slot, 1, size)
             self.packed(lora_b, True, slot, 1, size)
 
