@@ -36,6 +36,13 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (no compile)")
+    parser.add_argument(
+        "--stagger",
+        action="store_true",
+        help="vary each request's length (0.5x to 1.5x --max-tokens, seeded) so that requests "
+        "finish and join one at a time, as a server's closed-loop clients do: the batch's "
+        "adapter mapping then changes every few steps and prefills mix with decodes",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-mode", type=int, default=8)
     parser.add_argument("--out", default="lora_step")
@@ -70,7 +77,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (args.requests, args.prompt_tokens), generator=gen)
     prompts = [{"prompt_token_ids": row} for row in ids.tolist()]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    lengths = [args.max_tokens] * args.requests
+    if args.stagger:
+        low, high = max(1, args.max_tokens // 2), args.max_tokens * 3 // 2
+        lengths = torch.randint(low, high + 1, (args.requests,), generator=gen).tolist()
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
 
     def run(n: int) -> float:
         lora = [loras[i % n] for i in range(args.requests)] if n else None
