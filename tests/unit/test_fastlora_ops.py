@@ -196,3 +196,38 @@ def test_cached_layouts_follow_weight_updates(use_onednn):
     second = weights.b_t(b)
     assert second is not first
     torch.testing.assert_close(second[1], b[1, 0].t())
+
+
+def test_bfloat16_rows_have_the_same_bits_whichever_path_their_batch_takes():
+    """A request's rows in bf16, alone (one direct segment), in a contiguous packed group and
+    in a packed group scattered around a long run of another adapter: bitwise the same.
+    Adding a rounded product with ``index_add_`` (two roundings) changed the scattered rows."""
+    gen = torch.Generator().manual_seed(13)
+    a_list, b_list = weights(4, 8, 64, (48,), gen)
+    a, b = a_list[0].bfloat16() * 0.1, b_list[0].bfloat16()
+    x_own = torch.randn(5, 64, generator=gen).bfloat16()
+    x_other = torch.randn(20, 64, generator=gen).bfloat16()
+    y_own = torch.randn(5, 48, generator=gen).bfloat16()
+    y_other = torch.randn(20, 48, generator=gen).bfloat16()
+    cache = LoraWeights(use_onednn=False)
+
+    def own_rows(indices: list[int], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The first 5 rows (the request's) after the LoRA delta for ``indices``."""
+        ops.lora_linear(LoraPlan.build(torch.tensor(indices)), y, x, a, b, 1.0, 0, 48, cache)
+        return y[:5]
+
+    alone = own_rows([2] * 5, x_own, y_own.clone())
+    packed = own_rows(
+        [2] * 5 + [3, 1], torch.cat([x_own, x_other[:2]]), torch.cat([y_own, y_other[:2]])
+    )
+    scattered_indices = [2] * 5 + [1] * 20 + [3] * 2
+    scattered = own_rows(
+        scattered_indices,
+        torch.cat([x_own, x_other, x_other[:2]]),
+        torch.cat([y_own, y_other, y_other[:2]]),
+    )
+    plans = [LoraPlan.build(torch.tensor(i)) for i in ([2] * 5 + [3, 1], scattered_indices)]
+    assert plans[0].packed is not None and isinstance(plans[0].packed.rows, slice)
+    assert plans[1].packed is not None and isinstance(plans[1].packed.rows, torch.Tensor)
+    assert torch.equal(alone, packed)
+    assert torch.equal(alone, scattered)

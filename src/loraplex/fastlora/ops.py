@@ -30,7 +30,8 @@ class PreparedSlice:
     product is then a plain ``mm`` or ``addmm_`` on views of vLLM's stacked weights, which
     follow its in-place slot writes (a B block of several slots is a transposed copy, valid
     until vLLM writes B again). Decode steps are dominated by per-op overhead, so rows that
-    are the whole input are not sliced at all (``None`` rows).
+    are the whole input are not sliced at all (``None`` rows). Every path adds with one
+    ``addmm_``, so in 16-bit dtypes a row's bits do not depend on the path its batch takes.
     """
 
     dtype: torch.dtype
@@ -63,8 +64,8 @@ class PreparedSlice:
             y_cols.addmm_(h, b)
         elif isinstance(rows, slice):
             y_cols[rows].addmm_(h, b)
-        else:
-            y_cols.index_add_(0, rows, torch.mm(h, b))
+        else:  # gathered, added and put back: rounded once, like the paths above
+            y_cols[rows] = y_cols[rows].addmm_(h, b)
 
 
 def prepare(
