@@ -231,3 +231,18 @@ def test_bfloat16_rows_have_the_same_bits_whichever_path_their_batch_takes():
     assert plans[1].packed is not None and isinstance(plans[1].packed.rows, torch.Tensor)
     assert torch.equal(alone, packed)
     assert torch.equal(alone, scattered)
+
+
+def test_rows_beyond_the_plan_get_no_delta():
+    """A plan for 5 rows applied to 7: the prepared path (which does not slice rows that are
+    the whole plan) must not add to the 2 rows the plan does not cover."""
+    gen = torch.Generator().manual_seed(14)
+    a_list, b_list = weights(2, 8, 16, (24,), gen)
+    x = torch.randn(7, 16, generator=gen)
+    y = torch.randn(7, 24, generator=gen)
+    got = y.clone()
+    plan = LoraPlan.build(torch.zeros(5, dtype=torch.long))
+    ops.lora_linear(plan, got, x, a_list[0], b_list[0], 1.0, 0, 24, LoraWeights(False))
+    torch.testing.assert_close(got[5:], y[5:], rtol=0, atol=0)
+    want = reference(y[:5], x[:5], a_list, b_list, torch.zeros(5, dtype=torch.long), 1.0, (24,))
+    torch.testing.assert_close(got[:5], want, rtol=1e-5, atol=1e-4)

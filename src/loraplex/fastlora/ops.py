@@ -35,6 +35,7 @@ class PreparedSlice:
     """
 
     dtype: torch.dtype
+    num_rows: int
     offset: int
     size: int
     scale: float
@@ -44,7 +45,8 @@ class PreparedSlice:
     """(rows, A block, B block, mask times scale) of the packed group."""
 
     def accepts(self, y: torch.Tensor, x: torch.Tensor) -> bool:
-        return x.dtype == self.dtype and y.dtype == self.dtype
+        """Whether ``run`` computes this call: the plan's rows and dtype."""
+        return x.shape[0] == self.num_rows and x.dtype == self.dtype and y.dtype == self.dtype
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """``y[:, offset:offset+size] += scale * x @ A[slot].T @ B[slot].T`` per row's slot."""
@@ -108,7 +110,7 @@ def prepare(
             weights.block(lora_b, True, group.lo, group.span, size),
             group.mask(rank, lora_a.dtype, scale),
         )
-    return PreparedSlice(lora_a.dtype, offset, size, scale, direct, packed)
+    return PreparedSlice(lora_a.dtype, plan.num_tokens, offset, size, scale, direct, packed)
 
 
 def lora_linear(

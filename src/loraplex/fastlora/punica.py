@@ -45,10 +45,10 @@ from loraplex.fastlora.weights import LoraWeights
 logger = logging.getLogger(f"vllm.{__name__}")
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
+_KEYS = itertools.count(1)
 
 #: One slice of one layer in one step: (plan, A, B, scale, offset, size, prepared views).
 LayerJob = tuple[LoraPlan, torch.Tensor, torch.Tensor, float, int, int, ops.PreparedSlice | None]
-_KEYS = itertools.count(1)
 
 
 def wrappers() -> list[FastPunicaWrapperCPU]:
