@@ -1,7 +1,8 @@
 """Fast CPU LoRA in a real vLLM engine equals transformers + PEFT token for token (fp32).
 
 One engine (in a subprocess: vLLM spawns workers) gets a mixed batch: three prompts, each
-with no adapter, adapter a0 (rank 16) and adapter a1 (rank 8, padded into rank-16 slots).
+with no adapter, adapter a0 (rank 16) and adapter a1 (rank 8), in slots of rank 32 (the ops
+then multiply by the first 16 rows of each slot only: ``LiveSlots.rank``).
 ``max_loras=2`` so every slot is taken: base tokens sit next to tokens of the last slot,
 which is where vLLM's stock CPU ops go wrong (they read slot -1 as the last slot). The long
 prompt is prefilled in direct segments, the short ones and every decode step go through the
@@ -44,7 +45,7 @@ def engine_main(model: str, adapters_json: str, out_json: str) -> None:
         max_model_len=512,
         enable_lora=True,
         max_loras=len(adapters),
-        max_lora_rank=16,
+        max_lora_rank=32,
         max_num_seqs=16,
         seed=0,
     )

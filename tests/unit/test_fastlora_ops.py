@@ -246,3 +246,44 @@ def test_rows_beyond_the_plan_get_no_delta():
     torch.testing.assert_close(got[5:], y[5:], rtol=0, atol=0)
     want = reference(y[:5], x[:5], a_list, b_list, torch.zeros(5, dtype=torch.long), 1.0, (24,))
     torch.testing.assert_close(got[:5], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["prefill", "decode", "mixed", "random"])
+def test_prepared_slices_multiply_only_the_rank_the_adapters_use(pattern):
+    """Adapters of rank 8 in rank-32 slots: a slice prepared for rank 8 multiplies blocks of
+    8 rows per slot (a quarter of the bytes and FLOPs) and adds the same delta."""
+    gen = torch.Generator().manual_seed(15)
+    a_list, b_list = weights(4, 32, 20, (40,), gen, adapter_rank=8)
+    indices = patterns(4, gen)[pattern]
+    x = torch.randn(indices.numel(), 20, generator=gen)
+    y = torch.randn(indices.numel(), 40, generator=gen)
+    plan = LoraPlan.build(indices)
+    cache = LoraWeights(use_onednn=False)
+    prepared = ops.prepare(plan, 40, a_list[0], b_list[0], 0.5, 0, 40, cache, rank=8)
+    assert prepared is not None and prepared.accepts(y, x)
+    for _, a, b in prepared.direct:
+        assert a.shape == (20, 8) and b.shape == (8, 40)
+    if plan.packed is not None:
+        _, a, b, mask = prepared.packed
+        span_rows = plan.packed.span * 8
+        assert a.shape == (20, span_rows) and b.shape == (span_rows, 40)
+        assert mask.shape[1] == span_rows
+    got = y.clone()
+    prepared.run(got, x)
+    want = reference(y, x, a_list, b_list, indices, 0.5, (40,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_rank_cut_blocks_follow_weight_updates():
+    """The rank-cut copies of several slots (A and B) follow vLLM's in-place slot writes."""
+    gen = torch.Generator().manual_seed(16)
+    a_list, b_list = weights(3, 16, 12, (10,), gen, adapter_rank=4)
+    a, b = a_list[0], b_list[0]
+    cache = LoraWeights(use_onednn=False)
+    first = cache.block(a, False, 0, 3, 10, 4), cache.block(b, True, 0, 3, 10, 4)
+    a[1, 0, :4].copy_(torch.randn(4, 12, generator=gen))  # a new adapter in slot 1
+    b[1, 0, :, :4].copy_(torch.randn(10, 4, generator=gen))
+    a_block, b_block = cache.block(a, False, 0, 3, 10, 4), cache.block(b, True, 0, 3, 10, 4)
+    assert not torch.equal(a_block, first[0]) and not torch.equal(b_block, first[1])
+    torch.testing.assert_close(a_block, a[:, 0, :4].reshape(12, 12).t())
+    torch.testing.assert_close(b_block, b[:, 0, :, :4].transpose(1, 2).reshape(12, 10))

@@ -214,12 +214,12 @@ def test_an_activation_readies_the_slot_so_its_first_step_repacks_nothing(monkey
     assert looked == []  # and found every zero flag and pack current
 
 
-def test_adapted_slices_say_which_slices_an_activation_wrote():
-    a = torch.ones(2, 8)
-    assert adapted_slices(None, 3) == (False, False, False)  # reset_lora: zeros
-    assert adapted_slices(SimpleNamespace(lora_a=a), 2) == (True, True)  # split by vLLM
-    packed = SimpleNamespace(lora_a=[a, None, a])  # q and v of a q/k/v layer
-    assert adapted_slices(packed, 3) == (True, False, True)
+def test_adapted_slices_say_which_slices_an_activation_wrote_and_their_rank():
+    a = torch.ones(2, 8)  # rank 2
+    assert adapted_slices(None, 3) == (0, 0, 0)  # reset_lora: zeros
+    assert adapted_slices(SimpleNamespace(lora_a=a), 2) == (2, 2)  # split by vLLM
+    packed = SimpleNamespace(lora_a=[a, None, torch.ones(4, 8)])  # q and v of a q/k/v layer
+    assert adapted_slices(packed, 3) == (2, 0, 4)
     assert adapted_slices(packed, 4) == (None,) * 4  # regrouped by vLLM: look
 
 
@@ -234,11 +234,11 @@ def test_a_written_slot_takes_its_flags_from_what_was_written_without_a_look():
     a[1], b[1] = 0.0, 0.0
     writes.written(1, 3)
     # Weights written, though zero here: live without a look (the ops then add an exact 0).
-    assert live.written(1, a, b, True)
+    assert live.written(1, a, b, 2)
     assert live.live((0, 1, 2), a, b) == (1,)
     a[2], b[2] = 1.0, 1.0
     writes.written(2, 3)
-    assert not live.written(2, a, b, False)  # told zero: the values are not looked at
+    assert not live.written(2, a, b, 0)  # told zero: the values are not looked at
     assert live.live((0, 1, 2), a, b) == (1,)
 
 

@@ -20,40 +20,47 @@ from loraplex.fastlora.slot_writes import SlotWrites, Stamp
 
 
 class LiveSlots:
-    """Per-engine cache: for each stacked weight, which slots are not all zero."""
+    """Per-engine cache: for each stacked weight, which slots are not all zero, and how many
+    of each slot's rows (dim -2: A's rank) can be nonzero."""
 
     def __init__(self, writes: SlotWrites | None = None) -> None:
         self._writes = writes or SlotWrites()
-        self._flags: dict[int, tuple[torch.Tensor, int, Stamp, tuple[bool, ...]]] = {}
+        self._rows: dict[int, tuple[torch.Tensor, int, Stamp, tuple[int, ...]]] = {}
 
-    def flags(
-        self, stacked: torch.Tensor, known: dict[int, bool] | None = None
-    ) -> tuple[bool, ...]:
+    def flags(self, stacked: torch.Tensor, known: dict[int, int] | None = None) -> tuple[bool, ...]:
         """One bool per slot (dim 0 of ``stacked``): True where the slot holds a nonzero value.
 
-        ``known``: the flags of slots just written, from what was written into them; they are
-        not looked at (a full scan, the first time a tensor is seen, looks at every slot).
+        ``known``: the row bounds (``rows``) of slots just written, from what was written
+        into them; they are not looked at (a full scan, the first time a tensor is seen,
+        looks at every slot).
+        """
+        return tuple(bound > 0 for bound in self.rows(stacked, known))
+
+    def rows(self, stacked: torch.Tensor, known: dict[int, int] | None = None) -> tuple[int, ...]:
+        """Per slot, a bound on its nonzero rows along dim -2: rows from it on are all zero
+        (0: the slot is zero). For A, the rank of the adapter in the slot.
+
         The entry holds a reference to the tensor, so its address cannot be reused by
         another tensor while it is cached.
         """
         key = stacked.data_ptr()
         version = stacked._version
-        hit = self._flags.get(key)
+        hit = self._rows.get(key)
         stamp = self._writes.stamp
         if hit is not None and hit[0].shape == stacked.shape:
             if hit[1] == version:
                 return hit[3]
             written = self._writes.changed(hit[2], stacked.shape[0])
             if written is not None:
-                flags = list(hit[3])
+                rows = list(hit[3])
                 for slot in written:
-                    flag = known.get(slot) if known else None
-                    flags[slot] = bool(stacked[slot].any()) if flag is None else flag
-                self._flags[key] = (stacked, version, stamp, tuple(flags))
-                return self._flags[key][3]
-        flags = tuple(stacked.reshape(stacked.shape[0], -1).any(dim=1).tolist())
-        self._flags[key] = (stacked, version, stamp, flags)
-        return flags
+                    bound = known.get(slot) if known else None
+                    rows[slot] = _rows_used(stacked[slot : slot + 1])[0] if bound is None else bound
+                self._rows[key] = (stacked, version, stamp, tuple(rows))
+                return self._rows[key][3]
+        rows = tuple(_rows_used(stacked))
+        self._rows[key] = (stacked, version, stamp, rows)
+        return rows
 
     def live(
         self, slots: tuple[int, ...], lora_a: torch.Tensor, lora_b: torch.Tensor
@@ -62,20 +69,35 @@ class LiveSlots:
 
         B is looked at only when some slot's A is nonzero: most slices of a q/v adapter are
         zero in A, and each look after a load costs a reduction."""
-        a = self.flags(lora_a)
+        a = self.rows(lora_a)
         slots = tuple(slot for slot in slots if a[slot])
         if not slots:
             return ()
-        b = self.flags(lora_b)
+        b = self.rows(lora_b)
         return tuple(slot for slot in slots if b[slot])
 
+    def rank(self, lora_a: torch.Tensor) -> int:
+        """The rank every slot of ``lora_a`` fits in: rows of A beyond it are zero in all
+        slots (vLLM pads adapters of lower rank than ``max_lora_rank``), so products over
+        them add nothing. One bound for all slots, so that a row's products do not depend
+        on which adapters its batch holds."""
+        return max(self.rows(lora_a), default=0) or lora_a.shape[-2]
+
     def written(
-        self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, adapted: bool | None
+        self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int | None
     ) -> bool:
-        """vLLM has just written ``slot`` of one slice: adapter weights (``adapted``), zeros
-        (not ``adapted``), or it is not known which (None: look). Whether the slot is live."""
-        if adapted is None:
+        """vLLM has just written ``slot`` of one slice: adapter weights of ``rank`` (0:
+        zeros), or it is not known what (None: look). Whether the slot is live."""
+        if rank is None:
             return bool(self.live((slot,), lora_a, lora_b))
-        self.flags(lora_a, {slot: adapted})
-        self.flags(lora_b, {slot: adapted})
-        return adapted
+        self.rows(lora_a, {slot: rank})
+        self.rows(lora_b, {slot: lora_b.shape[-2] if rank else 0})
+        return rank > 0
+
+
+def _rows_used(stacked: torch.Tensor) -> list[int]:
+    """Per slot of ``stacked`` (``(slots, [1,] rows, cols)``): 1 + its last row with a
+    nonzero value, 0 when it has none."""
+    used = stacked.reshape(stacked.shape[0], stacked.shape[-2], -1).any(dim=2)
+    positions = torch.arange(1, used.shape[1] + 1)
+    return (used * positions).amax(dim=1).tolist()

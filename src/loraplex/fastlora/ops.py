@@ -79,12 +79,16 @@ def prepare(
     offset: int,
     size: int,
     weights: LoraWeights,
+    rank: int | None = None,
 ) -> PreparedSlice | None:
     """``lora_linear``'s work for ``plan`` with its weight views resolved; None where the
-    weights are prepacked or A and B differ in dtype (``lora_linear`` handles those)."""
+    weights are prepacked or A and B differ in dtype (``lora_linear`` handles those).
+
+    ``rank``: multiply by each slot's first ``rank`` rows of A (and columns of B) only;
+    every row beyond must be zero in every slot (``LiveSlots.rank``). All when None."""
     if weights.packs(lora_a) or lora_a.dtype != lora_b.dtype:
         return None
-    rank = lora_a.shape[-2]
+    rank = rank or lora_a.shape[-2]
     size = min(size, lora_b.shape[-2], y_width - offset)
 
     def rows_of(start: int, stop: int) -> slice | None:
@@ -93,8 +97,8 @@ def prepare(
     direct = tuple(
         (
             rows_of(start, stop),
-            weights.block(lora_a, False, slot, 1, size),
-            weights.block(lora_b, True, slot, 1, size),
+            weights.block(lora_a, False, slot, 1, size, rank),
+            weights.block(lora_b, True, slot, 1, size, rank),
         )
         for slot, start, stop in plan.direct
     )
@@ -106,8 +110,8 @@ def prepare(
             rows = rows_of(rows.start, rows.stop)
         packed = (
             rows,
-            weights.block(lora_a, False, group.lo, group.span, size),
-            weights.block(lora_b, True, group.lo, group.span, size),
+            weights.block(lora_a, False, group.lo, group.span, size, rank),
+            weights.block(lora_b, True, group.lo, group.span, size, rank),
             group.mask(rank, lora_a.dtype, scale),
         )
     return PreparedSlice(lora_a.dtype, plan.num_tokens, offset, size, scale, direct, packed)

@@ -258,7 +258,8 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
     ) -> list[LayerJob]:
         """What ``run_linear`` computes for one layer in this step: ``(plan, A, B, scale,
         offset, size, prepared)`` per slice with live slots (scale negated: the merged
-        adapter taken out; ``prepared``: ``ops.prepare``'s views). Cached per layer until
+        adapter taken out; ``prepared``: ``ops.prepare``'s views, cut to the rank the
+        slots' adapters fit in, ``LiveSlots.rank``). Cached per layer until
         the plans or the scale change or vLLM writes any of its weights."""
         versions = tuple(t._version for t in lora_a_stacked) + tuple(
             t._version for t in lora_b_stacked
@@ -283,9 +284,10 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
                 parts.append((plan.only(live), scale))
             if subtract is not None and self._live.live(subtract.slots, lora_a, lora_b):
                 parts.append((subtract, -scale))
+            rank = self._live.rank(lora_a) if parts else 0
             for sub, signed in parts:
                 prepared = ops.prepare(
-                    sub, y_width, lora_a, lora_b, signed, offset, size, self._weights
+                    sub, y_width, lora_a, lora_b, signed, offset, size, self._weights, rank
                 )
                 jobs.append((sub, lora_a, lora_b, signed, offset, size, prepared))
             offset += size

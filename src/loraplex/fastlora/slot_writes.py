@@ -122,19 +122,22 @@ def _versions(layer: Any) -> tuple[tuple[int, int], ...]:
     return tuple((t.data_ptr(), t._version) for t in (*layer.lora_a_stacked, *layer.lora_b_stacked))
 
 
-def adapted_slices(weights: Any, n_slices: int) -> tuple[bool | None, ...]:
-    """For each of a layer's ``n_slices``, whether ``activate_adapter`` wrote adapter weights
-    into it (``weights``, vLLM's ``LoRALayerWeights`` of the layer, or None): False where it
-    left zeros (``reset_lora``: no weights for the layer, or none for that packed slice), None
-    where the layout does not tell (packed weights that vLLM regroups).
+def adapted_slices(weights: Any, n_slices: int) -> tuple[int | None, ...]:
+    """For each of a layer's ``n_slices``, the rank of the adapter weights ``activate_adapter``
+    wrote into it (``weights``, vLLM's ``LoRALayerWeights`` of the layer, or None): 0 where
+    it left zeros (``reset_lora``: no weights for the layer, or none for that packed slice),
+    None where the layout does not tell (packed weights that vLLM regroups).
 
-    True only says that weights were written, not that they are nonzero: the zero flags then
-    count the slice as live without a reduction, which computes an exact zero at worst."""
+    vLLM copies an adapter's A into the first rows of a slot it has zeroed, so rows from the
+    rank on stay zero. A rank only says that weights were written, not that they are nonzero:
+    the zero flags then count the slice as live without a reduction, which computes an exact
+    zero at worst."""
     if not weights:
-        return (False,) * n_slices
+        return (0,) * n_slices
     lora_a = weights.lora_a
     if not isinstance(lora_a, list):
-        return (True,) * n_slices  # one tensor, split by vLLM across the slices
+        # one tensor, split by vLLM across the slices: no slice gets more rows than it has
+        return (int(lora_a.shape[0]),) * n_slices
     if len(lora_a) != n_slices:
         return (None,) * n_slices
-    return tuple(a is not None for a in lora_a)
+    return tuple(0 if a is None else int(a.shape[0]) for a in lora_a)

@@ -2,6 +2,10 @@
 
 - ``b_t``: B as ``(slots, rank, out)`` so that a block of slots is one ``(span*rank, out)``
   matrix (vLLM stores ``(slots, 1, out, rank)``).
+- ``block(..., rank)``: only the first ``rank`` rows of each slot's A and columns of its B.
+  vLLM sizes every slot for ``max_lora_rank`` (64 by default) and pads a lower-rank adapter
+  with zeros; multiplying by the padding costs the bytes and FLOPs of the full rank (3x the
+  LoRA time of rank-8 adapters at the default, measured in-engine).
 - ``matmul``: ``x @ W`` for a slot or a block of slots of A or B. In bf16/fp16 through vLLM's
   oneDNN GEMM with the weight prepacked once (what vLLM does for its own linear layers): small
   LoRA GEMMs through ``torch.matmul`` in bf16 cost ~2x more. In float32 through
@@ -86,8 +90,8 @@ class LoraWeights:
     def __init__(self, use_onednn: bool = True, writes: SlotWrites | None = None) -> None:
         self._onednn = _onednn() if use_onednn else None
         self._writes = writes or SlotWrites()
-        self._b_t: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self._views: dict[tuple[int, bool, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._copies: dict[tuple[int, bool], tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, bool, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._packed: dict[int, tuple[torch.Tensor, dict[tuple, PackedBlock]]] = {}
 
     @property
@@ -98,33 +102,56 @@ class LoraWeights:
         """Whether ``stacked``'s blocks go through prepacked oneDNN (else ``torch.matmul``)."""
         return self._onednn is not None and stacked.dtype in PACKED_DTYPES
 
-    def b_t(self, stacked: torch.Tensor) -> torch.Tensor:
-        """B of every slot as ``(slots, rank, out)``, contiguous."""
-        hit = self._b_t.get(stacked.data_ptr())
-        if hit is not None and hit[0] == stacked._version and hit[1] is stacked:
-            return hit[2]
-        transposed = slots(stacked).transpose(1, 2).contiguous()
-        self._b_t[stacked.data_ptr()] = (stacked._version, stacked, transposed)
-        return transposed
+    def b_t(self, stacked: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        """B of every slot as ``(slots, rank, out)``, contiguous: its first ``rank`` columns
+        (all when None)."""
+        return self._copy(stacked, True, rank or stacked.shape[-1])
 
-    def block(self, stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int):
+    def _copy(self, stacked: torch.Tensor, is_b: bool, rank: int) -> torch.Tensor:
+        """Every slot's first ``rank`` rows of A (``(slots, rank, in)``) or columns of B
+        (``(slots, rank, out)``, transposed), contiguous; kept until vLLM writes ``stacked``."""
+        key = (stacked.data_ptr(), is_b)
+        hit = self._copies.get(key)
+        if hit is not None and hit[0] == (stacked._version, rank) and hit[1] is stacked:
+            return hit[2]
+        s3 = slots(stacked)
+        copy = (s3[:, :, :rank].transpose(1, 2) if is_b else s3[:, :rank]).contiguous()
+        self._copies[key] = ((stacked._version, rank), stacked, copy)
+        return copy
+
+    def block(
+        self,
+        stacked: torch.Tensor,
+        is_b: bool,
+        lo: int,
+        span: int,
+        size: int,
+        rank: int | None = None,
+    ) -> torch.Tensor:
         """Slots ``lo .. lo+span-1`` as the right-hand ``(K, N)`` matrix of ``x @ W``.
 
-        A gives ``(in, span*rank)``, B gives ``(span*rank, size)``. One slot's views of
-        ``stacked`` (which vLLM writes in place) are cached: at most one per slot and size.
+        A gives ``(in, span*rank)``, B gives ``(span*rank, size)``. ``rank``: only each
+        slot's first ``rank`` rows of A and columns of B (the rest must be zero: vLLM pads
+        an adapter of a lower rank than ``max_lora_rank`` with zeros); all when None. One
+        slot's views of ``stacked`` (which vLLM writes in place) are cached: at most one
+        per slot, size and rank. A block of several slots is a view of a copy (``_copy``)
+        where the rows it needs are not contiguous in ``stacked``.
         """
+        full = stacked.shape[-1] if is_b else stacked.shape[-2]
+        rank = rank or full
         if span > 1:
             if is_b:
-                rank = stacked.shape[-1]
-                return self.b_t(stacked)[lo : lo + span, :, :size].reshape(span * rank, size)
-            a3 = slots(stacked)
-            return a3[lo : lo + span].reshape(span * a3.shape[1], a3.shape[2]).t()
-        key = (stacked.data_ptr(), is_b, lo, size)
+                block = self._copy(stacked, True, rank)[lo : lo + span, :, :size]
+                return block.reshape(span * rank, size)
+            a3 = slots(stacked) if rank == full else self._copy(stacked, False, rank)
+            return a3[lo : lo + span, :rank].reshape(span * rank, a3.shape[2]).t()
+        key = (stacked.data_ptr(), is_b, lo, size, rank)
         hit = self._views.get(key)
         if hit is not None and hit[0] is stacked:
             return hit[1]
         # views: no transpose of every slot
-        view = slots(stacked)[lo, :size].t() if is_b else slots(stacked)[lo].t()
+        s3 = slots(stacked)
+        view = s3[lo, :size, :rank].t() if is_b else s3[lo, :rank].t()
         self._views[key] = (stacked, view)
         return view
 
