@@ -34,6 +34,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,v_proj", help="or all-linear")
     parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=16,
+        help="the engine's slot rank (loraplex serves with 64 by default); adapters of a "
+        "lower --rank are padded into it",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (no compile)")
     parser.add_argument(
@@ -69,7 +76,7 @@ def main() -> None:
         enable_lora=True,
         max_loras=args.max_loras,
         max_cpu_loras=max(counts),
-        max_lora_rank=max(16, args.rank),
+        max_lora_rank=max(args.max_lora_rank, args.rank),
         max_num_seqs=args.concurrency,
         enforce_eager=args.eager,
         seed=0,
