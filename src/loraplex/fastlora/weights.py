@@ -70,6 +70,10 @@ def _onednn() -> Any | None:
     return _custom_ops
 
 
+#: ((version, rank), the stacked tensor, its first ``rank`` rows copied): ``LoraWeights._copy``
+RowsCopy = tuple[tuple[int, int], torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class PackedBlock:
     """One block of slots prepacked for oneDNN, and the values it was packed from."""
@@ -90,7 +94,7 @@ class LoraWeights:
     def __init__(self, use_onednn: bool = True, writes: SlotWrites | None = None) -> None:
         self._onednn = _onednn() if use_onednn else None
         self._writes = writes or SlotWrites()
-        self._copies: dict[tuple[int, bool], tuple[tuple[int, int], torch.Tensor, Any]] = {}
+        self._copies: dict[tuple[int, bool], RowsCopy] = {}
         self._views: dict[tuple[int, bool, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._packed: dict[int, tuple[torch.Tensor, dict[tuple, PackedBlock]]] = {}
 
