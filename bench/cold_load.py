@@ -113,7 +113,7 @@ def engine_phases(engine: Engine, folder: Path, repeats: int) -> dict[str, list[
     timed(LRUCacheLoRAModelManager, "add_adapter", "vLLM register", spent)
     timed(LRUCacheLoRAModelManager, "activate_adapter", "vLLM activate (slot writes)", spent)
     timed(FastPunicaWrapperCPU, "slot_written", "  of which fast-LoRA slot_written", spent)
-    timed(LiveSlots, "flags", "fast-LoRA zero flags (all calls)", spent)
+    timed(LiveSlots, "rows", "fast-LoRA zero flags (all calls)", spent)
     timed(weights.LoraWeights, "packed", "fast-LoRA packed lookups (all calls)", spent)
     llm = engine.in_process_llm()
     from vllm import _custom_ops

@@ -27,21 +27,18 @@ class LiveSlots:
         self._writes = writes or SlotWrites()
         self._rows: dict[int, tuple[torch.Tensor, int, Stamp, tuple[int, ...]]] = {}
 
-    def flags(self, stacked: torch.Tensor, known: dict[int, int] | None = None) -> tuple[bool, ...]:
-        """One bool per slot (dim 0 of ``stacked``): True where the slot holds a nonzero value.
-
-        ``known``: the row bounds (``rows``) of slots just written, from what was written
-        into them; they are not looked at (a full scan, the first time a tensor is seen,
-        looks at every slot).
-        """
-        return tuple(bound > 0 for bound in self.rows(stacked, known))
+    def flags(self, stacked: torch.Tensor) -> tuple[bool, ...]:
+        """One bool per slot (dim 0 of ``stacked``): True where the slot holds a nonzero value."""
+        return tuple(bound > 0 for bound in self.rows(stacked))
 
     def rows(self, stacked: torch.Tensor, known: dict[int, int] | None = None) -> tuple[int, ...]:
         """Per slot, a bound on its nonzero rows along dim -2: rows from it on are all zero
         (0: the slot is zero). For A, the rank of the adapter in the slot.
 
-        The entry holds a reference to the tensor, so its address cannot be reused by
-        another tensor while it is cached.
+        ``known``: the bounds of slots just written, from what was written into them; they
+        are not looked at (a full scan, the first time a tensor is seen, looks at every
+        slot). The entry holds a reference to the tensor, so its address cannot be reused
+        by another tensor while it is cached.
         """
         key = stacked.data_ptr()
         version = stacked._version

@@ -106,10 +106,9 @@ class LoraWeights:
         """Whether ``stacked``'s blocks go through prepacked oneDNN (else ``torch.matmul``)."""
         return self._onednn is not None and stacked.dtype in PACKED_DTYPES
 
-    def b_t(self, stacked: torch.Tensor, rank: int | None = None) -> torch.Tensor:
-        """B of every slot as ``(slots, rank, out)``, contiguous: its first ``rank`` columns
-        (all when None)."""
-        return self._copy(stacked, True, rank or stacked.shape[-1])
+    def b_t(self, stacked: torch.Tensor) -> torch.Tensor:
+        """B of every slot as ``(slots, rank, out)``, contiguous."""
+        return self._copy(stacked, True, stacked.shape[-1])
 
     def _copy(self, stacked: torch.Tensor, is_b: bool, rank: int) -> torch.Tensor:
         """Every slot's first ``rank`` rows of A (``(slots, rank, in)``) or columns of B
