@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from loraplex.errors import InvalidAdapter
-from loraplex.registry.tensorfile import nonfinite_tensors, read_header
+from loraplex.registry.tensorfile import element_count, nonfinite_tensors, read_header
 
 
 def _raw(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:
@@ -27,6 +27,16 @@ def test_reads_a_valid_file(tmp_path: Path) -> None:
     assert header.tensors["a"].shape == (2, 3)
     assert header.tensors["b"].dtype == "F16"
     assert nonfinite_tensors(header) == []
+    assert element_count(path) == 2 * 3 + 4
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"a": {"dtype": "F32"}}', b""])
+def test_element_count_of_a_file_broken_since_its_check_names_the_problem(
+    tmp_path: Path, body: bytes
+) -> None:
+    path = _raw(tmp_path / "broken.safetensors", body)
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
+        element_count(path)
 
 
 @pytest.mark.parametrize(

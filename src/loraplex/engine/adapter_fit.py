@@ -15,14 +15,13 @@ it again after an eviction does not read every tensor again.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from loraplex.adapters import CONFIG_FILE, WEIGHTS_FILE, ResolvedAdapter
 from loraplex.basemodel import describe
 from loraplex.config import Settings
 from loraplex.registry.basedims import BaseDims
-from loraplex.registry.tensorfile import read_header
+from loraplex.registry.tensorfile import element_count
 from loraplex.registry.validate import BaseSpec, validate_adapter
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -51,10 +50,9 @@ class AdapterFit:
             return passed
         if adapter.checked_for != self.spec:  # else its source validated these files
             validate_adapter(adapter.path, adapter.name, self.spec)
-        header = read_header(adapter.path / WEIGHTS_FILE)
-        elements = sum(math.prod(info.shape) for info in header.tensors.values())
-        self._passed[identity] = elements * self.itemsize
-        return elements * self.itemsize
+        nbytes = element_count(adapter.path / WEIGHTS_FILE) * self.itemsize
+        self._passed[identity] = nbytes
+        return nbytes
 
 
 def _identity(folder: Path) -> tuple[object, ...]:
