@@ -8,7 +8,7 @@ hot_swap bench's engine settings): a 1-token completion for a version never load
 the same again (warm), and one for a version first added with ``add_lora`` (preloaded), with
 the time vLLM spends reading the adapter, registering it, activating it into a slot (the
 fast-LoRA refresh of that slot included) and, inside the step, in the fast-LoRA caches
-(zero-slot flags, oneDNN packs). Median of ``--repeats`` versions each.
+(slot row bounds, oneDNN packs). Median of ``--repeats`` versions each.
 
     .venv/bin/python -m bench.cold_load                  # ~1 min on 2 cores (quiet)
 """
@@ -113,7 +113,7 @@ def engine_phases(engine: Engine, folder: Path, repeats: int) -> dict[str, list[
     timed(LRUCacheLoRAModelManager, "add_adapter", "vLLM register", spent)
     timed(LRUCacheLoRAModelManager, "activate_adapter", "vLLM activate (slot writes)", spent)
     timed(FastPunicaWrapperCPU, "slot_written", "  of which fast-LoRA slot_written", spent)
-    timed(LiveSlots, "rows", "fast-LoRA zero flags (all calls)", spent)
+    timed(LiveSlots, "rows", "fast-LoRA slot row bounds (all calls)", spent)
     timed(weights.LoraWeights, "packed", "fast-LoRA packed lookups (all calls)", spent)
     llm = engine.in_process_llm()
     from vllm import _custom_ops

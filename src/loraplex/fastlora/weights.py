@@ -1,7 +1,9 @@
 """LoRA weights in the layouts the fast ops want, cached until vLLM writes new weights.
 
-- ``b_t``: B as ``(slots, rank, out)`` so that a block of slots is one ``(span*rank, out)``
-  matrix (vLLM stores ``(slots, 1, out, rank)``).
+- ``block``: a block of several slots of B (and of A, when cut to a rank) is a view of a
+  contiguous copy of every slot, B transposed to ``(slots, rank, out)`` so that the block
+  is one ``(span*rank, out)`` matrix (vLLM stores B as ``(slots, 1, out, rank)``);
+  ``b_t`` is that copy of B, whole.
 - ``block(..., rank)``: only the first ``rank`` rows of each slot's A and columns of its B.
   vLLM sizes every slot for ``max_lora_rank`` (64 by default) and pads a lower-rank adapter
   with zeros; multiplying by the padding costs the bytes and FLOPs of the full rank (3x the
