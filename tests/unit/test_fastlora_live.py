@@ -9,15 +9,15 @@ from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.plan import LONG_SEGMENT, LoraPlan
 
 
-def test_flags_mark_nonzero_slots_and_follow_in_place_writes():
+def test_row_bounds_mark_nonzero_slots_and_follow_in_place_writes():
     live = LiveSlots()
     stacked = torch.zeros(4, 1, 3, 5)
     stacked[2, 0, 1, 4] = 0.5
-    assert live.flags(stacked) == (False, False, True, False)
+    assert live.rows(stacked) == (0, 0, 2, 0)  # slot 2: rows from 2 on are zero
     stacked[0] = 1.0  # how vLLM writes an adapter into a slot: in place
-    assert live.flags(stacked) == (True, False, True, False)
+    assert live.rows(stacked) == (3, 0, 2, 0)
     stacked[2] = 0  # and how it resets one (reset_lora)
-    assert live.flags(stacked) == (True, False, False, False)
+    assert live.rows(stacked) == (3, 0, 0, 0)
 
 
 def test_live_needs_both_a_and_b_nonzero_in_a_used_slot():

@@ -42,15 +42,15 @@ def test_live_rescans_the_written_slot_only_and_everything_when_it_heard_nothing
     stacked = torch.zeros(3, 1, 2, 4)
     stacked[0] = 1.0
     writes.written(0, 3)
-    assert live.flags(stacked) == (True, False, False)
+    assert live.rows(stacked) == (2, 0, 0)
 
     stacked[1] = 1.0  # vLLM activates an adapter in slot 1 and says so
     stacked[2] = 1.0  # a write into slot 2 that was not announced
     writes.written(1, 3)
-    assert live.flags(stacked) == (True, True, False)  # slot 2 was not looked at
+    assert live.rows(stacked) == (2, 2, 0)  # slot 2 was not looked at
 
     stacked[0] = 0  # another unannounced write: the counter moved, no write heard
-    assert live.flags(stacked) == (False, True, True)  # so every slot is looked at
+    assert live.rows(stacked) == (0, 2, 2)  # so every slot is looked at
 
 
 def test_weights_of_unwritten_slots_are_kept_without_a_copy(monkeypatch):
@@ -227,7 +227,7 @@ def test_a_written_slot_takes_its_flags_from_what_was_written_without_a_look():
     writes = SlotWrites()
     live = LiveSlots(writes)
     a, b = torch.zeros(3, 1, 2, 4), torch.zeros(3, 1, 6, 2)
-    assert live.flags(a) == live.flags(b) == (False,) * 3
+    assert live.rows(a) == live.rows(b) == (0,) * 3
     a[1], b[1] = 1.0, 1.0
     writes.written(1, 3)
     assert live.written(1, a, b, None)  # not known: looked at

@@ -27,10 +27,6 @@ class LiveSlots:
         self._writes = writes or SlotWrites()
         self._rows: dict[int, tuple[torch.Tensor, int, Stamp, tuple[int, ...]]] = {}
 
-    def flags(self, stacked: torch.Tensor) -> tuple[bool, ...]:
-        """One bool per slot (dim 0 of ``stacked``): True where the slot holds a nonzero value."""
-        return tuple(bound > 0 for bound in self.rows(stacked))
-
     def rows(self, stacked: torch.Tensor, known: dict[int, int] | None = None) -> tuple[int, ...]:
         """Per slot, a bound on its nonzero rows along dim -2: rows from it on are all zero
         (0: the slot is zero). For A, the rank of the adapter in the slot.

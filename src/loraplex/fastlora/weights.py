@@ -2,8 +2,7 @@
 
 - ``block``: a block of several slots of B (and of A, when cut to a rank) is a view of a
   contiguous copy of every slot, B transposed to ``(slots, rank, out)`` so that the block
-  is one ``(span*rank, out)`` matrix (vLLM stores B as ``(slots, 1, out, rank)``);
-  ``b_t`` is that copy of B, whole.
+  is one ``(span*rank, out)`` matrix (vLLM stores B as ``(slots, 1, out, rank)``).
 - ``block(..., rank)``: only the first ``rank`` rows of each slot's A and columns of its B.
   vLLM sizes every slot for ``max_lora_rank`` (64 by default) and pads a lower-rank adapter
   with zeros; multiplying by the padding costs the bytes and FLOPs of the full rank (3x the
@@ -107,10 +106,6 @@ class LoraWeights:
     def packs(self, stacked: torch.Tensor) -> bool:
         """Whether ``stacked``'s blocks go through prepacked oneDNN (else ``torch.matmul``)."""
         return self._onednn is not None and stacked.dtype in PACKED_DTYPES
-
-    def b_t(self, stacked: torch.Tensor) -> torch.Tensor:
-        """B of every slot as ``(slots, rank, out)``, contiguous."""
-        return self._copy(stacked, True, stacked.shape[-1])
 
     def _copy(self, stacked: torch.Tensor, is_b: bool, rank: int) -> torch.Tensor:
         """Every slot's first ``rank`` rows of A (``(slots, rank, in)``) or columns of B
@@ -233,7 +228,7 @@ class LoraWeights:
 
 def _block_copy(stacked: torch.Tensor, is_b: bool, lo: int, span: int, size: int) -> torch.Tensor:
     """``LoraWeights.block`` as a new contiguous tensor, read from these slots only (not
-    through ``b_t``, which would transpose every slot of B after each load)."""
+    through ``_copy``, which would transpose every slot of B after each load)."""
     s3 = slots(stacked)[lo : lo + span]
     if is_b:
         block = s3[:, :size].transpose(1, 2).reshape(span * s3.shape[2], size)
