@@ -259,8 +259,10 @@ def test_prepared_slices_multiply_only_the_rank_the_adapters_use(pattern):
     y = torch.randn(indices.numel(), 40, generator=gen)
     plan = LoraPlan.build(indices)
     cache = LoraWeights(use_onednn=False)
-    prepared = ops.prepare(plan, 40, a_list[0], b_list[0], 0.5, 0, 40, cache, rank=8)
-    assert prepared is not None and prepared.accepts(y, x)
+    views = ops.prepare(plan, 40, a_list[0], b_list[0], 0.5, 0, 40, cache, rank=8)
+    assert views is not None
+    prepared = views.bind(plan)
+    assert prepared.accepts(y, x)
     for _, a, b in prepared.direct:
         assert a.shape == (20, 8) and b.shape == (8, 40)
     if plan.packed is not None:

@@ -225,3 +225,40 @@ def test_a_slice_written_between_steps_of_one_mapping_is_computed_again():
             fast.add_lora_linear(got, x, a, b, 0.5, SLICES)
             want = reference(y, x, a, b, slots_of(ids), scale=0.5)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_new_mapping_over_the_same_adapters_reuses_the_weight_views(monkeypatch):
+    """A request joining or leaving the batch gives a new mapping: the layer's weight views
+    are looked up again only for a new layout (which slots go direct, which are packed),
+    and every mapping's rows get their own slot's delta."""
+    from loraplex.fastlora import ops
+
+    gen = torch.Generator().manual_seed(11)
+    a, b = stacked(gen)
+    x = torch.randn(22, D_IN, generator=gen)
+    y = torch.randn(22, sum(SLICES), generator=gen)
+    prepared = []
+    real = ops.prepare
+
+    def spy(plan, *args):
+        prepared.append(plan.layout)
+        return real(plan, *args)
+
+    monkeypatch.setattr(ops, "prepare", spy)
+    fast, _ = wrappers([7, 3, 9, 9, 7, 3, 7, 9], [7, 3, 9, 9, 7, 3, 7, 9])
+    mappings = [
+        ([7, 3, 9, 9, 7, 3, 7, 9], 3),  # first step: one packed group, views per slice
+        ([9, 7, 3, 7, 9, 3, 3, 7], 0),  # other rows, same layout: no lookup
+        ([3, 9, 7], 0),
+        ([7] * 20 + [3, 9], 3),  # slot 0 direct, 1 and 2 packed: a new layout
+        ([3, 9, 7], 0),  # seen before
+    ]
+    for ids, lookups in mappings:
+        prepared.clear()
+        mapping = LoRAMapping(ids, ids, is_prefill=True)
+        fast.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
+        got = y[: len(ids)].clone()
+        fast.add_lora_linear(got, x[: len(ids)], a, b, 0.5, SLICES)
+        want = reference(y[: len(ids)], x[: len(ids)], a, b, slots_of(ids), scale=0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=str(ids))
+        assert len(prepared) == lookups, ids

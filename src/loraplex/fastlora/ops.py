@@ -24,7 +24,7 @@ from loraplex.fastlora.weights import LoraWeights, add_cast, slots
 
 @dataclass(frozen=True)
 class PreparedSlice:
-    """``lora_linear`` for one plan and one slice, with every weight view looked up once.
+    """``lora_linear`` for one plan and one slice: ``SliceWeights`` with the plan's rows.
 
     Only where nothing is prepacked and one dtype runs through (float32 serving): each
     product is then a plain ``mm`` or ``addmm_`` on views of vLLM's stacked weights, which
@@ -70,6 +70,34 @@ class PreparedSlice:
             y_cols[rows] = y_cols[rows].addmm_(h, b)
 
 
+@dataclass(frozen=True)
+class SliceWeights:
+    """The weight views of one slice for the plans of one layout (``LoraPlan.layout``),
+    looked up once: the plans of a new step over the same adapters share them (``bind``)."""
+
+    dtype: torch.dtype
+    offset: int
+    size: int
+    scale: float
+    rank: int
+    direct: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """(A view ``(in, rank)``, B view ``(rank, size)``) per direct segment."""
+    packed: tuple[torch.Tensor, torch.Tensor] | None
+    """(A block, B block) of the packed group."""
+
+    def bind(self, plan: LoraPlan) -> PreparedSlice:
+        """These views with ``plan``'s rows (``plan`` has the layout they were looked up for)."""
+        direct_rows, packed_rows = plan.row_views
+        direct = tuple((rows, a, b) for rows, (a, b) in zip(direct_rows, self.direct, strict=True))
+        packed = None
+        if self.packed is not None:
+            mask = plan.packed.mask(self.rank, self.dtype, self.scale)
+            packed = (packed_rows, *self.packed, mask)
+        return PreparedSlice(
+            self.dtype, plan.num_tokens, self.offset, self.size, self.scale, direct, packed
+        )
+
+
 def prepare(
     plan: LoraPlan,
     y_width: int,
@@ -80,9 +108,9 @@ def prepare(
     size: int,
     weights: LoraWeights,
     rank: int | None = None,
-) -> PreparedSlice | None:
-    """``lora_linear``'s work for ``plan`` with its weight views resolved; None where the
-    weights are prepacked or A and B differ in dtype (``lora_linear`` handles those).
+) -> SliceWeights | None:
+    """``lora_linear``'s weights for plans of ``plan``'s layout, their views resolved; None
+    where the weights are prepacked or A and B differ in dtype (``lora_linear`` handles those).
 
     ``rank``: multiply by each slot's first ``rank`` rows of A (and columns of B) only;
     every row beyond must be zero in every slot (``LiveSlots.rank``). All when None."""
@@ -90,31 +118,22 @@ def prepare(
         return None
     rank = rank or lora_a.shape[-2]
     size = min(size, lora_b.shape[-2], y_width - offset)
-
-    def rows_of(start: int, stop: int) -> slice | None:
-        return None if start == 0 and stop == plan.num_tokens else slice(start, stop)
-
+    direct_slots, packed_slots = plan.layout
     direct = tuple(
         (
-            rows_of(start, stop),
             weights.block(lora_a, False, slot, 1, size, rank),
             weights.block(lora_b, True, slot, 1, size, rank),
         )
-        for slot, start, stop in plan.direct
+        for slot in direct_slots
     )
-    group = plan.packed
     packed = None
-    if group is not None:
-        rows = group.rows
-        if isinstance(rows, slice):
-            rows = rows_of(rows.start, rows.stop)
+    if packed_slots is not None:
+        lo, span = packed_slots
         packed = (
-            rows,
-            weights.block(lora_a, False, group.lo, group.span, size, rank),
-            weights.block(lora_b, True, group.lo, group.span, size, rank),
-            group.mask(rank, lora_a.dtype, scale),
+            weights.block(lora_a, False, lo, span, size, rank),
+            weights.block(lora_b, True, lo, span, size, rank),
         )
-    return PreparedSlice(lora_a.dtype, plan.num_tokens, offset, size, scale, direct, packed)
+    return SliceWeights(lora_a.dtype, offset, size, scale, rank, direct, packed)
 
 
 def lora_linear(
@@ -129,7 +148,8 @@ def lora_linear(
     weights: LoraWeights,
 ) -> None:
     """``y[:, offset:offset+size] += scale * x @ A[slot].T @ B[slot].T`` for each row's slot."""
-    prepared = prepare(plan, y.shape[1], lora_a, lora_b, scale, offset, size, weights)
+    views = prepare(plan, y.shape[1], lora_a, lora_b, scale, offset, size, weights)
+    prepared = None if views is None else views.bind(plan)
     if prepared is not None and prepared.accepts(y, x):
         prepared.run(y, x)
         return

@@ -16,6 +16,7 @@ no math on activations; see ``ops`` for that.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,27 @@ class LoraPlan:
     def empty(self) -> bool:
         """True when no token in the step uses an adapter."""
         return not self.direct and self.packed is None
+
+    @functools.cached_property
+    def layout(self) -> tuple[tuple[int, ...], tuple[int, int] | None]:
+        """The slots the plan multiplies by and how: each direct segment's slot, and the
+        packed group's ``(lo, span)``. Plans of one layout use the same weight views."""
+        packed = None if self.packed is None else (self.packed.lo, self.packed.span)
+        return tuple(slot for slot, _, _ in self.direct), packed
+
+    @functools.cached_property
+    def row_views(self) -> tuple[tuple[slice | None, ...], slice | torch.Tensor | None]:
+        """The rows of each direct segment and of the packed group, None where they are every
+        row (decode steps are dominated by per-op overhead: whole inputs are not sliced)."""
+
+        def rows(start: int, stop: int) -> slice | None:
+            return None if start == 0 and stop == self.num_tokens else slice(start, stop)
+
+        direct = tuple(rows(start, stop) for _, start, stop in self.direct)
+        packed = None if self.packed is None else self.packed.rows
+        if isinstance(packed, slice):
+            packed = rows(packed.start, packed.stop)
+        return direct, packed
 
     @property
     def covers_all(self) -> bool:

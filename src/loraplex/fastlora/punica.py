@@ -29,6 +29,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from loraplex.fastlora import ops
 from loraplex.fastlora.hot_merge import HotMerge
 from loraplex.fastlora.hot_policy import HotPolicy
+from loraplex.fastlora.layer_jobs import LayerJobs
 from loraplex.fastlora.layer_slices import lora_slices
 from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.merge import watch_steps
@@ -46,9 +47,6 @@ logger = logging.getLogger(f"vllm.{__name__}")
 
 _WRAPPERS: dict[int, FastPunicaWrapperCPU] = {}
 _KEYS = itertools.count(1)
-
-#: One slice of one layer in one step: (plan, A, B, scale, offset, size, prepared views).
-LayerJob = tuple[LoraPlan, torch.Tensor, torch.Tensor, float, int, int, ops.PreparedSlice | None]
 
 
 def wrappers() -> list[FastPunicaWrapperCPU]:
@@ -76,7 +74,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._linear_plans: tuple[LoraPlan, LoraPlan | None] = (self._token_plan, None)
         self._linear_indices: tuple[torch.Tensor, torch.Tensor] | None = None
         self._resized_linear: dict[int, tuple[LoraPlan, LoraPlan]] = {}
-        self._jobs: dict[int, tuple] = {}
+        self._jobs = LayerJobs(self._live, self._weights)
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -237,7 +235,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         plan, subtract = self._linear(x.shape[0])
         if plan.empty and (subtract is None or subtract.empty):
             return
-        jobs = self._layer_jobs(
+        jobs = self._jobs.get(
             plan, subtract, lora_a_stacked, lora_b_stacked, scale, output_slices, y.shape[1]
         )
         for sub, lora_a, lora_b, signed, offset, size, prepared in jobs:
@@ -245,54 +243,6 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
                 prepared.run(y, x)
             else:
                 ops.lora_linear(sub, y, x, lora_a, lora_b, signed, offset, size, self._weights)
-
-    def _layer_jobs(
-        self,
-        plan: LoraPlan,
-        subtract: LoraPlan | None,
-        lora_a_stacked: list[torch.Tensor],
-        lora_b_stacked: list[torch.Tensor],
-        scale: float,
-        output_slices: list[int],
-        y_width: int,
-    ) -> list[LayerJob]:
-        """What ``run_linear`` computes for one layer in this step: ``(plan, A, B, scale,
-        offset, size, prepared)`` per slice with live slots (scale negated: the merged
-        adapter taken out; ``prepared``: ``ops.prepare``'s views, cut to the rank the
-        slots' adapters fit in, ``LiveSlots.rank``). Cached per layer until
-        the plans or the scale change or vLLM writes any of its weights."""
-        versions = tuple(t._version for t in lora_a_stacked) + tuple(
-            t._version for t in lora_b_stacked
-        )
-        first = lora_a_stacked[0]
-        hit = self._jobs.get(first.data_ptr())
-        if (
-            hit is not None
-            and hit[0] is first
-            and hit[1] is plan
-            and hit[2] is subtract
-            and hit[3] == versions
-            and hit[4] == (scale, y_width)
-        ):
-            return hit[5]
-        jobs = []
-        offset = 0
-        for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            parts = []
-            live = self._live.live(plan.slots, lora_a, lora_b)
-            if live:
-                parts.append((plan.only(live), scale))
-            if subtract is not None and self._live.live(subtract.slots, lora_a, lora_b):
-                parts.append((subtract, -scale))
-            rank = self._live.rank(lora_a) if parts else 0
-            for sub, signed in parts:
-                prepared = ops.prepare(
-                    sub, y_width, lora_a, lora_b, signed, offset, size, self._weights, rank
-                )
-                jobs.append((sub, lora_a, lora_b, signed, offset, size, prepared))
-            offset += size
-        self._jobs[first.data_ptr()] = (first, plan, subtract, versions, (scale, y_width), jobs)
-        return jobs
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kw):
         y2 = y.view(-1, y.shape[-1])
