@@ -105,6 +105,7 @@ def engine_phases(engine: Engine, folder: Path, repeats: int) -> dict[str, list[
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
     from loraplex.fastlora import weights
+    from loraplex.fastlora.layer_jobs import LayerJobs
     from loraplex.fastlora.live import LiveSlots
     from loraplex.fastlora.punica import FastPunicaWrapperCPU
 
@@ -114,6 +115,7 @@ def engine_phases(engine: Engine, folder: Path, repeats: int) -> dict[str, list[
     timed(LRUCacheLoRAModelManager, "activate_adapter", "vLLM activate (slot writes)", spent)
     timed(FastPunicaWrapperCPU, "slot_written", "  of which fast-LoRA slot_written", spent)
     timed(LiveSlots, "rows", "fast-LoRA slot row bounds (all calls)", spent)
+    timed(LayerJobs, "get", "fast-LoRA layer jobs (all calls)", spent)
     timed(weights.LoraWeights, "packed", "fast-LoRA packed lookups (all calls)", spent)
     llm = engine.in_process_llm()
     from vllm import _custom_ops
