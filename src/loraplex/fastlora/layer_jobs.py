@@ -87,8 +87,8 @@ class LayerJobs:
         """The jobs of the layer whose slices are ``lora_*_stacked`` in this step.
 
         ``plan``: the step's rows per slot; ``subtract``: the rows the merged adapter is taken
-        out of (None when nothing is merged). ``prepared`` views are cut to the rank the
-        slots' adapters fit in (``LiveSlots.rank``)."""
+        out of (None when nothing is merged). The views are cut to the rank the slots' adapters
+        fit in (``LiveSlots.rank``)."""
         versions = tuple(t._version for t in lora_a_stacked) + tuple(
             t._version for t in lora_b_stacked
         )
@@ -103,8 +103,9 @@ class LayerJobs:
             and hit[4] == (scale, y_width)
         ):
             return hit[5]
+        used = (plan.slots, None if subtract is None else subtract.slots)
         parts = self._slice_parts(
-            versions, plan, subtract, lora_a_stacked, lora_b_stacked, scale, output_slices
+            versions, used, lora_a_stacked, lora_b_stacked, scale, output_slices
         )
         jobs = [
             part.job(subtract if part.subtract else plan, y_width, self._weights) for part in parts
@@ -115,24 +116,24 @@ class LayerJobs:
     def _slice_parts(
         self,
         versions: tuple[int, ...],
-        plan: LoraPlan,
-        subtract: LoraPlan | None,
+        used: tuple[tuple[int, ...], tuple[int, ...] | None],
         lora_a_stacked: list[torch.Tensor],
         lora_b_stacked: list[torch.Tensor],
         scale: float,
         output_slices: list[int],
     ) -> list[SlicePart]:
-        """The layer's live slices for the slots ``plan`` and ``subtract`` use."""
+        """The layer's live slices for ``used``: the slots of the token plan and of the
+        subtraction plan (None: nothing merged)."""
         first = lora_a_stacked[0]
-        subtract_slots = None if subtract is None else subtract.slots
-        key = (versions, plan.slots, subtract_slots, scale)
+        slots, subtract_slots = used
+        key = (versions, used, scale)
         hit = self._parts.get(first.data_ptr())
         if hit is not None and hit[0] is first and hit[1] == key:
             return hit[2]
         parts = []
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            live = self._live.live(plan.slots, lora_a, lora_b)
+            live = self._live.live(slots, lora_a, lora_b)
             subtracts = bool(subtract_slots) and bool(
                 self._live.live(subtract_slots, lora_a, lora_b)
             )
