@@ -2,7 +2,7 @@
 
 One engine (in a subprocess: vLLM spawns workers) gets a mixed batch: three prompts, each
 with no adapter, adapter a0 (rank 16) and adapter a1 (rank 8), in slots of rank 32 (the ops
-then multiply by the first 16 rows of each slot only: ``LiveSlots.rank``).
+then multiply by the first 16 rows of each slot only: ``layer_jobs.LiveSlice.rank``).
 ``max_loras=2`` so every slot is taken: base tokens sit next to tokens of the last slot,
 which is where vLLM's stock CPU ops go wrong (they read slot -1 as the last slot). The long
 prompt is prefilled in direct segments, the short ones and every decode step go through the

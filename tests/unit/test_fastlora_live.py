@@ -63,7 +63,7 @@ def test_only_of_one_slot_has_no_packed_group_beyond_its_runs(slots):
     assert sorted(covered) == [row for row, slot in enumerate([0, 1, 0, 1]) if slot in slots]
 
 
-def test_rank_is_the_last_nonzero_row_of_any_slot_and_follows_writes():
+def test_row_bounds_are_the_last_nonzero_row_of_each_slot_and_follow_writes():
     """vLLM pads an adapter of rank r into the first r rows of a slot of ``max_lora_rank``
     rows: the ops need only as many rows as the largest adapter held."""
     live = LiveSlots()
@@ -71,8 +71,7 @@ def test_rank_is_the_last_nonzero_row_of_any_slot_and_follows_writes():
     a[0, 0, :4] = 1.0
     a[2, 0, 7, 1] = -2.0  # a rank-8 adapter whose last row is mostly zero
     assert live.rows(a) == (4, 0, 8)
-    assert live.rank(a) == 8
     a[2] = 0  # reset_lora
-    assert live.rank(a) == 4
+    assert live.rows(a) == (4, 0, 0)
     a.zero_()
-    assert live.rank(a) == 16  # nothing live: the full rank (no slice is computed then)
+    assert live.rows(a) == (0, 0, 0)

@@ -262,3 +262,40 @@ def test_a_new_mapping_over_the_same_adapters_reuses_the_weight_views(monkeypatc
         want = reference(y[: len(ids)], x[: len(ids)], a, b, slots_of(ids), scale=0.5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=str(ids))
         assert len(prepared) == lookups, ids
+
+
+def test_an_adapter_zero_in_a_layer_joins_the_batch_without_a_new_lookup(monkeypatch):
+    """A q/v adapter leaves the k, o, gate, up and down layers at zero: its requests joining
+    or leaving the batch keep those layers' parts and views (a cold load writes one slot and
+    adds it to the batch in all 120 layers of the model), and its rows get no delta there."""
+    from loraplex.fastlora import ops
+
+    gen = torch.Generator().manual_seed(13)
+    a, b = stacked(gen)
+    for t in (*a, *b):
+        t[2].zero_()  # slot 2 (lora id 9): nothing in this layer
+    x = torch.randn(8, D_IN, generator=gen)
+    y = torch.randn(8, sum(SLICES), generator=gen)
+    lookups = []
+    real = ops.prepare
+
+    def spy(plan, *args):
+        lookups.append(plan.layout)
+        return real(plan, *args)
+
+    monkeypatch.setattr(ops, "prepare", spy)
+    fast, _ = wrappers([7, 3, 7, 3], [7, 3, 7, 3])
+    for ids, expected in [
+        ([7, 3, 7, 3], 3),  # one packed group of slots 0-1 in each of the 3 slices
+        ([7, 9, 3, 9, 7, 3], 0),  # 9 joins: its rows are base rows here, same layout
+        ([9, 7, 3], 0),
+        ([7, 3, 7, 3, 7], 0),  # 9 leaves
+    ]:
+        lookups.clear()
+        mapping = LoRAMapping(ids, ids, is_prefill=True)
+        fast.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
+        got = y[: len(ids)].clone()
+        fast.add_lora_linear(got, x[: len(ids)], a, b, 0.5, SLICES)
+        want = reference(y[: len(ids)], x[: len(ids)], a, b, slots_of(ids), scale=0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=str(ids))
+        assert len(lookups) == expected, ids

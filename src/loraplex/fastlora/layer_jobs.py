@@ -1,4 +1,4 @@
-"""What ``loraplex::lora_linear`` computes for one layer in one step, cached at two levels.
+"""What ``loraplex::lora_linear`` computes for one layer in one step, cached at three levels.
 
 A job per slice with live slots (``live``): the plan of the rows it adds to, the weights, the
 scale (negated: the merged adapter taken out of other rows) and ``ops.prepare``'s views bound
@@ -6,13 +6,17 @@ to the plan's rows.
 
 - Step level: a layer's jobs are reused while the step's plans are the same objects (decode
   steps of an unchanged batch) and vLLM has not written the layer's weights.
-- Weight level, below it: which slices are live for the slots the step uses, the rank they
-  fit in, and the views per plan layout (``LoraPlan.layout``). A new mapping over the same
-  adapters (a request joins or leaves the batch) builds its jobs from these lookups rather
-  than looking at every slice's weights again.
+- Slot level, kept until vLLM writes the layer's weights (a version counter moves): which
+  slots are live in each slice, over every slot, and the rank each slice fits in. A step's
+  slots are cut to those live somewhere in the layer, so a batch that gains or loses an
+  adapter that leaves the layer at zero (the k, o, gate, up and down slices of a q/v adapter)
+  finds the layer's parts as they were.
+- Part level, below it: per set of live slots in use, the slices to compute and their views
+  per plan layout (``LoraPlan.layout``). A new mapping over the same adapters (a request
+  joins or leaves the batch) binds these views to its rows rather than looking at every
+  slice's weights again.
 
-Both levels are dropped for a layer when vLLM writes any of its weights (a version counter
-moves); nothing here computes on activations.
+Nothing here computes on activations.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from loraplex.fastlora.weights import LoraWeights
 #: One slice of one layer in one step: (plan, A, B, scale, offset, size, prepared views).
 LayerJob = tuple[LoraPlan, torch.Tensor, torch.Tensor, float, int, int, ops.PreparedSlice | None]
 
-#: Weight views kept per slice (one per plan layout and output width); cleared beyond.
-MAX_LAYOUTS_PER_SLICE = 64
+#: Entries kept per layer (sets of slots in use) and per slice (plan layouts); cleared beyond.
+MAX_CACHED = 64
 
 
 @dataclass
@@ -54,7 +58,7 @@ class SlicePart:
         sub = plan if self.subtract else plan.only(self.live)
         key = (sub.layout, y_width)
         if key not in self.views:
-            if len(self.views) >= MAX_LAYOUTS_PER_SLICE:
+            if len(self.views) >= MAX_CACHED:
                 self.views.clear()
             self.views[key] = ops.prepare(
                 sub, y_width, self.lora_a, self.lora_b, self.scale, self.offset, self.size,
@@ -65,6 +69,61 @@ class SlicePart:
         return sub, self.lora_a, self.lora_b, self.scale, self.offset, self.size, prepared
 
 
+@dataclass(slots=True)
+class LiveSlice:
+    """A slice of a layer with live slots, at one version of its weights."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    offset: int
+    size: int
+    live: frozenset[int]
+    """Every slot whose A and B are both nonzero here."""
+    rank: int
+    """The rank every slot fits in: rows of A beyond it are zero in all slots (vLLM pads
+    adapters of lower rank than ``max_lora_rank``), so products over them add nothing. One
+    bound for all slots, so that a row's products do not depend on which adapters its batch
+    holds."""
+
+
+@dataclass
+class LiveLayer:
+    """A layer's slices at one version of its weights, and its parts per slots in use."""
+
+    first: torch.Tensor
+    """The first slice's A: the layer's cache entry holds it, so its address is not reused."""
+    versions: tuple[int, ...]
+    slices: tuple[LiveSlice, ...]
+    slots: frozenset[int]
+    """The slots live in any slice."""
+    parts: dict[tuple, list[SlicePart]] = field(default_factory=dict)
+
+    def parts_for(
+        self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
+    ) -> list[SlicePart]:
+        """The slices to compute for the token plan's slots ``used`` (live here) and the
+        subtraction plan's ``subtract`` (None: nothing merged)."""
+        key = (used, subtract, scale)
+        parts = self.parts.get(key)
+        if parts is not None:
+            return parts
+        parts = []
+        for s in self.slices:
+            live = tuple(slot for slot in used if slot in s.live)
+            if live:
+                parts.append(
+                    SlicePart(False, live, s.lora_a, s.lora_b, scale, s.offset, s.size, s.rank)
+                )
+            if subtract and not s.live.isdisjoint(subtract):
+                parts.append(
+                    SlicePart(True, (), s.lora_a, s.lora_b, -scale, s.offset, s.size, s.rank)
+                )
+        if len(self.parts) >= MAX_CACHED:
+            self.parts.clear()
+        self.parts[key] = parts
+        return parts
+
+
 class LayerJobs:
     """Per-engine cache of the layers' jobs (one per punica wrapper)."""
 
@@ -72,7 +131,7 @@ class LayerJobs:
         self._live = live
         self._weights = weights
         self._steps: dict[int, tuple] = {}
-        self._parts: dict[int, tuple] = {}
+        self._layers: dict[int, LiveLayer] = {}
 
     def get(
         self,
@@ -88,7 +147,7 @@ class LayerJobs:
 
         ``plan``: the step's rows per slot; ``subtract``: the rows the merged adapter is taken
         out of (None when nothing is merged). The views are cut to the rank the slots' adapters
-        fit in (``LiveSlots.rank``)."""
+        fit in (``LiveSlice.rank``)."""
         versions = tuple(t._version for t in lora_a_stacked) + tuple(
             t._version for t in lora_b_stacked
         )
@@ -103,46 +162,45 @@ class LayerJobs:
             and hit[4] == (scale, y_width)
         ):
             return hit[5]
-        used = (plan.slots, None if subtract is None else subtract.slots)
-        parts = self._slice_parts(
-            versions, used, lora_a_stacked, lora_b_stacked, scale, output_slices
-        )
-        jobs = [
-            part.job(subtract if part.subtract else plan, y_width, self._weights) for part in parts
-        ]
+        layer = self._layer(versions, lora_a_stacked, lora_b_stacked, output_slices)
+        jobs = []
+        if layer.slots:
+            used = tuple(slot for slot in plan.slots if slot in layer.slots)
+            subtracted = None
+            if subtract is not None:
+                subtracted = tuple(slot for slot in subtract.slots if slot in layer.slots)
+            jobs = [
+                part.job(subtract if part.subtract else plan, y_width, self._weights)
+                for part in layer.parts_for(used, subtracted, scale)
+            ]
         self._steps[first.data_ptr()] = (first, plan, subtract, versions, (scale, y_width), jobs)
         return jobs
 
-    def _slice_parts(
+    def _layer(
         self,
         versions: tuple[int, ...],
-        used: tuple[tuple[int, ...], tuple[int, ...] | None],
         lora_a_stacked: list[torch.Tensor],
         lora_b_stacked: list[torch.Tensor],
-        scale: float,
         output_slices: list[int],
-    ) -> list[SlicePart]:
-        """The layer's live slices for ``used``: the slots of the token plan and of the
-        subtraction plan (None: nothing merged)."""
+    ) -> LiveLayer:
+        """The layer's live slots per slice at ``versions`` of its weights."""
         first = lora_a_stacked[0]
-        slots, subtract_slots = used
-        key = (versions, used, scale)
-        hit = self._parts.get(first.data_ptr())
-        if hit is not None and hit[0] is first and hit[1] == key:
-            return hit[2]
-        parts = []
+        layer = self._layers.get(first.data_ptr())
+        if layer is not None and layer.first is first and layer.versions == versions:
+            return layer
+        slices = []
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            live = self._live.live(slots, lora_a, lora_b)
-            subtracts = bool(subtract_slots) and bool(
-                self._live.live(subtract_slots, lora_a, lora_b)
-            )
-            if live or subtracts:
-                rank = self._live.rank(lora_a)
+            rows_a = self._live.rows(lora_a)
+            if any(rows_a):  # B is looked at only then: most slices of q/v adapters are zero
+                rows_b = self._live.rows(lora_b)
+                live = frozenset(
+                    slot for slot, (a, b) in enumerate(zip(rows_a, rows_b, strict=True)) if a and b
+                )
                 if live:
-                    parts.append(SlicePart(False, live, lora_a, lora_b, scale, offset, size, rank))
-                if subtracts:
-                    parts.append(SlicePart(True, (), lora_a, lora_b, -scale, offset, size, rank))
+                    slices.append(LiveSlice(lora_a, lora_b, offset, size, live, max(rows_a)))
             offset += size
-        self._parts[first.data_ptr()] = (first, key, parts)
-        return parts
+        slots = frozenset().union(*(s.live for s in slices))
+        layer = LiveLayer(first, versions, tuple(slices), slots)
+        self._layers[first.data_ptr()] = layer
+        return layer

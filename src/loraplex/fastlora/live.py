@@ -69,13 +69,6 @@ class LiveSlots:
         b = self.rows(lora_b)
         return tuple(slot for slot in slots if b[slot])
 
-    def rank(self, lora_a: torch.Tensor) -> int:
-        """The rank every slot of ``lora_a`` fits in: rows of A beyond it are zero in all
-        slots (vLLM pads adapters of lower rank than ``max_lora_rank``), so products over
-        them add nothing. One bound for all slots, so that a row's products do not depend
-        on which adapters its batch holds."""
-        return max(self.rows(lora_a), default=0) or lora_a.shape[-2]
-
     def written(
         self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int | None
     ) -> bool:

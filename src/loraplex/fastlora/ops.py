@@ -113,7 +113,7 @@ def prepare(
     where the weights are prepacked or A and B differ in dtype (``lora_linear`` handles those).
 
     ``rank``: multiply by each slot's first ``rank`` rows of A (and columns of B) only;
-    every row beyond must be zero in every slot (``LiveSlots.rank``). All when None."""
+    every row beyond must be zero in every slot (``layer_jobs.LiveSlice.rank``). All when None."""
     if weights.packs(lora_a) or lora_a.dtype != lora_b.dtype:
         return None
     rank = rank or lora_a.shape[-2]
