@@ -52,8 +52,9 @@ PROMPTS = [
 FILLERS = [f"Tell me everything about topic number {i}, in detail, step by step." for i in range(8)]
 
 
-def gemm_rows(dtype_name: str) -> list[dict[str, Any]]:
-    """Part 1: which row counts change row 0's bits, per projection shape."""
+def gemm_rows(dtype_name: str) -> list[dict[str, Any]] | dict[str, str]:
+    """Part 1: which row counts change row 0's bits, per projection shape; where oneDNN
+    cannot multiply ``dtype_name`` on this CPU, why."""
     import torch
     from transformers import AutoConfig
     from vllm import _custom_ops as ops
@@ -69,6 +70,10 @@ def gemm_rows(dtype_name: str) -> list[dict[str, Any]]:
         "lm_head": (hidden, config.vocab_size),
     }
     dtype = getattr(torch, dtype_name)
+    try:
+        ops.create_onednn_mm(torch.ones(16, 16, dtype=dtype), 32)
+    except RuntimeError as exc:  # bf16 on a CPU without AVX-512: vLLM's layers use torch there
+        return {"onednn_unsupported": str(exc).splitlines()[0]}
     out = []
     for name, (k, n) in shapes.items():
         torch.manual_seed(0)

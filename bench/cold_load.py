@@ -8,14 +8,20 @@ hot_swap bench's engine settings): a 1-token completion for a version never load
 the same again (warm), and one for a version first added with ``add_lora`` (preloaded), with
 the time vLLM spends reading the adapter, registering it, activating it into a slot (the
 fast-LoRA refresh of that slot included) and, inside the step, in the fast-LoRA caches
-(slot row bounds, oneDNN packs). Median of ``--repeats`` versions each.
+(slot row bounds, layer jobs, oneDNN packs). Median of ``--repeats`` versions each.
+
+``--max-loras`` sets the engine's slots (and CPU cache entries). With the default 8 and
+fewer than 8 repeats each cold version lands in a slot never written before; with 2, slots
+are reused from the third version on, as on a server past its first loads.
 
     .venv/bin/python -m bench.cold_load                  # ~1 min on 2 cores (quiet)
+    .venv/bin/python -m bench.cold_load --dtype float32 --stores disk --repeats 9 --max-loras 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -158,11 +164,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--max-loras", type=int, default=Engine.max_loras)
     args = parser.parse_args()
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     engine = Engine(base_model_dir(), dtype=args.dtype, max_lora_rank=16)
+    if args.max_loras != engine.max_loras:
+        slots = args.max_loras
+        engine = dataclasses.replace(engine, max_loras=slots, max_cpu_loras=slots)
     folder = make_adapters(engine.base, 2 * args.repeats, 16, ["q_proj", "v_proj"])
     report: dict[str, Any] = {"load_average_before": os.getloadavg()}
     for kind in args.stores.split(","):
