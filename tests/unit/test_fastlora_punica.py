@@ -227,16 +227,16 @@ def test_a_slice_written_between_steps_of_one_mapping_is_computed_again():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_a_new_mapping_over_the_same_adapters_reuses_the_weight_views(monkeypatch):
-    """A request joining or leaving the batch gives a new mapping: the layer's weight views
-    are looked up again only for a new layout (which slots go direct, which are packed),
-    and every mapping's rows get their own slot's delta."""
+def run_mappings(monkeypatch, a, b, steps, seed):
+    """Each ``(ids, lookups)`` of ``steps`` as a step of one wrapper (vLLM's
+    ``update_metadata``): its rows equal a per-token reference, and the layer's weight views
+    (``ops.prepare``) were looked up ``lookups`` times."""
     from loraplex.fastlora import ops
 
-    gen = torch.Generator().manual_seed(11)
-    a, b = stacked(gen)
-    x = torch.randn(22, D_IN, generator=gen)
-    y = torch.randn(22, sum(SLICES), generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    rows = max(len(ids) for ids, _ in steps)
+    x = torch.randn(rows, D_IN, generator=gen)
+    y = torch.randn(rows, sum(SLICES), generator=gen)
     prepared = []
     real = ops.prepare
 
@@ -245,15 +245,8 @@ def test_a_new_mapping_over_the_same_adapters_reuses_the_weight_views(monkeypatc
         return real(plan, *args)
 
     monkeypatch.setattr(ops, "prepare", spy)
-    fast, _ = wrappers([7, 3, 9, 9, 7, 3, 7, 9], [7, 3, 9, 9, 7, 3, 7, 9])
-    mappings = [
-        ([7, 3, 9, 9, 7, 3, 7, 9], 3),  # first step: one packed group, views per slice
-        ([9, 7, 3, 7, 9, 3, 3, 7], 0),  # other rows, same layout: no lookup
-        ([3, 9, 7], 0),
-        ([7] * 20 + [3, 9], 3),  # slot 0 direct, 1 and 2 packed: a new layout
-        ([3, 9, 7], 0),  # seen before
-    ]
-    for ids, lookups in mappings:
+    fast, _ = wrappers(steps[0][0], steps[0][0])
+    for ids, lookups in steps:
         prepared.clear()
         mapping = LoRAMapping(ids, ids, is_prefill=True)
         fast.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
@@ -264,38 +257,32 @@ def test_a_new_mapping_over_the_same_adapters_reuses_the_weight_views(monkeypatc
         assert len(prepared) == lookups, ids
 
 
+def test_a_new_mapping_over_the_same_adapters_reuses_the_weight_views(monkeypatch):
+    """A request joining or leaving the batch gives a new mapping: the layer's weight views
+    are looked up again only for a new layout (which slots go direct, which are packed),
+    and every mapping's rows get their own slot's delta."""
+    a, b = stacked(torch.Generator().manual_seed(11))
+    steps = [
+        ([7, 3, 9, 9, 7, 3, 7, 9], 3),  # first step: one packed group, views per slice
+        ([9, 7, 3, 7, 9, 3, 3, 7], 0),  # other rows, same layout: no lookup
+        ([3, 9, 7], 0),
+        ([7] * 20 + [3, 9], 3),  # slot 0 direct, 1 and 2 packed: a new layout
+        ([3, 9, 7], 0),  # seen before
+    ]
+    run_mappings(monkeypatch, a, b, steps, seed=11)
+
+
 def test_an_adapter_zero_in_a_layer_joins_the_batch_without_a_new_lookup(monkeypatch):
     """A q/v adapter leaves the k, o, gate, up and down layers at zero: its requests joining
     or leaving the batch keep those layers' parts and views (a cold load writes one slot and
     adds it to the batch in all 120 layers of the model), and its rows get no delta there."""
-    from loraplex.fastlora import ops
-
-    gen = torch.Generator().manual_seed(13)
-    a, b = stacked(gen)
+    a, b = stacked(torch.Generator().manual_seed(13))
     for t in (*a, *b):
         t[2].zero_()  # slot 2 (lora id 9): nothing in this layer
-    x = torch.randn(8, D_IN, generator=gen)
-    y = torch.randn(8, sum(SLICES), generator=gen)
-    lookups = []
-    real = ops.prepare
-
-    def spy(plan, *args):
-        lookups.append(plan.layout)
-        return real(plan, *args)
-
-    monkeypatch.setattr(ops, "prepare", spy)
-    fast, _ = wrappers([7, 3, 7, 3], [7, 3, 7, 3])
-    for ids, expected in [
+    steps = [
         ([7, 3, 7, 3], 3),  # one packed group of slots 0-1 in each of the 3 slices
         ([7, 9, 3, 9, 7, 3], 0),  # 9 joins: its rows are base rows here, same layout
         ([9, 7, 3], 0),
         ([7, 3, 7, 3, 7], 0),  # 9 leaves
-    ]:
-        lookups.clear()
-        mapping = LoRAMapping(ids, ids, is_prefill=True)
-        fast.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
-        got = y[: len(ids)].clone()
-        fast.add_lora_linear(got, x[: len(ids)], a, b, 0.5, SLICES)
-        want = reference(y[: len(ids)], x[: len(ids)], a, b, slots_of(ids), scale=0.5)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=str(ids))
-        assert len(lookups) == expected, ids
+    ]
+    run_mappings(monkeypatch, a, b, steps, seed=13)
