@@ -10,9 +10,9 @@ the time vLLM spends reading the adapter, registering it, activating it into a s
 fast-LoRA refresh of that slot included) and, inside the step, in the fast-LoRA caches
 (slot row bounds, layer jobs, oneDNN packs). Median of ``--repeats`` versions each.
 
-``--max-loras`` sets the engine's slots (and CPU cache entries). With the default 8 and
-fewer than 8 repeats each cold version lands in a slot never written before; with 2, slots
-are reused from the third version on, as on a server past its first loads.
+``--max-loras`` sets the engine's slots (and CPU cache entries). With the default 8, each of
+the first 8 versions loaded lands in a slot never written before; with 2, slots are reused
+from the third version on, as on a server past its first loads.
 
     .venv/bin/python -m bench.cold_load                  # ~1 min on 2 cores (quiet)
     .venv/bin/python -m bench.cold_load --dtype float32 --stores disk --repeats 9 --max-loras 2
