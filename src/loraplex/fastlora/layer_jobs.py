@@ -98,12 +98,6 @@ class LiveLayer:
     """The slots live in any slice."""
     parts: dict[tuple, list[SlicePart]] = field(default_factory=dict)
 
-    def live(self, slots: tuple[int, ...]) -> tuple[int, ...]:
-        """Those of ``slots`` live in some slice (most often all of them)."""
-        if self.slots.issuperset(slots):
-            return slots
-        return tuple(slot for slot in slots if slot in self.slots)
-
     def parts_for(
         self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
     ) -> list[SlicePart]:
@@ -115,7 +109,7 @@ class LiveLayer:
             return parts
         parts = []
         for s in self.slices:
-            live = used if s.live.issuperset(used) else tuple(x for x in used if x in s.live)
+            live = _within(used, s.live)
             if live:
                 parts.append(
                     SlicePart(False, live, s.lora_a, s.lora_b, scale, s.offset, s.size, s.rank)
@@ -171,8 +165,8 @@ class LayerJobs:
         layer = self._layer(versions, lora_a_stacked, lora_b_stacked, output_slices)
         jobs = []
         if layer.slots:
-            used = layer.live(plan.slots)
-            subtracted = None if subtract is None else layer.live(subtract.slots)
+            used = _within(plan.slots, layer.slots)
+            subtracted = None if subtract is None else _within(subtract.slots, layer.slots)
             jobs = [
                 part.job(subtract if part.subtract else plan, y_width, self._weights)
                 for part in layer.parts_for(used, subtracted, scale)
@@ -192,18 +186,24 @@ class LayerJobs:
         layer = self._layers.get(first.data_ptr())
         if layer is not None and layer.first is first and layer.versions == versions:
             return layer
+        every_slot = tuple(range(first.shape[0]))
         slices = []
         slots: set[int] = set()
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            rows_a = self._live.rows(lora_a)
-            if any(rows_a):  # B is looked at only then: most slices of q/v adapters are zero
-                rows_b = self._live.rows(lora_b)
-                live = frozenset([slot for slot, a in enumerate(rows_a) if a and rows_b[slot]])
-                if live:
-                    slices.append(LiveSlice(lora_a, lora_b, offset, size, live, max(rows_a)))
-                    slots |= live
+            live = self._live.live(every_slot, lora_a, lora_b)
+            if live:
+                rank = max(self._live.rows(lora_a))
+                slices.append(LiveSlice(lora_a, lora_b, offset, size, frozenset(live), rank))
+                slots.update(live)
             offset += size
         layer = LiveLayer(first, versions, tuple(slices), frozenset(slots))
         self._layers[first.data_ptr()] = layer
         return layer
+
+
+def _within(slots: tuple[int, ...], live: frozenset[int]) -> tuple[int, ...]:
+    """Those of ``slots`` in ``live``, in order (most often all of them: ``slots`` itself)."""
+    if live.issuperset(slots):
+        return slots
+    return tuple(slot for slot in slots if slot in live)
