@@ -243,11 +243,14 @@ def test_a_written_slot_takes_its_flags_from_what_was_written_without_a_look():
 
 
 class Resettable:
-    """vLLM's ``BaseLinearLayerWithLoRA.reset_lora`` on two slices, counting the slots zeroed."""
+    """vLLM's ``BaseLinearLayerWithLoRA.reset_lora`` on two slices, counting the slots zeroed.
+    Its slots hold an earlier adapter's weights (``used``) or are zero as created."""
 
-    def __init__(self) -> None:
+    def __init__(self, used: bool = True) -> None:
         self.lora_a_stacked = (torch.zeros(3, 1, 4, 8), torch.zeros(3, 1, 4, 8))
         self.lora_b_stacked = (torch.zeros(3, 1, 6, 4), torch.zeros(3, 1, 6, 4))
+        for stacked in (*self.lora_a_stacked, *self.lora_b_stacked) if used else ():
+            stacked.fill_(1.0)
         self.zeroed: list[int] = []
 
     def reset_lora(self, index: int) -> None:
@@ -307,3 +310,25 @@ def test_vllms_linear_lora_layers_skip_resets_of_zero_slots():
     import loraplex.fastlora.punica  # noqa: F401  (installs the wrapper)
 
     assert getattr(BaseLinearLayerWithLoRA.reset_lora, "_loraplex_skips_zero", False)
+
+
+def test_slots_zero_as_created_are_not_zeroed_until_written():
+    """vLLM creates the stacked tensors with zeros: the first adapter loaded into each slot
+    skips the resets of the modules it does not adapt."""
+
+    class Layer(Resettable):
+        pass
+
+    skip_resets_of_zero_slots(Layer)
+    layer = Layer(used=False)
+    for slot in (2, 0, 1, 0):
+        layer.reset_lora(slot)
+    assert layer.zeroed == []
+
+    layer.set_lora(1)  # its own reset of the zero slot is skipped too
+    assert layer.zeroed == []
+    layer.reset_lora(0)  # written since: zeroed, and known zero again from then on
+    layer.reset_lora(1)
+    layer.reset_lora(0)
+    assert layer.zeroed == [0, 1]
+    assert not any(t.any() for t in (*layer.lora_a_stacked, *layer.lora_b_stacked))

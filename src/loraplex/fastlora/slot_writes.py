@@ -97,14 +97,18 @@ def skip_resets_of_zero_slots(layer_cls: Any) -> None:
 
     A slot counts as zero while the layer's stacked tensors are the ones this wrapper last
     zeroed and nothing wrote into them since: their version counters (which any in-place
-    write bumps, ``set_lora``'s included) are still what they were after the last reset."""
+    write bumps, ``set_lora``'s included) are still what they were after the last reset.
+    Every slot counts as zero while no tensor was ever written into (version 0): vLLM
+    creates them with ``torch.zeros`` (``create_lora_weights``), so the first adapter loaded
+    into each slot skips the resets too (~3 ms of a load; tests/integration/
+    test_fastlora_slot_reuse.py would see a slot's leftovers, were vLLM to leave any)."""
     original = layer_cls.reset_lora
     if getattr(original, "_loraplex_skips_zero", False):
         return
 
     @functools.wraps(original)
     def reset_lora(self: Any, index: int) -> None:
-        zeroed = self.__dict__.get("_loraplex_zeroed")
+        zeroed = self.__dict__.get("_loraplex_zeroed") or _as_created(self)
         if zeroed is not None and zeroed[0] != _versions(self):
             zeroed = None  # written since: no slot is known to be zero
         if zeroed is not None and index in zeroed[1]:
@@ -115,6 +119,15 @@ def skip_resets_of_zero_slots(layer_cls: Any) -> None:
 
     reset_lora._loraplex_skips_zero = True  # type: ignore[attr-defined]
     layer_cls.reset_lora = reset_lora
+
+
+def _as_created(layer: Any) -> tuple[tuple[tuple[int, int], ...], frozenset[int]] | None:
+    """Every slot of ``layer``, zero as created, while none of its stacked tensors was
+    ever written into; else None."""
+    stacked = (*layer.lora_a_stacked, *layer.lora_b_stacked)
+    if any(t._version for t in stacked):
+        return None
+    return _versions(layer), frozenset(range(stacked[0].shape[0]))
 
 
 def _versions(layer: Any) -> tuple[tuple[int, int], ...]:
