@@ -140,6 +140,11 @@ def test_the_fast_wrapper_watches_vllms_manager():
     import loraplex.fastlora.punica  # noqa: F401  (installs the watch)
 
     assert getattr(LoRAModelManager.activate_adapter, "_loraplex_watched", False)
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+
+    for layer_cls in (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA):
+        assert getattr(layer_cls.reset_lora, "_loraplex_skips_zero", False)
 
 
 class Linear(Layer):
@@ -332,3 +337,28 @@ def test_slots_zero_as_created_are_not_zeroed_until_written():
     layer.reset_lora(0)
     assert layer.zeroed == [0, 1]
     assert not any(t.any() for t in (*layer.lora_a_stacked, *layer.lora_b_stacked))
+
+
+def test_the_embeddings_one_tensor_per_side_is_skipped_alike():
+    """vLLM's embedding LoRA holds A and B as one tensor each, not a tuple of slices."""
+
+    class Embedding:
+        def __init__(self) -> None:
+            self.lora_a_stacked = torch.zeros(3, 10, 4)
+            self.lora_b_stacked = torch.zeros(3, 1, 6, 4)
+            self.zeroed: list[int] = []
+
+        def reset_lora(self, index: int) -> None:
+            self.zeroed.append(index)
+            self.lora_a_stacked[index] = 0
+            self.lora_b_stacked[index] = 0
+
+    skip_resets_of_zero_slots(Embedding)
+    embedding = Embedding()
+    embedding.reset_lora(1)
+    assert embedding.zeroed == []  # zero as created
+    embedding.lora_a_stacked[2, 0, 0] = 1.0  # written: no slot is taken as zero on trust
+    embedding.reset_lora(1)
+    embedding.reset_lora(2)
+    embedding.reset_lora(1)
+    assert embedding.zeroed == [1, 2] and not embedding.lora_a_stacked.any()

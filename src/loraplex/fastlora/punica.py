@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -318,6 +319,7 @@ def _nothing(*args) -> None:
 watch_activations(LoRAModelManager)
 watch_steps(LoRAModelManager)
 skip_resets_of_zero_slots(BaseLinearLayerWithLoRA)
+skip_resets_of_zero_slots(VocabParallelEmbeddingWithLoRA)
 
 _LIB = Library("loraplex", "FRAGMENT")
 for _name, _impl, _mutated in [
