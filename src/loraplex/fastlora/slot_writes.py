@@ -112,7 +112,9 @@ def skip_resets_of_zero_slots(layer_cls: Any) -> None:
 
     @functools.wraps(original)
     def reset_lora(self: Any, index: int) -> None:
-        zeroed = self.__dict__.get("_loraplex_zeroed") or _as_created(self)
+        zeroed = self.__dict__.get("_loraplex_zeroed")
+        if zeroed is None:
+            zeroed = self.__dict__["_loraplex_zeroed"] = _as_created(self)
         if zeroed is not None and zeroed[0] != _versions(self):
             zeroed = None  # written since: no slot is known to be zero
         if zeroed is not None and index in zeroed[1]:
