@@ -140,11 +140,6 @@ def test_the_fast_wrapper_watches_vllms_manager():
     import loraplex.fastlora.punica  # noqa: F401  (installs the watch)
 
     assert getattr(LoRAModelManager.activate_adapter, "_loraplex_watched", False)
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
-
-    for layer_cls in (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA):
-        assert getattr(layer_cls.reset_lora, "_loraplex_skips_zero", False)
 
 
 class Linear(Layer):
@@ -308,13 +303,15 @@ def test_a_reset_after_set_lora_into_a_zero_slot_keeps_the_new_weights():
     assert layer.lora_a_stacked[1][0].sum() == 16
 
 
-def test_vllms_linear_lora_layers_skip_resets_of_zero_slots():
+def test_vllms_linear_and_embedding_lora_layers_skip_resets_of_zero_slots():
     pytest.importorskip("vllm")
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 
     import loraplex.fastlora.punica  # noqa: F401  (installs the wrapper)
 
-    assert getattr(BaseLinearLayerWithLoRA.reset_lora, "_loraplex_skips_zero", False)
+    for layer_cls in (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA):
+        assert getattr(layer_cls.reset_lora, "_loraplex_skips_zero", False)
 
 
 def test_slots_zero_as_created_are_not_zeroed_until_written():

@@ -102,10 +102,10 @@ def skip_resets_of_zero_slots(layer_cls: Any) -> None:
     A slot counts as zero while the layer's stacked tensors are the ones this wrapper last
     zeroed and nothing wrote into them since: their version counters (which any in-place
     write bumps, ``set_lora``'s included) are still what they were after the last reset.
-    Every slot counts as zero while no tensor was ever written into (version 0): vLLM
-    creates them with ``torch.zeros`` (``create_lora_weights``), so the first adapter loaded
-    into each slot skips the resets too (~3 ms of a load; tests/integration/
-    test_fastlora_slot_reuse.py would see a slot's leftovers, were vLLM to leave any)."""
+    Every slot counts as zero while no tensor was ever written into (version 0): the pinned
+    vLLM creates them with ``torch.zeros`` (``create_lora_weights``; a version allocating
+    them with ``torch.empty`` would break this), so the first adapter loaded into each slot
+    skips the resets too (~3 ms of its load)."""
     original = layer_cls.reset_lora
     if getattr(original, "_loraplex_skips_zero", False):
         return
