@@ -27,14 +27,17 @@ class LiveSlots:
         self._writes = writes or SlotWrites()
         self._rows: dict[int, tuple[torch.Tensor, int, Stamp, tuple[int, ...]]] = {}
 
-    def rows(self, stacked: torch.Tensor, known: dict[int, int] | None = None) -> tuple[int, ...]:
+    def rows(
+        self, stacked: torch.Tensor, known: dict[int, int] | None = None, fresh: bool = False
+    ) -> tuple[int, ...]:
         """Per slot, a bound on its nonzero rows along dim -2: rows from it on are all zero
         (0: the slot is zero). For A, the rank of the adapter in the slot.
 
         ``known``: the bounds of slots just written, from what was written into them; they
         are not looked at (a full scan, the first time a tensor is seen, looks at every
-        slot). The entry holds a reference to the tensor, so its address cannot be reused
-        by another tensor while it is cached.
+        slot, unless ``fresh`` says that every other slot is zero as created). The entry
+        holds a reference to the tensor, so its address cannot be reused by another tensor
+        while it is cached.
         """
         key = stacked.data_ptr()
         version = stacked._version
@@ -51,7 +54,10 @@ class LiveSlots:
                     rows[slot] = _rows_used(stacked[slot : slot + 1])[0] if bound is None else bound
                 self._rows[key] = (stacked, version, stamp, tuple(rows))
                 return self._rows[key][3]
-        rows = tuple(_rows_used(stacked))
+        if fresh and known:
+            rows = tuple(known.get(slot, 0) for slot in range(stacked.shape[0]))
+        else:
+            rows = tuple(_rows_used(stacked))
         self._rows[key] = (stacked, version, stamp, rows)
         return rows
 
@@ -70,14 +76,20 @@ class LiveSlots:
         return tuple(slot for slot in slots if b[slot])
 
     def written(
-        self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int | None
+        self,
+        slot: int,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        rank: int | None,
+        fresh: bool = False,
     ) -> bool:
         """vLLM has just written ``slot`` of one slice: adapter weights of ``rank`` (0:
-        zeros), or it is not known what (None: look). Whether the slot is live."""
+        zeros), or it is not known what (None: look). ``fresh``: every other slot is still
+        zero as created. Whether the slot is live."""
         if rank is None:
             return bool(self.live((slot,), lora_a, lora_b))
-        self.rows(lora_a, {slot: rank})
-        self.rows(lora_b, {slot: lora_b.shape[-2] if rank else 0})
+        self.rows(lora_a, {slot: rank}, fresh)
+        self.rows(lora_b, {slot: lora_b.shape[-2] if rank else 0}, fresh)
         return rank > 0
 
 

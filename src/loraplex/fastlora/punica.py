@@ -115,17 +115,17 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
             LoraPlan.build(self._linear_indices[1]),
         )
 
-    def slot_written(self, slot: int, slots: int, layers: Iterable[tuple[Any, Any]]) -> None:
-        """vLLM wrote an adapter into ``slot`` of each ``(layer, weights)``
+    def slot_written(self, slot: int, slots: int, layers: Iterable[tuple[Any, Any, bool]]) -> None:
+        """vLLM wrote an adapter into ``slot`` of each ``(layer, weights, fresh)``
         (``slot_writes.watch_activations``): bring that slot's zero flags and oneDNN packs up
         to date now, inside ``add_lora``, rather than in the next step (the first request of a
-        preloaded version)."""
+        preloaded version). A fresh layer's other slots are zero: not looked at."""
         self._writes.written(slot, slots)
-        for layer, weights in layers:
+        for layer, weights, fresh in layers:
             layer_slices = lora_slices(layer)
             adapted = adapted_slices(weights, len(layer_slices))
             for (lora_a, lora_b, size), written in zip(layer_slices, adapted, strict=True):
-                if self._live.written(slot, lora_a, lora_b, written):
+                if self._live.written(slot, lora_a, lora_b, written, fresh):
                     self._weights.refresh(lora_a, lora_b, slot, size)
 
     def _linear(self, num_rows: int) -> tuple[LoraPlan, LoraPlan | None]:

@@ -65,23 +65,30 @@ class SlotWrites:
 def watch_activations(manager_cls: Any) -> None:
     """Wrap ``manager_cls.activate_adapter`` (once) to call ``slot_written(slot, slots, layers)``
     on each of the manager's punica wrappers that has it, after a slot was written; ``layers``
-    are ``(layer, weights)`` for the manager's LoRA layers that use that wrapper (whose stacked
-    weights were written), ``weights`` being what vLLM wrote into the layer (None: zeros)."""
+    are ``(layer, weights, fresh)`` for the manager's LoRA layers that use that wrapper (whose
+    stacked weights were written), ``weights`` being what vLLM wrote into the layer (None:
+    zeros) and ``fresh`` whether every slot of the layer was still zero as created before
+    (``zero_as_created``): then only the written slot can hold anything, and the wrapper's
+    first look at the layer needs no reduction. Only the manager's first activation says
+    ``fresh``: the wrappers have looked at every layer by its end (~0.1 ms a load saved)."""
     original = manager_cls.activate_adapter
     if getattr(original, "_loraplex_watched", False):
         return
 
     @functools.wraps(original)
     def activate_adapter(self: Any, lora_id: int) -> bool:
+        first = not self.__dict__.get("_loraplex_announced")
+        fresh = {name for name, layer in self.modules.items() if first and zero_as_created(layer)}
         activated = original(self, lora_id)
         if activated and lora_id in self.lora_index_to_id:
+            self.__dict__["_loraplex_announced"] = True
             slot = self.lora_index_to_id.index(lora_id)
             adapter = self._registered_adapters[lora_id]
             for wrapper in self.punica_wrapper_mapping.values():
                 notify = getattr(wrapper, "slot_written", None)
                 if notify is not None:
                     layers = [
-                        (layer, self._get_lora_layer_weights(adapter, name))
+                        (layer, self._get_lora_layer_weights(adapter, name), name in fresh)
                         for name, layer in self.modules.items()
                         if getattr(layer, "punica_wrapper", None) is wrapper
                     ]
@@ -102,10 +109,8 @@ def skip_resets_of_zero_slots(layer_cls: Any) -> None:
     A slot counts as zero while the layer's stacked tensors are the ones this wrapper last
     zeroed and nothing wrote into them since: their version counters (which any in-place
     write bumps, ``set_lora``'s included) are still what they were after the last reset.
-    Every slot counts as zero while no tensor was ever written into (version 0): the pinned
-    vLLM creates them with ``torch.zeros`` (``create_lora_weights``; a version allocating
-    them with ``torch.empty`` would break this), so the first adapter loaded into each slot
-    skips the resets too (~3 ms of its load)."""
+    Every slot counts as zero while no tensor was ever written into (``zero_as_created``),
+    so the first adapter loaded into each slot skips the resets too (~3 ms of its load)."""
     original = layer_cls.reset_lora
     if getattr(original, "_loraplex_skips_zero", False):
         return
@@ -127,13 +132,21 @@ def skip_resets_of_zero_slots(layer_cls: Any) -> None:
     layer_cls.reset_lora = reset_lora
 
 
+def zero_as_created(layer: Any) -> bool:
+    """Whether none of ``layer``'s stacked LoRA tensors was ever written into (version 0):
+    every slot is then zero, as the pinned vLLM creates them with ``torch.zeros``
+    (``create_lora_weights``; a version allocating them with ``torch.empty`` would break
+    this). False for a layer without them."""
+    if getattr(layer, "lora_a_stacked", None) is None or not hasattr(layer, "lora_b_stacked"):
+        return False
+    return not any(t._version for t in _stacked(layer))
+
+
 def _as_created(layer: Any) -> tuple[tuple[tuple[int, int], ...], frozenset[int]] | None:
-    """Every slot of ``layer``, zero as created, while none of its stacked tensors was
-    ever written into; else None."""
-    stacked = _stacked(layer)
-    if any(t._version for t in stacked):
+    """Every slot of ``layer``, zero as created (``zero_as_created``); else None."""
+    if not zero_as_created(layer):
         return None
-    return _versions(layer), frozenset(range(stacked[0].shape[0]))
+    return _versions(layer), frozenset(range(_stacked(layer)[0].shape[0]))
 
 
 def _versions(layer: Any) -> tuple[tuple[int, int], ...]:
