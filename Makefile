@@ -35,10 +35,11 @@ serve: demo
 
 # The registry tests need a real PostgreSQL (installed with apt if missing, on 127.0.0.1:5433);
 # the S3 tests start their own moto server; the console test drives Debian's chromium.
+# --durations lists the 25 slowest tests: CI has 90 minutes for the whole run.
 test: demo
 	bash scripts/need_tool.sh chromium chromium
 	export LORAPLEX_TEST_POSTGRES_URL="$$(bash scripts/start_postgres.sh)" || exit 1; \
-	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m pytest -v -rs --durations=25 $(PYTEST_ARGS); status=$$?; \
 	bash scripts/start_postgres.sh stop; exit $$status
 
 # The unit tests alone (seconds; no vLLM engine): the bundled model's tokenizer is all they need.

@@ -9,8 +9,9 @@ a 404, a promote is served at once through the router after every replica warmed
 version, a tenant's requests/min hold across both replicas, and when one replica's process is
 killed while requests run, a stream in progress on it ends with an error event, other requests
 in progress on it end with a clean 503, every request sent after the kill is served, and Ray
-starts a replacement that serves. One Ray cluster (a subprocess) for these tests; before them,
-a server of its own autoscales between 1 and 2 replicas under load and after it.
+starts a replacement that serves. With ``merge_hot`` on, an adapter carrying one replica's
+traffic is merged there and answers as before. One Ray cluster (a subprocess) for these tests;
+before them, a server of its own autoscales between 1 and 2 replicas under load and after it.
 """
 
 from __future__ import annotations
@@ -99,9 +100,15 @@ def registry(
 
 @contextmanager
 def serve_on_ray(
-    home: Path, base_model_dir: Path, store: dict[str, str], log: str, *flags: str
+    home: Path,
+    base_model_dir: Path,
+    store: dict[str, str],
+    log: str,
+    *flags: str,
+    **settings: object,
 ) -> Iterator[RunningServer]:
-    """``loraplex serve --ray FLAGS`` on a local Ray cluster of its own, the shared registry."""
+    """``loraplex serve --ray FLAGS`` on a local Ray cluster of its own, the shared registry,
+    and ``settings`` (``field=value`` of ``Settings``)."""
     env = server_env(
         home,
         base_model_dir,
@@ -110,6 +117,7 @@ def serve_on_ray(
         max_model_len=512,
         auth="on",
         admin_key=ADMIN_KEY,
+        **settings,
     )
     env["OMP_NUM_THREADS"] = "1"  # two engines on the machine's cores
     # Ray kills workers once the node passes 95% memory, counting every process on the machine
@@ -125,7 +133,12 @@ def serve_on_ray(
 def ray_server(
     home: Path, base_model_dir: Path, registry: Registry, store: dict[str, str]
 ) -> Iterator[RunningServer]:
-    with serve_on_ray(home, base_model_dir, store, "ray.log", "--replicas", "2") as running:
+    # merge_hot on: ~230 tokens of one adapter alone on a replica merge it there
+    # (test_a_hot_adapter_is_merged_on_its_replica); no other test here sends that many.
+    with serve_on_ray(
+        home, base_model_dir, store, "ray.log", "--replicas", "2",
+        merge_hot="on", merge_hot_tokens=100,
+    ) as running:  # fmt: skip
         yield running
 
 
@@ -280,6 +293,36 @@ def test_streaming_through_the_router(ray_server: RunningServer) -> None:
     assert len(chunks) >= 3
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text
+
+
+def test_a_hot_adapter_is_merged_on_its_replica(ray_server: RunningServer) -> None:
+    """``merge_hot`` reaches each replica's engine through Ray: an adapter that carries a
+    replica's traffic is merged into that engine's base weights, and answers as before."""
+
+    def story(number: int, max_tokens: int = 96) -> httpx.Response:
+        body = {
+            "model": "a3",
+            "prompt": f"Story {number}:",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        url = ray_server.url + "/v1/completions"
+        response = httpx.post(url, json=body, headers=auth(), timeout=300)
+        assert response.status_code == 200, response.text
+        return response
+
+    before = story(0, 16)
+    replica = before.headers[REPLICA_HEADER]
+    url = replica_metrics(ray_server)[replica]
+    assert metric_sum(url, "loraplex_hot_merges_total", ADMIN_KEY) == 0
+    for number in range(1, 6):  # one after another: the router keeps a3 on its replica
+        assert story(number).headers[REPLICA_HEADER] == replica
+    assert metric_sum(url, "loraplex_hot_merged", ADMIN_KEY, version="a3@v1") == 1
+    assert metric_sum(url, "loraplex_hot_merges_total", ADMIN_KEY) == 1
+    after = story(0, 16)
+    assert after.headers[REPLICA_HEADER] == replica
+    assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
 
 
 def test_unknown_adapter_is_404_through_the_router(ray_server: RunningServer) -> None:
