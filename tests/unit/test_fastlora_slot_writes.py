@@ -365,14 +365,16 @@ def test_a_reset_after_set_lora_into_a_zero_slot_keeps_the_new_weights():
     assert layer.lora_a_stacked[1][0].sum() == 16
 
 
-def test_vllms_linear_and_embedding_lora_layers_skip_resets_of_zero_slots():
+def test_vllms_linear_embedding_and_logits_lora_layers_skip_resets_of_zero_slots():
     pytest.importorskip("vllm")
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
     from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 
     import loraplex.fastlora.punica  # noqa: F401  (installs the wrapper)
 
-    for layer_cls in (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA):
+    layers = (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA)
+    for layer_cls in layers:
         assert getattr(layer_cls.reset_lora, "_loraplex_skips_zero", False)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -320,6 +321,7 @@ watch_activations(LoRAModelManager)
 watch_steps(LoRAModelManager)
 skip_resets_of_zero_slots(BaseLinearLayerWithLoRA)
 skip_resets_of_zero_slots(VocabParallelEmbeddingWithLoRA)
+skip_resets_of_zero_slots(LogitsProcessorWithLoRA)
 
 _LIB = Library("loraplex", "FRAGMENT")
 for _name, _impl, _mutated in [
