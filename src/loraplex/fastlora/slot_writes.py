@@ -77,8 +77,9 @@ def watch_activations(manager_cls: Any) -> None:
 
     @functools.wraps(original)
     def activate_adapter(self: Any, lora_id: int) -> bool:
-        first = not self.__dict__.get("_loraplex_announced")
-        fresh = {name for name, layer in self.modules.items() if first and zero_as_created(layer)}
+        fresh: set[str] = set()
+        if not self.__dict__.get("_loraplex_announced"):
+            fresh = {name for name, layer in self.modules.items() if zero_as_created(layer)}
         activated = original(self, lora_id)
         if activated and lora_id in self.lora_index_to_id:
             self.__dict__["_loraplex_announced"] = True
