@@ -1,10 +1,13 @@
 """One engine slot reused by adapters of different modules gives each its own output (fp32).
 
 With ``max_loras=1`` every switch writes the adapter into the same slot. An adapter of
-q_proj/v_proj ("narrow") leaves o/gate/up/down zero in its slot, and the fast-LoRA plugin
-skips zeroing a slot that is still zero from its last reset (``slot_writes``): when an adapter
-of every projection ("wide") was written in between, those modules must be zeroed again, or
-narrow's later requests would carry wide's o/gate/up/down deltas.
+q_proj/v_proj ("narrow", rank 8) leaves o/gate/up/down zero in its slot, and the fast-LoRA
+plugin skips zeroing a slot that is still zero from its last reset (``slot_writes``): when an
+adapter of every projection ("wide", rank 16) was written in between, those modules must be
+zeroed again, or narrow's later requests would carry wide's o/gate/up/down deltas. Writing
+narrow over wide in q/k/v, the plugin zeroes only what narrow does not overwrite: wide's k
+slice and its q/v rows from rank 8 on (the ops read only the rows up to the rank written, so
+this checks the outputs; tests/unit/test_fastlora_slot_writes.py checks the tensors).
 
 Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON OUT_JSON``.
 """
@@ -56,14 +59,15 @@ def engine_main(model: str, adapters_json: str, out_json: str) -> None:
 def test_a_reused_slot_carries_nothing_of_its_last_adapter(base_model_dir, tmp_path):
     from loraplex.testing.random_adapters import LINEAR_PROJECTIONS, make_random_adapters
 
-    targets = {"narrow": ["q_proj", "v_proj"], "wide": list(LINEAR_PROJECTIONS)}
+    # wide has the higher rank: writing narrow over it must zero wide's q/v rows from 8 on
+    targets = {"narrow": (8, ["q_proj", "v_proj"]), "wide": (16, list(LINEAR_PROJECTIONS))}
     adapters = {
         name: str(
             make_random_adapters(
-                base_model_dir, [tmp_path / name], seed=seed, rank=8, std=0.04, targets=modules
+                base_model_dir, [tmp_path / name], seed=seed, rank=rank, std=0.04, targets=modules
             )[0]
         )
-        for seed, (name, modules) in enumerate(targets.items(), start=3)
+        for seed, (name, (rank, modules)) in enumerate(targets.items(), start=3)
     }
     args = [str(base_model_dir), json.dumps(adapters)]
     turns, log = run_engine_script(__file__, args, tmp_path)

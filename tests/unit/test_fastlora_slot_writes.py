@@ -15,6 +15,7 @@ from loraplex.fastlora.slot_writes import (
     adapted_slices,
     skip_resets_of_zero_slots,
     watch_activations,
+    write_over_known_slots,
 )
 from loraplex.fastlora.weights import LoraWeights
 
@@ -376,6 +377,15 @@ def test_vllms_linear_embedding_and_logits_lora_layers_skip_resets_of_zero_slots
     layers = (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA)
     for layer_cls in layers:
         assert getattr(layer_cls.reset_lora, "_loraplex_skips_zero", False)
+    from vllm.lora.layers.column_parallel_linear import (
+        MergedQKVParallelLinearWithLoRA,
+        QKVParallelLinearWithLoRA,
+    )
+    from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
+
+    for layer_cls in (MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA):
+        assert getattr(layer_cls.set_lora, "_loraplex_tracks", False)
+    assert getattr(RowParallelLinearWithLoRA.set_lora, "_loraplex_tracks", False)
 
 
 def test_slots_zero_as_created_are_not_zeroed_until_written():
@@ -423,3 +433,138 @@ def test_the_embeddings_one_tensor_per_side_is_skipped_alike():
     embedding.reset_lora(2)
     embedding.reset_lora(1)
     assert embedding.zeroed == [1, 2] and not embedding.lora_a_stacked.any()
+
+
+class PackedLinear:
+    """vLLM's ``MergedColumnParallelLinearWithLoRA`` on two slices (4 slots, max rank 4,
+    8 in, 6 and 2 out): ``set_lora`` zeroes the slot, then copies each adapted slice."""
+
+    tp_size = 1
+
+    def __init__(self) -> None:
+        self.lora_a_stacked = (torch.zeros(4, 1, 4, 8), torch.zeros(4, 1, 4, 8))
+        self.lora_b_stacked = (torch.zeros(4, 1, 6, 4), torch.zeros(4, 1, 2, 4))
+        self.zeroed: list[int] = []
+
+    def reset_lora(self, index: int) -> None:
+        self.zeroed.append(index)
+        for stacked in (*self.lora_a_stacked, *self.lora_b_stacked):
+            stacked[index] = 0
+
+    def set_lora(self, index: int, lora_a: list, lora_b: list) -> None:
+        self.reset_lora(index)
+        for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+            if a is not None:
+                self.lora_a_stacked[i][index, 0, : a.shape[0], : a.shape[1]].copy_(a)
+            if b is not None:
+                self.lora_b_stacked[i][index, 0, : b.shape[0], : b.shape[1]].copy_(b)
+
+
+def packed_weights(gen: torch.Generator, ranks: tuple[int, int]) -> tuple[list, list]:
+    """An adapter's A and B per slice of a ``PackedLinear`` (rank 0: not adapted)."""
+    a = [torch.randn(r, 8, generator=gen) if r else None for r in ranks]
+    b = [
+        torch.randn(out, r, generator=gen) if r else None
+        for out, r in zip((6, 2), ranks, strict=True)
+    ]
+    return a, b
+
+
+def test_a_known_slot_is_overwritten_without_a_reset_to_the_same_tensors():
+    """Adapters of other ranks and slices take turns in the slots: the wrapped set_lora zeroes
+    only what the new weights leave of the old, and the slots end up as vLLM's would."""
+
+    class Wrapped(PackedLinear):
+        pass
+
+    skip_resets_of_zero_slots(Wrapped)
+    write_over_known_slots(Wrapped)
+    write_over_known_slots(Wrapped)  # idempotent
+    wrapped, reference = Wrapped(), PackedLinear()
+    gen = torch.Generator().manual_seed(11)
+    turns = [(0, (4, 4)), (0, (2, 4)), (1, (4, 0)), (0, (0, 3)), (1, (4, 0)), (0, (4, 4))]
+    for slot, ranks in turns + [(2, (1, 1)), (1, (0, 0))]:
+        a, b = packed_weights(gen, ranks)
+        wrapped.set_lora(slot, a, b)
+        reference.set_lora(slot, a, b)
+        for got, want in zip(
+            (*wrapped.lora_a_stacked, *wrapped.lora_b_stacked),
+            (*reference.lora_a_stacked, *reference.lora_b_stacked),
+            strict=True,
+        ):
+            assert torch.equal(got, want)
+    assert wrapped.zeroed == []  # every slot was zero as created, then known
+    wrapped.reset_lora(0)
+    assert wrapped.zeroed == [0] and not any(t[0].any() for t in wrapped.lora_a_stacked)
+
+
+def test_a_slot_written_behind_the_wrappers_back_is_reset_in_full():
+    class Wrapped(PackedLinear):
+        pass
+
+    skip_resets_of_zero_slots(Wrapped)
+    write_over_known_slots(Wrapped)
+    layer = Wrapped()
+    gen = torch.Generator().manual_seed(12)
+    layer.set_lora(0, *packed_weights(gen, (4, 4)))
+    layer.lora_a_stacked[1][0, 0, 3, 0] = 9.0  # a write the wrappers did not see
+    a, b = packed_weights(gen, (2, 2))
+    layer.set_lora(0, a, b)
+    assert layer.zeroed == [0]  # vLLM's set_lora, with its reset
+    assert not layer.lora_a_stacked[1][0, 0, 2:].any()
+    assert torch.equal(layer.lora_a_stacked[1][0, 0, :2], a[1])
+
+
+def test_weights_not_covering_their_slice_go_through_vllms_set_lora():
+    class Wrapped(PackedLinear):
+        pass
+
+    skip_resets_of_zero_slots(Wrapped)
+    write_over_known_slots(Wrapped)
+    layer = Wrapped()
+    gen = torch.Generator().manual_seed(13)
+    layer.set_lora(0, *packed_weights(gen, (4, 4)))
+    a, b = packed_weights(gen, (2, 2))
+    layer.set_lora(0, a, [b[0][:3], b[1]])  # B shorter than the slice (a shard)
+    assert layer.zeroed == [0]
+    assert not layer.lora_b_stacked[0][0, 0, 3:].any()
+    # what it wrote is known again: the next reset of another zero slot is skipped
+    layer.reset_lora(1)
+    assert layer.zeroed == [0]
+
+
+def test_an_activation_names_only_the_tracked_layers_it_wrote():
+    """A q/v adapter leaves o/gate/up/down zero: those layers are not announced (their caches
+    are current), except at the manager's first activation; untracked layers always are."""
+
+    class Tracked(PackedLinear):
+        def __init__(self, wrapper: object) -> None:
+            super().__init__()
+            self.punica_wrapper = wrapper
+
+    skip_resets_of_zero_slots(Tracked)
+    write_over_known_slots(Tracked)
+    gen = torch.Generator().manual_seed(14)
+
+    class Activating(Manager):
+        def activate_adapter(self, lora_id: int) -> bool:
+            activated = super().activate_adapter(lora_id)
+            slot = self.lora_index_to_id.index(lora_id)
+            for name, layer in self.modules.items():
+                if isinstance(layer, Tracked):
+                    if name in self.adapted:
+                        layer.set_lora(slot, *packed_weights(gen, (4, 4)))
+                    else:
+                        layer.reset_lora(slot)
+            return activated
+
+    watch_activations(Activating)
+    listener = Listener()
+    qkv, down, other = Tracked(listener), Tracked(listener), Layer(listener)
+    manager = Activating(listener, {"qkv": qkv, "down": down, "other": other}, {"qkv"})
+    manager.lora_index_to_id = [None] * 4
+    for lora_id in (1, 2):
+        assert manager.add(lora_id)
+    first, second = ([layer for layer, _, _ in layers] for _, _, layers in listener.heard)
+    assert first == [qkv, down, other]
+    assert second == [qkv, other]

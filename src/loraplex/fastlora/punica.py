@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
 from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
@@ -41,6 +42,7 @@ from loraplex.fastlora.slot_writes import (
     adapted_slices,
     skip_resets_of_zero_slots,
     watch_activations,
+    write_over_known_slots,
 )
 from loraplex.fastlora.weights import LoraWeights
 
@@ -322,6 +324,8 @@ watch_steps(LoRAModelManager)
 skip_resets_of_zero_slots(BaseLinearLayerWithLoRA)
 skip_resets_of_zero_slots(VocabParallelEmbeddingWithLoRA)
 skip_resets_of_zero_slots(LogitsProcessorWithLoRA)
+write_over_known_slots(BaseLinearLayerWithLoRA)
+write_over_known_slots(MergedColumnParallelLinearWithLoRA)
 
 _LIB = Library("loraplex", "FRAGMENT")
 for _name, _impl, _mutated in [
