@@ -52,7 +52,9 @@ def _points(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     the base's point also gets ``base_drift``, its last round's throughput over its first's.
     TTFT p50 also as the median over every round of each N, and its ratio to the base's
     (``ttft_p50_median_*``): one round's TTFT p50 moves by 10-20% run to run here, so the
-    best-throughput round's is no estimate of it."""
+    best-throughput round's is no estimate of it. And paired (``ttft_p50_paired_vs_base``):
+    the median over rounds of each round's TTFT p50 over the mean of the base runs just
+    before and after it, so that the machine's drift during the run cancels out."""
     best = {n: max(reports, key=_throughput) for n, reports in runs.items()}
     base = _point(best["0"], None)
     points = {n: _point(report, base) for n, report in best.items()}
@@ -63,6 +65,14 @@ def _points(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     for n, point in points.items():
         point["ttft_p50_median_ms"] = round(ttft[n], 1)
         point["ttft_p50_median_vs_base"] = ratio(ttft[n], ttft["0"])
+    base_ttft = [r["latency_ms"]["ttft"]["p50"] for r in runs["0"]]
+    for n, point in points.items():
+        if n != "0" and len(base_ttft) > len(runs[n]):
+            paired = [
+                r["latency_ms"]["ttft"]["p50"] / ((base_ttft[i] + base_ttft[i + 1]) / 2)
+                for i, r in enumerate(runs[n])
+            ]
+            point["ttft_p50_paired_vs_base"] = round(statistics.median(paired), 3)
     return points
 
 
@@ -161,7 +171,8 @@ def main() -> None:
     for n, point in points.items():
         print(
             f"{n:>4} adapters: x{point.get('throughput_vs_base', 1.0)}, TTFT p50 median of "
-            f"rounds {point['ttft_p50_median_ms']} (x{point['ttft_p50_median_vs_base']})"
+            f"rounds {point['ttft_p50_median_ms']} (x{point['ttft_p50_median_vs_base']}; "
+            f"paired x{point.get('ttft_p50_paired_vs_base', 1.0)})"
         )
     result = {
         "description": "throughput and p99 with N distinct adapters vs the base model alone",
@@ -211,14 +222,15 @@ def _plot(points: dict[str, dict[str, Any]], name: str) -> None:
 def _readme(points: dict, args: argparse.Namespace, targets: list[str]) -> None:
     rows = [
         "| adapters | output tok/s | vs base | TTFT p50 ms (median of rounds) | vs base "
-        "| TTFT p99 ms | e2e p99 ms | p99 vs base | cache hit ratio | success |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| paired | TTFT p99 ms | e2e p99 ms | p99 vs base | cache hit ratio | success |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, p in points.items():
         rows.append(
             f"| {'base' if n == '0' else n} | {p['output_tokens_per_s']} "
             f"| {p.get('throughput_vs_base', 1.0)} | {p['ttft_p50_median_ms']} "
-            f"| {p['ttft_p50_median_vs_base']} | {p['ttft_p99_ms']} | {p['e2e_p99_ms']} "
+            f"| {p['ttft_p50_median_vs_base']} | {p.get('ttft_p50_paired_vs_base', 1.0)} "
+            f"| {p['ttft_p99_ms']} | {p['e2e_p99_ms']} "
             f"| {p.get('e2e_p99_vs_base', 1.0)} | {p['cache_hit_ratio']} | {p['success_rate']} |"
         )
     head = (
@@ -229,8 +241,8 @@ def _readme(points: dict, args: argparse.Namespace, targets: list[str]) -> None:
         f"max_loras {args.max_loras}, max_cpu_loras {args.max_cpu_loras}, {args.dtype}. "
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Best of {args.rounds} "
         f"round(s) per row, TTFT p50 the median of the rounds (the base: of {args.rounds + 1}, "
-        f"its last / first throughput "
-        f"{points['0']['base_drift']})."
+        f"its last / first throughput {points['0']['base_drift']}); paired: the median of "
+        f"each round's TTFT p50 over the mean of the base runs before and after it."
     )
     section = f"adapter_scaling_{args.server}{'_merge_hot' if args.merge_hot else ''}"
     update_readme(section, head + "\n\n" + "\n".join(rows))
