@@ -16,6 +16,11 @@ adapter as it adds it (``LRUCacheWorkerLoRAManager.add_adapter``), so a preloade
 first request finds its slot ready. Which slices of a layer the adapter has weights for
 (``adapted_slices``) also says which are zero, so the zero flags of a written slot are set
 without a reduction over every stacked tensor.
+
+The activation itself is made cheaper by wrapping the layers' ``reset_lora`` and
+``set_lora``: they record what each slot holds (per slice, the rank written there), so a
+reset of a slot known to be zero is skipped and an adapter written over a known slot zeroes
+only what it does not overwrite, instead of the whole slot.
 """
 
 from __future__ import annotations
