@@ -470,6 +470,17 @@ def packed_weights(gen: torch.Generator, ranks: tuple[int, int]) -> tuple[list, 
     return a, b
 
 
+def wrapped_packed_linear() -> PackedLinear:
+    """A ``PackedLinear`` of a class of its own with the reset and set_lora wrappers."""
+
+    class Wrapped(PackedLinear):
+        pass
+
+    skip_resets_of_zero_slots(Wrapped)
+    write_over_known_slots(Wrapped)
+    return Wrapped()
+
+
 def test_a_known_slot_is_overwritten_without_a_reset_to_the_same_tensors():
     """Adapters of other ranks and slices take turns in the slots: the wrapped set_lora zeroes
     only what the new weights leave of the old, and the slots end up as vLLM's would."""
@@ -499,12 +510,7 @@ def test_a_known_slot_is_overwritten_without_a_reset_to_the_same_tensors():
 
 
 def test_a_slot_written_behind_the_wrappers_back_is_reset_in_full():
-    class Wrapped(PackedLinear):
-        pass
-
-    skip_resets_of_zero_slots(Wrapped)
-    write_over_known_slots(Wrapped)
-    layer = Wrapped()
+    layer = wrapped_packed_linear()
     gen = torch.Generator().manual_seed(12)
     layer.set_lora(0, *packed_weights(gen, (4, 4)))
     layer.lora_a_stacked[1][0, 0, 3, 0] = 9.0  # a write the wrappers did not see
@@ -516,12 +522,7 @@ def test_a_slot_written_behind_the_wrappers_back_is_reset_in_full():
 
 
 def test_weights_not_covering_their_slice_go_through_vllms_set_lora():
-    class Wrapped(PackedLinear):
-        pass
-
-    skip_resets_of_zero_slots(Wrapped)
-    write_over_known_slots(Wrapped)
-    layer = Wrapped()
+    layer = wrapped_packed_linear()
     gen = torch.Generator().manual_seed(13)
     layer.set_lora(0, *packed_weights(gen, (4, 4)))
     a, b = packed_weights(gen, (2, 2))
