@@ -270,7 +270,14 @@ def _wrote(layer: Any, slots: dict[int, SlotBounds]) -> None:
 
 def _tracked(layer: Any) -> bool:
     """Whether every write into ``layer``'s slots goes through the wrappers above."""
-    cls = type(layer)
+    return _tracked_class(type(layer))
+
+
+@functools.cache
+def _tracked_class(cls: type) -> bool:
+    """``_tracked`` per class, asked for ~180 layers an activation. The wrappers are put on
+    at import (``punica``), before any activation; a class asked before would only stay
+    untracked, which names its layers every time, as before."""
     return all(
         getattr(getattr(cls, method, None), mark, False)
         for method, mark in (
