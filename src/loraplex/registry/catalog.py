@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select, update
+from sqlalchemy import Connection, Row, select, update
 
 from loraplex.adapters import DEFAULT_ALIAS, AdapterRef, version_key
 from loraplex.errors import Conflict, NotFound
@@ -304,11 +304,6 @@ class Catalog:
         """Names that have ``alias`` set (what a bare ``N`` can serve)."""
         query = select(t.aliases.c.name).where(t.aliases.c.alias == alias).order_by("name")
         return read(self.engine, lambda conn: list(conn.execute(query).scalars()))
-
-    def version_count(self) -> int:
-        """Number of stored versions (for tests and status)."""
-        query = select(func.count()).select_from(t.versions)
-        return read(self.engine, lambda conn: conn.execute(query).scalar_one())
 
     def generation(self) -> int:
         """A number that changes on every write of versions or aliases (one indexed read)."""

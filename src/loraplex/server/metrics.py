@@ -33,8 +33,6 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 OTHER = "other"
 RESIDENCY_TIERS = ("cpu", "pinned", "unloading")
 """States of ``Engine.residency()``: in the engine's adapter cache, pinned there, leaving."""
-LOAD_TIERS = ("engine", "disk")
-"""Where a served adapter came from: already in the engine, or loaded from local disk."""
 
 
 class LabelCap:

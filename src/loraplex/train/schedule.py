@@ -47,11 +47,6 @@ class Schedule:
         """Sequences per optimizer step."""
         return self.batch_size * self.grad_accum
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one pass over the data."""
-        return math.ceil(self.examples / self.effective_batch)
-
     def describe(self) -> str:
         """One line for the log: the numbers, and which were chosen automatically."""
         chosen = f" (auto: {', '.join(self.auto)})" if self.auto else ""
