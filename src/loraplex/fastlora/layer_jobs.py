@@ -44,29 +44,26 @@ class SlicePart:
     subtract: bool
     """Whether it takes the merged adapter out (the subtraction plan), else adds the live slots'."""
     live: tuple[int, ...]
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
+    slice: LiveSlice
     scale: float
-    offset: int
-    size: int
-    rank: int
     views: dict[tuple, ops.SliceWeights | None] = field(default_factory=dict)
     """``ops.prepare``'s views per (plan layout, output width)."""
 
     def job(self, plan: LoraPlan, y_width: int, weights: LoraWeights) -> LayerJob:
         """This slice's job for ``plan`` (the token plan, or the subtraction plan)."""
         sub = plan if self.subtract else plan.only(self.live)
+        s = self.slice
         key = (sub.layout, y_width)
         if key not in self.views:
             if len(self.views) >= MAX_CACHED:
                 self.views.clear()
             self.views[key] = ops.prepare(
-                sub, y_width, self.lora_a, self.lora_b, self.scale, self.offset, self.size,
-                weights, self.rank,
+                sub, y_width, s.lora_a, s.lora_b, self.scale, s.offset, s.size, weights, s.rank,
+                s.slot_views,
             )  # fmt: skip
         views = self.views[key]
         prepared = None if views is None else views.bind(sub)
-        return sub, self.lora_a, self.lora_b, self.scale, self.offset, self.size, prepared
+        return sub, s.lora_a, s.lora_b, self.scale, s.offset, s.size, prepared
 
 
 @dataclass(slots=True)
@@ -84,6 +81,9 @@ class LiveSlice:
     adapters of lower rank than ``max_lora_rank``), so products over them add nothing. One
     bound for all slots, so that a row's products do not depend on which adapters its batch
     holds."""
+    slot_views: ops.SlotViews = field(default_factory=dict)
+    """One slot's views (``ops.prepare``'s cache; a prefill's layout is new in most steps),
+    shared by the parts of this version and handed on to the layer's next one."""
 
 
 @dataclass
@@ -98,6 +98,11 @@ class LiveLayer:
     """The slots live in any slice."""
     parts: dict[tuple, list[SlicePart]] = field(default_factory=dict)
 
+    @property
+    def slot_views(self) -> dict[int, ops.SlotViews]:
+        """Each live slice's ``LiveSlice.slot_views`` by its output offset."""
+        return {s.offset: s.slot_views for s in self.slices}
+
     def parts_for(
         self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
     ) -> list[SlicePart]:
@@ -111,13 +116,9 @@ class LiveLayer:
         for s in self.slices:
             live = _within(used, s.live)
             if live:
-                parts.append(
-                    SlicePart(False, live, s.lora_a, s.lora_b, scale, s.offset, s.size, s.rank)
-                )
+                parts.append(SlicePart(False, live, s, scale))
             if subtract and not s.live.isdisjoint(subtract):
-                parts.append(
-                    SlicePart(True, (), s.lora_a, s.lora_b, -scale, s.offset, s.size, s.rank)
-                )
+                parts.append(SlicePart(True, (), s, -scale))
         if len(self.parts) >= MAX_CACHED:
             self.parts.clear()
         self.parts[key] = parts
@@ -186,6 +187,8 @@ class LayerJobs:
         layer = self._layers.get(first.data_ptr())
         if layer is not None and layer.first is first and layer.versions == versions:
             return layer
+        # views of one slot follow vLLM's in-place writes: the layer's next version keeps them
+        views = {} if layer is None or layer.first is not first else layer.slot_views
         every_slot = tuple(range(first.shape[0]))
         slices = []
         slots: set[int] = set()
@@ -194,7 +197,10 @@ class LayerJobs:
             live = self._live.live(every_slot, lora_a, lora_b)
             if live:
                 rank = max(self._live.rows(lora_a))
-                slices.append(LiveSlice(lora_a, lora_b, offset, size, frozenset(live), rank))
+                slot_views = views.get(offset, {})
+                slices.append(
+                    LiveSlice(lora_a, lora_b, offset, size, frozenset(live), rank, slot_views)
+                )
                 slots.update(live)
             offset += size
         layer = LiveLayer(first, versions, tuple(slices), frozenset(slots))

@@ -21,8 +21,11 @@ import torch
 from loraplex.fastlora.plan import LoraPlan
 from loraplex.fastlora.weights import LoraWeights, add_cast, slots
 
+#: One slot's (A view, B view) of a slice per (slot, size, rank): ``prepare``'s cache.
+SlotViews = dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class PreparedSlice:
     """``lora_linear`` for one plan and one slice: ``SliceWeights`` with the plan's rows.
 
@@ -108,23 +111,22 @@ def prepare(
     size: int,
     weights: LoraWeights,
     rank: int | None = None,
+    slot_views: SlotViews | None = None,
 ) -> SliceWeights | None:
     """``lora_linear``'s weights for plans of ``plan``'s layout, their views resolved; None
     where the weights are prepacked or A and B differ in dtype (``lora_linear`` handles those).
 
     ``rank``: multiply by each slot's first ``rank`` rows of A (and columns of B) only;
-    every row beyond must be zero in every slot (``layer_jobs.LiveSlice.rank``). All when None."""
+    every row beyond must be zero in every slot (``layer_jobs.LiveSlice.rank``). All when None.
+    ``slot_views``: the caller's cache of one slot's views of these two tensors (a dict lookup,
+    where ``weights.block`` builds a key from the tensor's address)."""
     if weights.packs(lora_a) or lora_a.dtype != lora_b.dtype:
         return None
     rank = rank or lora_a.shape[-2]
     size = min(size, lora_b.shape[-2], y_width - offset)
     direct_slots, packed_slots = plan.layout
     direct = tuple(
-        (
-            weights.block(lora_a, False, slot, 1, size, rank),
-            weights.block(lora_b, True, slot, 1, size, rank),
-        )
-        for slot in direct_slots
+        _slot_views(weights, lora_a, lora_b, slot, size, rank, slot_views) for slot in direct_slots
     )
     packed = None
     if packed_slots is not None:
@@ -134,6 +136,28 @@ def prepare(
             weights.block(lora_b, True, lo, span, size, rank),
         )
     return SliceWeights(lora_a.dtype, offset, size, scale, rank, direct, packed)
+
+
+def _slot_views(
+    weights: LoraWeights,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot: int,
+    size: int,
+    rank: int,
+    cache: SlotViews | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slot's A view ``(in, rank)`` and B view ``(rank, size)``, from ``cache`` if there."""
+    key = (slot, size, rank)
+    views = None if cache is None else cache.get(key)
+    if views is None:
+        views = (
+            weights.block(lora_a, False, slot, 1, size, rank),
+            weights.block(lora_b, True, slot, 1, size, rank),
+        )
+        if cache is not None:
+            cache[key] = views
+    return views
 
 
 def lora_linear(
