@@ -44,7 +44,7 @@ class SlicePart:
     subtract: bool
     """Whether it takes the merged adapter out (the subtraction plan), else adds the live slots'."""
     live: tuple[int, ...]
-    slice: LiveSlice
+    live_slice: LiveSlice
     scale: float
     views: dict[tuple, ops.SliceWeights | None] = field(default_factory=dict)
     """``ops.prepare``'s views per (plan layout, output width)."""
@@ -52,7 +52,7 @@ class SlicePart:
     def job(self, plan: LoraPlan, y_width: int, weights: LoraWeights) -> LayerJob:
         """This slice's job for ``plan`` (the token plan, or the subtraction plan)."""
         sub = plan if self.subtract else plan.only(self.live)
-        s = self.slice
+        s = self.live_slice
         key = (sub.layout, y_width)
         if key not in self.views:
             if len(self.views) >= MAX_CACHED:
@@ -97,11 +97,6 @@ class LiveLayer:
     slots: frozenset[int]
     """The slots live in any slice."""
     parts: dict[tuple, list[SlicePart]] = field(default_factory=dict)
-
-    @property
-    def slot_views(self) -> dict[int, ops.SlotViews]:
-        """Each live slice's ``LiveSlice.slot_views`` by its output offset."""
-        return {s.offset: s.slot_views for s in self.slices}
 
     def parts_for(
         self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
@@ -188,7 +183,8 @@ class LayerJobs:
         if layer is not None and layer.first is first and layer.versions == versions:
             return layer
         # views of one slot follow vLLM's in-place writes: the layer's next version keeps them
-        views = {} if layer is None or layer.first is not first else layer.slot_views
+        kept = [] if layer is None or layer.first is not first else layer.slices
+        views = {s.offset: s.slot_views for s in kept}
         every_slot = tuple(range(first.shape[0]))
         slices = []
         slots: set[int] = set()
