@@ -9,12 +9,12 @@ import torch
 from onednn_stand_in import onednn_ops
 
 from loraplex.fastlora import weights as weights_module
+from loraplex.fastlora.activation import watch_activations
 from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.slot_writes import (
     SlotWrites,
     adapted_slices,
     skip_resets_of_zero_slots,
-    watch_activations,
     write_over_known_slots,
 )
 from loraplex.fastlora.weights import LoraWeights

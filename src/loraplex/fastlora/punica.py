@@ -30,6 +30,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from loraplex.fastlora import ops
+from loraplex.fastlora.activation import watch_activations
 from loraplex.fastlora.hot_merge import HotMerge
 from loraplex.fastlora.hot_policy import HotPolicy
 from loraplex.fastlora.layer_jobs import LayerJobs
@@ -41,7 +42,6 @@ from loraplex.fastlora.slot_writes import (
     SlotWrites,
     adapted_slices,
     skip_resets_of_zero_slots,
-    watch_activations,
     write_over_known_slots,
 )
 from loraplex.fastlora.weights import LoraWeights
@@ -120,7 +120,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
 
     def slot_written(self, slot: int, slots: int, layers: Iterable[tuple[Any, Any, bool]]) -> None:
         """vLLM wrote an adapter into ``slot`` of each ``(layer, weights, fresh)``
-        (``slot_writes.watch_activations``): bring that slot's zero flags and oneDNN packs up
+        (``activation.watch_activations``): bring that slot's zero flags and oneDNN packs up
         to date now, inside ``add_lora``, rather than in the next step (the first request of a
         preloaded version). A fresh layer's other slots are zero: not looked at."""
         self._writes.written(slot, slots)

@@ -2,9 +2,9 @@
 
 vLLM writes adapter weights into the stacked LoRA tensors in one place only:
 ``LoRAModelManager.activate_adapter`` (``reset_lora`` / ``set_lora`` of every LoRA module for
-one slot). ``watch_activations`` wraps it so that each punica wrapper of the manager hears
-which slot was written. The slot's LoRA id alone would not do: vLLM reuses ids (its warm-up
-dummy adapters have the ids real adapters get later).
+one slot). ``activation.watch_activations`` wraps it so that each punica wrapper of the
+manager hears which slot was written. The slot's LoRA id alone would not do: vLLM reuses ids
+(its warm-up dummy adapters have the ids real adapters get later).
 
 So when a stacked tensor's version counter has moved, the caches (``live``, ``weights``)
 rescan only the slots written since they last looked, instead of every slot of all ~420
@@ -17,10 +17,11 @@ first request finds its slot ready. Which slices of a layer the adapter has weig
 (``adapted_slices``) also says which are zero, so the zero flags of a written slot are set
 without a reduction over every stacked tensor.
 
-The activation itself is made cheaper by wrapping the layers' ``reset_lora`` and
-``set_lora``: they record what each slot holds (per slice, the rank written there), so a
-reset of a slot known to be zero is skipped and an adapter written over a known slot zeroes
-only what it does not overwrite, instead of the whole slot.
+Where ``activation.activate_in_one_pass`` cannot write the slot itself, vLLM's loop is made
+cheaper by wrapping the layers' ``reset_lora`` and ``set_lora``: they record what each slot
+holds (per slice, the rank written there), so a reset of a slot known to be zero is skipped
+and an adapter written over a known slot zeroes only what it does not overwrite, instead of
+the whole slot.
 """
 
 from __future__ import annotations
@@ -74,56 +75,6 @@ nonzero, the rank written there. ``()``: every slice is zero."""
 _activations: list[set[int]] = []
 """Per activation in progress, the ids of the layers the wrapped ``reset_lora`` and
 ``set_lora`` wrote into."""
-
-
-def watch_activations(manager_cls: Any) -> None:
-    """Wrap ``manager_cls.activate_adapter`` (once) to call ``slot_written(slot, slots, layers)``
-    on each of the manager's punica wrappers that has it, after a slot was written; ``layers``
-    are ``(layer, weights, fresh)`` for the manager's LoRA layers that use that wrapper and
-    were written (every layer whose writes this module does not track: ``_tracked``),
-    ``weights`` being what vLLM wrote into the layer (None: zeros) and ``fresh`` whether
-    every slot of the layer was still zero as created before (``zero_as_created``): then
-    only the written slot can hold anything, and the wrapper's first look at the layer
-    needs no reduction. Only the manager's first activation says ``fresh``, and it names
-    every layer: the wrappers have looked at each by its end (~0.1 ms a load saved).
-
-    A layer left as it was (a q/v adapter's o/gate/up/down, zero before and after) is not
-    named: its caches are current (~0.15 ms an activation saved, 32 adapters through 8 slots)."""
-    original = manager_cls.activate_adapter
-    if getattr(original, "_loraplex_watched", False):
-        return
-
-    @functools.wraps(original)
-    def activate_adapter(self: Any, lora_id: int) -> bool:
-        first = not self.__dict__.get("_loraplex_announced")
-        fresh = (
-            {name for name, layer in self.modules.items() if zero_as_created(layer)}
-            if first
-            else set()
-        )
-        _activations.append(set())
-        try:
-            activated = original(self, lora_id)
-        finally:
-            written = _activations.pop()
-        if activated and lora_id in self.lora_index_to_id:
-            self.__dict__["_loraplex_announced"] = True
-            slot = self.lora_index_to_id.index(lora_id)
-            adapter = self._registered_adapters[lora_id]
-            for wrapper in self.punica_wrapper_mapping.values():
-                notify = getattr(wrapper, "slot_written", None)
-                if notify is not None:
-                    layers = [
-                        (layer, self._get_lora_layer_weights(adapter, name), name in fresh)
-                        for name, layer in self.modules.items()
-                        if getattr(layer, "punica_wrapper", None) is wrapper
-                        and (first or id(layer) in written or not _tracked(layer))
-                    ]
-                    notify(slot, len(self.lora_index_to_id), layers)
-        return activated
-
-    activate_adapter._loraplex_watched = True  # type: ignore[attr-defined]
-    manager_cls.activate_adapter = activate_adapter
 
 
 def skip_resets_of_zero_slots(layer_cls: Any) -> None:
