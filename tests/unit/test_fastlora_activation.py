@@ -7,10 +7,9 @@ import random
 
 import pytest
 import torch
-from test_fastlora_slot_writes import Listener, PackedLinear, packed_weights
+from test_fastlora_slot_writes import Listener
 
 from loraplex.fastlora.activation import watch_activations
-from loraplex.fastlora.slot_writes import skip_resets_of_zero_slots, write_over_known_slots
 
 pytest.importorskip("vllm")
 
@@ -21,19 +20,54 @@ from vllm.lora.model_manager import LoRAModelManager  # noqa: E402
 MODULES = ("qkv", "o", "down")
 
 
+class PackedLinear:
+    """vLLM's ``MergedColumnParallelLinearWithLoRA`` on two slices (4 slots, max rank 4,
+    8 in, 6 and 2 out): ``set_lora`` zeroes the slot, then copies each adapted slice."""
+
+    tp_size = 1
+
+    def __init__(self) -> None:
+        self.lora_a_stacked = (torch.zeros(4, 1, 4, 8), torch.zeros(4, 1, 4, 8))
+        self.lora_b_stacked = (torch.zeros(4, 1, 6, 4), torch.zeros(4, 1, 2, 4))
+        self.zeroed: list[int] = []
+
+    def reset_lora(self, index: int) -> None:
+        self.zeroed.append(index)
+        for stacked in (*self.lora_a_stacked, *self.lora_b_stacked):
+            stacked[index] = 0
+
+    def set_lora(self, index: int, lora_a: list, lora_b: list) -> None:
+        self.reset_lora(index)
+        for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+            if a is not None:
+                self.lora_a_stacked[i][index, 0, : a.shape[0], : a.shape[1]].copy_(a)
+            if b is not None:
+                self.lora_b_stacked[i][index, 0, : b.shape[0], : b.shape[1]].copy_(b)
+
+
+def packed_weights(gen: torch.Generator, ranks: tuple[int, int]) -> tuple[list, list]:
+    """An adapter's A and B per slice of a ``PackedLinear`` (rank 0: not adapted)."""
+    a = [torch.randn(r, 8, generator=gen) if r else None for r in ranks]
+    b = [
+        torch.randn(out, r, generator=gen) if r else None
+        for out, r in zip((6, 2), ranks, strict=True)
+    ]
+    return a, b
+
+
 class VllmLoop:
     """The state vLLM's ``LoRAModelManager.activate_adapter`` reads, with that method."""
 
     _get_lora_layer_weights = LoRAModelManager._get_lora_layer_weights
 
-    def __init__(self, layer_cls: type, slots: int) -> None:
+    def __init__(self, slots: int) -> None:
         self.is_pooling_model = False
         self._active_adapters: dict[int, None] = {}
         self._registered_adapters: dict[int, LoRAModel] = {}
         self.lora_index_to_id: list[int | None] = [None] * slots
         self.listener = Listener()
         self.punica_wrapper_mapping = {"language_model": self.listener}
-        self.modules = {name: layer_cls() for name in MODULES}
+        self.modules = {name: PackedLinear() for name in MODULES}
         for layer in self.modules.values():
             layer.punica_wrapper = self.listener
         self.loops = 0
@@ -51,14 +85,6 @@ class VllmLoop:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for m in self.modules.values() for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
-
-
-class Wrapped(PackedLinear):
-    pass
-
-
-skip_resets_of_zero_slots(Wrapped)
-write_over_known_slots(Wrapped)
 
 
 class Watched(VllmLoop):
@@ -100,7 +126,7 @@ def test_adapters_taking_turns_leave_the_slots_as_vllms_loop():
     """Adapters of other modules, slices and ranks take turns in 2 slots: after each
     activation every stacked tensor equals vLLM's, and only the first went through its loop."""
     gen, pick = torch.Generator().manual_seed(21), random.Random(21)
-    managers = [VllmLoop(PackedLinear, 2), Watched(Wrapped, 2)]
+    managers = [VllmLoop(2), Watched(2)]
     for lora_id in range(1, 9):
         ranks = {
             name: (pick.choice((0, 2, 4)), pick.choice((0, 1, 4)))
@@ -123,7 +149,7 @@ def test_adapters_taking_turns_leave_the_slots_as_vllms_loop():
 
 def test_a_write_behind_its_back_sends_the_next_activation_through_vllms_loop():
     gen = torch.Generator().manual_seed(22)
-    managers = [VllmLoop(PackedLinear, 2), Watched(Wrapped, 2)]
+    managers = [VllmLoop(2), Watched(2)]
     register(managers, adapter(1, gen, {"qkv": (4, 4), "o": (2, 2)}))
     register(managers, adapter(2, gen, {"qkv": (2, 0)}))
     register(managers, adapter(3, gen, {"down": (1, 1)}))
@@ -141,7 +167,7 @@ def test_a_write_behind_its_back_sends_the_next_activation_through_vllms_loop():
 
 def test_weights_not_covering_their_slices_go_through_vllms_loop():
     gen = torch.Generator().manual_seed(23)
-    managers = [VllmLoop(PackedLinear, 2), Watched(Wrapped, 2)]
+    managers = [VllmLoop(2), Watched(2)]
     register(managers, adapter(1, gen, {"qkv": (4, 4)}))
     short = adapter(2, gen, {"o": (2, 2)})
     short.loras["o"].lora_b[0] = short.loras["o"].lora_b[0][:3]  # a shard of B's rows
@@ -150,3 +176,17 @@ def test_weights_not_covering_their_slices_go_through_vllms_loop():
     for lora_id in (1, 2, 3, 1, 2):
         activate(managers, lora_id)
     assert managers[1].loops == 3  # the first and both of the shard's
+
+
+def test_adapters_of_the_same_modules_taking_turns_zero_nothing_after_the_first():
+    """vLLM zeroes every module's slot at each activation (``set_lora`` resets first); one
+    pass overwrites qkv and leaves o and down, zero already, alone."""
+    gen = torch.Generator().manual_seed(24)
+    managers = [VllmLoop(1), Watched(1)]
+    register(managers, adapter(1, gen, {"qkv": (4, 4)}))
+    register(managers, adapter(2, gen, {"qkv": (2, 4)}))
+    for lora_id in (1, 2, 1, 2):
+        activate(managers, lora_id)
+    reference, watched = managers
+    assert [len(m.zeroed) for m in reference.modules.values()] == [4, 4, 4]
+    assert [len(m.zeroed) for m in watched.modules.values()] == [1, 1, 1]  # the first: vLLM's

@@ -1,8 +1,8 @@
 """vLLM's ``activate_adapter``, watched for the fast-LoRA caches and done in one pass.
 
 vLLM activates an adapter by calling ``set_lora`` or ``reset_lora`` on each of the model's
-~180 LoRA modules for the adapter's slot. When 32 adapters take turns in 8 slots, that loop
-and the per-layer bookkeeping of ``slot_writes``' wrappers are most of an activation's ~2 ms.
+~180 LoRA modules for the adapter's slot, and ``set_lora`` zeroes the whole slot before it
+copies. When 32 adapters take turns in 8 slots, an activation took ~2 ms, ~4 of them a wave.
 
 ``SlotContents`` keeps, per manager, which modules may be nonzero in each slot and the rank
 of each of their slices, valid while no stacked tensor was written since (one list of
@@ -11,7 +11,8 @@ adapted and this one does not, zeroes only what it leaves of the previous adapte
 and copies the adapter into views of the slot in one ``torch._foreach_copy_``
 (``activate_in_one_pass``). The tensors end up as vLLM's loop would leave them. What it cannot
 do that way (weights that do not cover their slice, a slot whose contents are not known, a
-module kind vLLM treats apart) goes through vLLM's ``activate_adapter`` and its wrappers.
+module kind vLLM treats apart) goes through vLLM's ``activate_adapter``: the manager's first
+activation, the warm-up's dummy adapters (they adapt the embedding), writes it did not see.
 """
 
 from __future__ import annotations
@@ -22,17 +23,11 @@ from typing import Any
 
 import torch
 
-from loraplex.fastlora.slot_writes import (
-    SlotBounds,
-    _activations,
-    _covering_slices,
-    _slot_views,
-    _stacked,
-    _tracked,
-    zero_as_created,
-)
+SlotBounds = tuple[int, ...]
+"""What one slot of a layer holds: per slice, how many of A's rows (and B's columns) can be
+nonzero, the rank written there. ``()``: every slice is zero."""
 
-#: Per module an adapter adapts: its slice ranks and A and B in turn (``_covering_slices``),
+#: Per module an adapter adapts: its slice ranks and A and B in turn (``covering_slices``),
 #: or None where its weights do not cover their slices.
 AdapterWrites = dict[str, tuple[SlotBounds, list[torch.Tensor]] | None]
 
@@ -81,10 +76,7 @@ def adapter_writes(manager: Any, adapter: Any) -> AdapterWrites:
         for name, module in manager.modules.items():
             weights = manager._get_lora_layer_weights(adapter, name)
             if weights:
-                linear = isinstance(module.lora_a_stacked, tuple)  # not an embedding
-                writes[name] = (
-                    _covering_slices(module, weights.lora_a, weights.lora_b) if linear else None
-                )
+                writes[name] = covering_slices(module, weights.lora_a, weights.lora_b)
         adapter.__dict__["_loraplex_writes"] = writes
     return writes
 
@@ -150,17 +142,14 @@ def watch_activations(manager_cls: Any) -> None:
     """Wrap ``manager_cls.activate_adapter`` (once): do it in one pass where possible
     (``activate_in_one_pass``), else through vLLM's loop; then call
     ``slot_written(slot, slots, layers)`` on each of the manager's punica wrappers that has
-    it, after a slot was written. ``layers`` are ``(layer, weights, fresh)`` for the
-    manager's LoRA layers that use that wrapper and were written (every layer whose writes
-    ``slot_writes`` does not track: ``_tracked``), ``weights`` being what vLLM wrote into
-    the layer (None: zeros) and ``fresh`` whether every slot of the layer was still zero as
-    created before (``zero_as_created``): then only the written slot can hold anything, and
-    the wrapper's first look at the layer needs no reduction. Only the manager's first
-    activation says ``fresh``, and it names every layer: the wrappers have looked at each by
-    its end (~0.1 ms a load saved).
-
-    A layer left as it was (a q/v adapter's o/gate/up/down, zero before and after) is not
-    named: its caches are current (~0.15 ms an activation saved, 32 adapters through 8 slots)."""
+    it. ``layers`` are ``(layer, weights, fresh)`` for the manager's LoRA layers that use that
+    wrapper and were written, ``weights`` being what was written into the layer (None:
+    zeros) and ``fresh`` whether every slot of the layer was still zero as created before
+    (``zero_as_created``): then only the written slot can hold anything, and the wrapper's
+    first look at the layer needs no reduction. vLLM's loop writes every layer, and names
+    them all; one pass names only the layers it wrote (a q/v adapter over another leaves
+    o/gate/up/down as they were). Only the manager's first activation, which goes through
+    vLLM's loop, says ``fresh``."""
     original = manager_cls.activate_adapter
     if getattr(original, "_loraplex_watched", False):
         return
@@ -168,8 +157,8 @@ def watch_activations(manager_cls: Any) -> None:
     @functools.wraps(original)
     def activate_adapter(self: Any, lora_id: int) -> bool:
         first = not self.__dict__.get("_loraplex_announced")
-        one_pass = not first and one_pass_possible(self)
-        written = activate_in_one_pass(self, lora_id) if one_pass else None
+        one_pass = one_pass_possible(self)
+        written = None if first or not one_pass else activate_in_one_pass(self, lora_id)
         if written is not None:
             _announce(self, lora_id, [self.modules[name] for name in written], set())
             return True
@@ -178,21 +167,12 @@ def watch_activations(manager_cls: Any) -> None:
             if first
             else set()
         )
-        known = one_pass_possible(self) and slot_contents(self).current()
-        _activations.append(set())
-        try:
-            activated = original(self, lora_id)
-        finally:
-            ids = _activations.pop()
+        known = one_pass and slot_contents(self).current()
+        activated = original(self, lora_id)
         if activated and lora_id in self.lora_index_to_id:
-            if one_pass_possible(self):
+            if one_pass:
                 _record(self, lora_id, known)
-            layers = [
-                layer
-                for layer in self.modules.values()
-                if first or id(layer) in ids or not _tracked(layer)
-            ]
-            _announce(self, lora_id, layers, fresh)
+            _announce(self, lora_id, list(self.modules.values()), fresh)
             self.__dict__["_loraplex_announced"] = True
         return activated
 
@@ -244,3 +224,71 @@ def _names(manager: Any) -> dict[int, str]:
         names = {id(module): name for name, module in manager.modules.items()}
         manager.__dict__["_loraplex_names"] = names
     return names
+
+
+def covering_slices(
+    layer: Any, lora_a: Any, lora_b: Any
+) -> tuple[SlotBounds, list[torch.Tensor]] | None:
+    """An adapter's weights of ``layer``, if each adapted slice's A spans the slot's full
+    input width and B its full output height, so that copying them overwrites the slot's
+    first ``rank`` rows of A and columns of B entirely: the rank of each slice of ``layer``
+    (0: not adapted) and the adapted slices' A and B in turn; None otherwise."""
+    if getattr(layer, "tp_size", 1) != 1 or not isinstance(layer.lora_a_stacked, tuple):
+        return None  # a shard, or an embedding or the logits (one tensor a side)
+    a_list = [lora_a] if isinstance(lora_a, torch.Tensor) else list(lora_a)
+    b_list = [lora_b] if isinstance(lora_b, torch.Tensor) else list(lora_b)
+    if not len(a_list) == len(b_list) == len(layer.lora_a_stacked) == len(layer.lora_b_stacked):
+        return None
+    ranks: list[int] = []
+    weights: list[torch.Tensor] = []
+    for a, b, stacked_a, stacked_b in zip(
+        a_list, b_list, layer.lora_a_stacked, layer.lora_b_stacked, strict=True
+    ):
+        if a is None and b is None:
+            ranks.append(0)
+            continue
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            return None
+        rank = a.shape[0]
+        if a.shape[1] != stacked_a.shape[-1] or b.shape != (stacked_b.shape[-2], rank):
+            return None
+        if rank > stacked_a.shape[-2]:
+            return None
+        ranks.append(rank)
+        weights += [a, b]
+    return tuple(ranks), weights
+
+
+def _slot_views(layer: Any, index: int, ranks: SlotBounds) -> list[torch.Tensor]:
+    """The views of slot ``index`` that adapters of ``ranks`` are copied into: A's first
+    rows and B's first columns of each adapted slice, in turn. Cached per layer (each view
+    is ~3 us of indexing, ~120 an activation); vLLM never replaces the stacked tensors."""
+    views = layer.__dict__.setdefault("_loraplex_views", {})
+    key = (index, ranks)
+    if key not in views:
+        views[key] = [
+            view
+            for stacked_a, stacked_b, rank in zip(
+                layer.lora_a_stacked, layer.lora_b_stacked, ranks, strict=True
+            )
+            if rank
+            for view in (stacked_a[index, 0, :rank], stacked_b[index, 0, :, :rank])
+        ]
+    return views[key]
+
+
+def zero_as_created(layer: Any) -> bool:
+    """Whether none of ``layer``'s stacked LoRA tensors was ever written into (version 0):
+    every slot is then zero, as the pinned vLLM creates them with ``torch.zeros``
+    (``create_lora_weights``; a version allocating them with ``torch.empty`` would break
+    this). False for a layer without them."""
+    if getattr(layer, "lora_a_stacked", None) is None or not hasattr(layer, "lora_b_stacked"):
+        return False
+    return not any(t._version for t in _stacked(layer))
+
+
+def _stacked(layer: Any) -> tuple[torch.Tensor, ...]:
+    """``layer``'s stacked LoRA tensors: a tuple of slices each for A and B (linear layers),
+    or one tensor each (the embedding)."""
+    a, b = layer.lora_a_stacked, layer.lora_b_stacked
+    return (*a, *b) if isinstance(a, tuple) else (a, b)

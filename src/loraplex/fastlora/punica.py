@@ -21,10 +21,6 @@ from typing import Any
 
 import torch
 from torch.library import Library
-from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
-from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
-from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -38,12 +34,7 @@ from loraplex.fastlora.layer_slices import lora_slices
 from loraplex.fastlora.live import LiveSlots
 from loraplex.fastlora.merge import watch_steps
 from loraplex.fastlora.plan import LoraPlan
-from loraplex.fastlora.slot_writes import (
-    SlotWrites,
-    adapted_slices,
-    skip_resets_of_zero_slots,
-    write_over_known_slots,
-)
+from loraplex.fastlora.slot_writes import SlotWrites, adapted_slices
 from loraplex.fastlora.weights import LoraWeights
 
 # Under vLLM's logger: its handlers are the ones set up in the engine's processes.
@@ -321,11 +312,6 @@ def _nothing(*args) -> None:
 
 watch_activations(LoRAModelManager)
 watch_steps(LoRAModelManager)
-skip_resets_of_zero_slots(BaseLinearLayerWithLoRA)
-skip_resets_of_zero_slots(VocabParallelEmbeddingWithLoRA)
-skip_resets_of_zero_slots(LogitsProcessorWithLoRA)
-write_over_known_slots(BaseLinearLayerWithLoRA)
-write_over_known_slots(MergedColumnParallelLinearWithLoRA)
 
 _LIB = Library("loraplex", "FRAGMENT")
 for _name, _impl, _mutated in [
