@@ -2,12 +2,13 @@
 
 With ``max_loras=1`` every switch writes the adapter into the same slot. An adapter of
 q_proj/v_proj ("narrow", rank 8) leaves o/gate/up/down zero in its slot, and the fast-LoRA
-plugin skips zeroing a slot that is still zero from its last reset (``slot_writes``): when an
-adapter of every projection ("wide", rank 16) was written in between, those modules must be
-zeroed again, or narrow's later requests would carry wide's o/gate/up/down deltas. Writing
-narrow over wide in q/k/v, the plugin zeroes only what narrow does not overwrite: wide's k
-slice and its q/v rows from rank 8 on (the ops read only the rows up to the rank written, so
-this checks the outputs; tests/unit/test_fastlora_slot_writes.py checks the tensors).
+plugin's one-pass activation (``fastlora/activation.py``) resets only the modules the slot's
+last adapter adapted: when an adapter of every projection ("wide", rank 16) was written in
+between, those modules must be zeroed again, or narrow's later requests would carry wide's
+o/gate/up/down deltas. Writing narrow over wide in q/k/v, it zeroes only what narrow does not
+overwrite: wide's k slice and its q/v rows from rank 8 on (the ops read only the rows up to the
+rank written, so this checks the outputs; tests/unit/test_fastlora_activation.py checks the
+tensors against vLLM's own activation).
 
 Run as a script, this file is the engine side: ``python THIS MODEL ADAPTERS_JSON OUT_JSON``.
 """
