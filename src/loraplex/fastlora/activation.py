@@ -156,8 +156,10 @@ def watch_activations(manager_cls: Any) -> None:
 
     @functools.wraps(original)
     def activate_adapter(self: Any, lora_id: int) -> bool:
-        first = not self.__dict__.get("_loraplex_announced")
         one_pass = one_pass_possible(self)
+        if one_pass and lora_id in self._active_adapters:
+            return original(self, lora_id)  # in a slot: nothing written (every step asks)
+        first = not self.__dict__.get("_loraplex_announced")
         written = None if first or not one_pass else activate_in_one_pass(self, lora_id)
         if written is not None:
             _announce(self, lora_id, [self.modules[name] for name in written], set())
