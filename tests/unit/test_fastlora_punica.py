@@ -286,3 +286,41 @@ def test_an_adapter_zero_in_a_layer_joins_the_batch_without_a_new_lookup(monkeyp
         ([7, 3, 7, 3, 7], 0),  # 9 leaves
     ]
     run_mappings(monkeypatch, a, b, steps, seed=13)
+
+
+@pytest.mark.parametrize(
+    ("ids", "lookups"),
+    [([7, 7, 7, 7], 0), ([7, 3, 9, 9, 7, 3, 7, 9], 3)],
+    ids=["one slot, direct views", "three slots, packed blocks"],
+)
+def test_an_adapter_loaded_into_the_slot_of_one_like_it_keeps_the_views(monkeypatch, ids, lookups):
+    """A cold load into the slot of an evicted adapter of the same modules and rank leaves
+    each slice's live slots and rank as they were: the layer keeps its one-slot views, which
+    follow vLLM's in-place write, and looks up again only the packed group's blocks (copies).
+    Every step's rows get the adapter then in the slot."""
+    from loraplex.fastlora import ops
+
+    gen = torch.Generator().manual_seed(17)
+    a, b = stacked(gen)
+    x = torch.randn(len(ids), D_IN, generator=gen)
+    y = torch.randn(len(ids), sum(SLICES), generator=gen)
+    looked_up = []
+    real = ops.prepare
+
+    def spy(plan, *args):
+        looked_up.append(plan.layout)
+        return real(plan, *args)
+
+    monkeypatch.setattr(ops, "prepare", spy)
+    fast, _ = wrappers(ids, ids)
+    for load in range(4):
+        if load:
+            for t in (*a, *b):
+                t[0].copy_(torch.randn(t[0].shape, generator=gen) * 0.3)
+        looked_up.clear()
+        fast.update_metadata(LoRAMapping(ids, ids, is_prefill=True), list(SLOT_IDS), 4, 1000)
+        got = y.clone()
+        fast.add_lora_linear(got, x, a, b, 0.5, SLICES)
+        want = reference(y, x, a, b, slots_of(ids), scale=0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=f"load {load}")
+        assert len(looked_up) == (3 if load == 0 else lookups)
