@@ -8,6 +8,7 @@ import pytest
 import torch
 from onednn_stand_in import onednn_ops
 
+from loraplex.fastlora.slot_writes import SlotWrites
 from loraplex.fastlora.weights import PACKED_DTYPES, LoraWeights
 
 PACKED = torch.bfloat16
@@ -128,3 +129,39 @@ def test_float32_is_never_packed(weights):
     )
     cache.refresh(a, b, 2, 6)
     assert onednn.packs == 0
+
+
+@pytest.mark.parametrize("is_b", [True, False], ids=["B", "A cut to a rank"])
+def test_a_block_of_several_slots_copies_again_only_the_slots_written(is_b):
+    """A packed group's block is a view of a copy of every slot. A load into one slot that
+    ``slot_writes`` heard copies that slot only (into the same copy); a write it did not
+    hear copies every slot. The block equals vLLM's slots after each."""
+    writes = SlotWrites()
+    cache = LoraWeights(use_onednn=False, writes=writes)
+    gen = torch.Generator().manual_seed(7)
+    shape = (4, 1, 6, 8) if is_b else (4, 1, 8, 6)  # B (slots, 1, out, rank), A (.., rank, in)
+    stacked = torch.randn(shape, generator=gen)
+    writes.written(0, 4)  # the engine's slots were loaded before, and heard
+    rank = 5
+
+    def expected() -> torch.Tensor:
+        s3 = stacked[:, 0]
+        if is_b:
+            return s3[1:4, :, :rank].transpose(1, 2).reshape(3 * rank, 6)
+        return s3[1:4, :rank].reshape(3 * rank, 6).t()
+
+    copied = []
+    real = torch.Tensor.contiguous
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(torch.Tensor, "contiguous", lambda t, *a: copied.append(1) or real(t, *a))
+    try:
+        assert torch.equal(cache.block(stacked, is_b, 1, 3, 6, rank), expected())
+        for slot, heard in ((2, True), (0, True), (3, False), (1, True)):
+            stacked[slot].copy_(torch.randn(stacked[slot].shape, generator=gen))
+            if heard:
+                writes.written(slot, 4)
+            copied.clear()
+            assert torch.equal(cache.block(stacked, is_b, 1, 3, 6, rank), expected()), slot
+            assert len(copied) == (0 if heard else 1), slot
+    finally:
+        monkey.undo()

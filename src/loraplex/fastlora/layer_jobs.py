@@ -15,8 +15,6 @@ to the plan's rows.
   per plan layout (``LoraPlan.layout``). A new mapping over the same adapters (a request
   joins or leaves the batch) binds these views to its rows rather than looking at every
   slice's weights again.
-  A write that leaves every slice's live slots and rank as they were (an adapter loaded
-  into the slot of one like it) keeps them, less the views that hold copies.
 
 Nothing here computes on activations.
 """
@@ -68,7 +66,7 @@ class SlicePart:
         return sub, s.lora_a, s.lora_b, self.scale, s.offset, s.size, prepared
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True)
 class LiveSlice:
     """A slice of a layer with live slots, at one version of its weights."""
 
@@ -87,16 +85,6 @@ class LiveSlice:
     """One slot's views (``ops.prepare``'s cache; a prefill's layout is new in most steps),
     shared by the parts of this version and handed on to the layer's next one."""
 
-    def same(
-        self, lora_a: torch.Tensor, lora_b: torch.Tensor, live: frozenset[int], rank: int
-    ) -> bool:
-        """Whether a new version of the weights leaves this slice as it was: the same
-        tensors, live slots and rank (what its slots hold may differ)."""
-        return (
-            self.lora_a is lora_a and self.lora_b is lora_b and self.live == live
-            and self.rank == rank
-        )  # fmt: skip
-
 
 @dataclass
 class LiveLayer:
@@ -109,23 +97,6 @@ class LiveLayer:
     slots: frozenset[int]
     """The slots live in any slice."""
     parts: dict[tuple, list[SlicePart]] = field(default_factory=dict)
-
-    def by_offset(self) -> dict[int, LiveSlice]:
-        """The slices by their output offset."""
-        return {s.offset: s for s in self.slices}
-
-    def parts_after_write(self) -> dict[tuple, list[SlicePart]]:
-        """The parts, for the layer's next version when its slices are the same: their
-        views of one slot follow vLLM's in-place writes; those holding copies (a packed
-        group's blocks) are dropped."""
-        for parts in self.parts.values():
-            for part in parts:
-                part.views = {
-                    key: views
-                    for key, views in part.views.items()
-                    if views is None or views.packed is None
-                }
-        return self.parts
 
     def parts_for(
         self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
@@ -211,28 +182,26 @@ class LayerJobs:
         layer = self._layers.get(first.data_ptr())
         if layer is not None and layer.first is first and layer.versions == versions:
             return layer
-        before = {} if layer is None or layer.first is not first else layer.by_offset()
+        # views of one slot follow vLLM's in-place writes: the layer's next version keeps them
+        kept = [] if layer is None or layer.first is not first else layer.slices
+        views = {s.offset: s.slot_views for s in kept}
         every_slot = tuple(range(first.shape[0]))
         slices = []
         slots: set[int] = set()
         offset = 0
         for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            live = frozenset(self._live.live(every_slot, lora_a, lora_b))
+            live = self._live.live(every_slot, lora_a, lora_b)
             if live:
                 rank = max(self._live.rows(lora_a))
-                kept = before.get(offset)
-                if kept is None or not kept.same(lora_a, lora_b, live, rank):
-                    # views of one slot follow vLLM's in-place writes: hand them on
-                    slot_views = {} if kept is None else kept.slot_views
-                    kept = LiveSlice(lora_a, lora_b, offset, size, live, rank, slot_views)
-                slices.append(kept)
+                slot_views = views.get(offset, {})
+                slices.append(
+                    LiveSlice(lora_a, lora_b, offset, size, frozenset(live), rank, slot_views)
+                )
                 slots.update(live)
             offset += size
-        fresh = LiveLayer(first, versions, tuple(slices), frozenset(slots))
-        if layer is not None and layer.first is first and fresh.slices == layer.slices:
-            fresh.parts = layer.parts_after_write()
-        self._layers[first.data_ptr()] = fresh
-        return fresh
+        layer = LiveLayer(first, versions, tuple(slices), frozenset(slots))
+        self._layers[first.data_ptr()] = layer
+        return layer
 
 
 def _within(slots: tuple[int, ...], live: frozenset[int]) -> tuple[int, ...]:

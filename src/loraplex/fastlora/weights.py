@@ -2,7 +2,8 @@
 
 - ``block``: a block of several slots of B (and of A, when cut to a rank) is a view of a
   contiguous copy of every slot, B transposed to ``(slots, rank, out)`` so that the block
-  is one ``(span*rank, out)`` matrix (vLLM stores B as ``(slots, 1, out, rank)``).
+  is one ``(span*rank, out)`` matrix (vLLM stores B as ``(slots, 1, out, rank)``). A load
+  copies again only the slot it wrote.
 - ``block(..., rank)``: only the first ``rank`` rows of each slot's A and columns of its B.
   vLLM sizes every slot for ``max_lora_rank`` (64 by default) and pads a lower-rank adapter
   with zeros; multiplying by the padding costs the bytes and FLOPs of the full rank (3x the
@@ -71,8 +72,9 @@ def _onednn() -> Any | None:
     return _custom_ops
 
 
-#: ((version, rank), the stacked tensor, its first ``rank`` rows copied): ``LoraWeights._copy``
-RowsCopy = tuple[tuple[int, int], torch.Tensor, torch.Tensor]
+#: ((version, rank), the stacked tensor, its first ``rank`` rows copied, ``SlotWrites.stamp``
+#: at that version): ``LoraWeights._copy``
+RowsCopy = tuple[tuple[int, int], torch.Tensor, torch.Tensor, Stamp]
 
 
 @dataclass
@@ -109,14 +111,25 @@ class LoraWeights:
 
     def _copy(self, stacked: torch.Tensor, is_b: bool, rank: int) -> torch.Tensor:
         """Every slot's first ``rank`` rows of A (``(slots, rank, in)``) or columns of B
-        (``(slots, rank, out)``, transposed), contiguous; kept until vLLM writes ``stacked``."""
+        (``(slots, rank, out)``, transposed), contiguous. After vLLM writes ``stacked``, only
+        the slots ``slot_writes`` says were written are copied again, into the same tensor
+        (every slot when it does not know): a load into one of 8 slots copies one."""
         key = (stacked.data_ptr(), is_b)
         hit = self._copies.get(key)
-        if hit is not None and hit[0] == (stacked._version, rank) and hit[1] is stacked:
-            return hit[2]
+        version, stamp = stacked._version, self._writes.stamp
         s3 = slots(stacked)
+        if hit is not None and hit[1] is stacked and hit[0][1] == rank:
+            if hit[0][0] == version:
+                return hit[2]
+            written = self._writes.changed(hit[3], stacked.shape[0])
+            if written is not None:
+                copy = hit[2]
+                for slot in written:
+                    copy[slot] = s3[slot, :, :rank].t() if is_b else s3[slot, :rank]
+                self._copies[key] = ((version, rank), stacked, copy, stamp)
+                return copy
         copy = (s3[:, :, :rank].transpose(1, 2) if is_b else s3[:, :rank]).contiguous()
-        self._copies[key] = ((stacked._version, rank), stacked, copy)
+        self._copies[key] = ((version, rank), stacked, copy, stamp)
         return copy
 
     def block(
