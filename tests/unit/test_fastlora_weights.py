@@ -132,7 +132,7 @@ def test_float32_is_never_packed(weights):
 
 
 @pytest.mark.parametrize("is_b", [True, False], ids=["B", "A cut to a rank"])
-def test_a_block_of_several_slots_copies_again_only_the_slots_written(is_b):
+def test_a_block_of_several_slots_copies_again_only_the_slots_written(is_b, monkeypatch):
     """A packed group's block is a view of a copy of every slot. A load into one slot that
     ``slot_writes`` heard copies that slot only (into the same copy); a write it did not
     hear copies every slot. The block equals vLLM's slots after each."""
@@ -152,16 +152,12 @@ def test_a_block_of_several_slots_copies_again_only_the_slots_written(is_b):
 
     copied = []
     real = torch.Tensor.contiguous
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(torch.Tensor, "contiguous", lambda t, *a: copied.append(1) or real(t, *a))
-    try:
-        assert torch.equal(cache.block(stacked, is_b, 1, 3, 6, rank), expected())
-        for slot, heard in ((2, True), (0, True), (3, False), (1, True)):
-            stacked[slot].copy_(torch.randn(stacked[slot].shape, generator=gen))
-            if heard:
-                writes.written(slot, 4)
-            copied.clear()
-            assert torch.equal(cache.block(stacked, is_b, 1, 3, 6, rank), expected()), slot
-            assert len(copied) == (0 if heard else 1), slot
-    finally:
-        monkey.undo()
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a: copied.append(1) or real(t, *a))
+    assert torch.equal(cache.block(stacked, is_b, 1, 3, 6, rank), expected())
+    for slot, heard in ((2, True), (0, True), (3, False), (1, True)):
+        stacked[slot].copy_(torch.randn(stacked[slot].shape, generator=gen))
+        if heard:
+            writes.written(slot, 4)
+        copied.clear()
+        assert torch.equal(cache.block(stacked, is_b, 1, 3, 6, rank), expected()), slot
+        assert len(copied) == (0 if heard else 1), slot
