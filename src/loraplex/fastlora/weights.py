@@ -116,20 +116,20 @@ class LoraWeights:
         (every slot when it does not know): a load into one of 8 slots copies one."""
         key = (stacked.data_ptr(), is_b)
         hit = self._copies.get(key)
-        version, stamp = stacked._version, self._writes.stamp
-        s3 = slots(stacked)
+        version = stacked._version
+        written = None
         if hit is not None and hit[1] is stacked and hit[0][1] == rank:
             if hit[0][0] == version:
                 return hit[2]
             written = self._writes.changed(hit[3], stacked.shape[0])
-            if written is not None:
-                copy = hit[2]
-                for slot in written:
-                    copy[slot] = s3[slot, :, :rank].t() if is_b else s3[slot, :rank]
-                self._copies[key] = ((version, rank), stacked, copy, stamp)
-                return copy
-        copy = (s3[:, :, :rank].transpose(1, 2) if is_b else s3[:, :rank]).contiguous()
-        self._copies[key] = ((version, rank), stacked, copy, stamp)
+        s3 = slots(stacked)
+        if written is None:
+            copy = (s3[:, :, :rank].transpose(1, 2) if is_b else s3[:, :rank]).contiguous()
+        else:
+            copy = hit[2]
+            for slot in written:
+                copy[slot] = s3[slot, :, :rank].t() if is_b else s3[slot, :rank]
+        self._copies[key] = ((version, rank), stacked, copy, self._writes.stamp)
         return copy
 
     def block(
