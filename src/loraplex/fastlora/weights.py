@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -72,9 +72,16 @@ def _onednn() -> Any | None:
     return _custom_ops
 
 
-#: ((version, rank), the stacked tensor, its first ``rank`` rows copied, ``SlotWrites.stamp``
-#: at that version): ``LoraWeights._copy``
-RowsCopy = tuple[tuple[int, int], torch.Tensor, torch.Tensor, Stamp]
+class RowsCopy(NamedTuple):
+    """``LoraWeights._copy``'s entry: a stacked tensor's first ``rank`` rows, copied."""
+
+    version: int
+    """The stacked tensor's version when ``copy`` was last brought up to date."""
+    rank: int
+    stacked: torch.Tensor
+    copy: torch.Tensor
+    stamp: Stamp
+    """``SlotWrites.stamp`` at that version."""
 
 
 @dataclass
@@ -118,18 +125,18 @@ class LoraWeights:
         hit = self._copies.get(key)
         version = stacked._version
         written = None
-        if hit is not None and hit[1] is stacked and hit[0][1] == rank:
-            if hit[0][0] == version:
-                return hit[2]
-            written = self._writes.changed(hit[3], stacked.shape[0])
+        if hit is not None and hit.stacked is stacked and hit.rank == rank:
+            if hit.version == version:
+                return hit.copy
+            written = self._writes.changed(hit.stamp, stacked.shape[0])
         s3 = slots(stacked)
         if written is None:
             copy = (s3[:, :, :rank].transpose(1, 2) if is_b else s3[:, :rank]).contiguous()
         else:
-            copy = hit[2]
+            copy = hit.copy
             for slot in written:
                 copy[slot] = s3[slot, :, :rank].t() if is_b else s3[slot, :rank]
-        self._copies[key] = ((version, rank), stacked, copy, self._writes.stamp)
+        self._copies[key] = RowsCopy(version, rank, stacked, copy, self._writes.stamp)
         return copy
 
     def block(
