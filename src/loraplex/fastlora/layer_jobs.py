@@ -6,8 +6,10 @@ to the plan's rows.
 
 - Step level: a layer's jobs are reused while the step's plans are the same objects (decode
   steps of an unchanged batch) and vLLM has not written the layer's weights.
-- Slot level, kept until vLLM writes the layer's weights (a version counter moves): which
-  slots are live in each slice, over every slot, and the rank each slice fits in. A step's
+- Slot level, looked at again when vLLM writes the layer's weights (a version counter moves):
+  which slots are live in each slice, over every slot, and the rank each slice fits in. A
+  write that leaves them as they were (a load into a slot in use, of an adapter of the same
+  modules and rank) keeps the levels below, save the views of copied blocks. A step's
   slots are cut to those live somewhere in the layer, so a batch that gains or loses an
   adapter that leaves the layer at zero (the k, o, gate, up and down slices of a q/v adapter)
   finds the layer's parts as they were.
@@ -97,6 +99,21 @@ class LiveLayer:
     slots: frozenset[int]
     """The slots live in any slice."""
     parts: dict[tuple, list[SlicePart]] = field(default_factory=dict)
+
+    def drop_copied_views(self) -> None:
+        """Forget the views that read a copy of several slots (a packed group's blocks,
+        ``weights.block``): vLLM has written a slot, and only views of its stacked tensors
+        follow that. One slot's views are kept."""
+        for parts in self.parts.values():
+            for part in parts:
+                if any(
+                    views is not None and views.packed is not None for views in part.views.values()
+                ):
+                    part.views = {
+                        key: views
+                        for key, views in part.views.items()
+                        if views is None or views.packed is None
+                    }
 
     def parts_for(
         self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
@@ -199,9 +216,24 @@ class LayerJobs:
                 )
                 slots.update(live)
             offset += size
+        if layer is not None and layer.first is first and _same_slices(layer.slices, slices):
+            # a slot written over with weights of the same modules and rank (a load into a
+            # slot in use): the parts stand, save the views of copied blocks
+            layer.versions = versions
+            layer.drop_copied_views()
+            return layer
         layer = LiveLayer(first, versions, tuple(slices), frozenset(slots))
         self._layers[first.data_ptr()] = layer
         return layer
+
+
+def _same_slices(old: tuple[LiveSlice, ...], new: list[LiveSlice]) -> bool:
+    """Whether ``new`` has the slices of ``old``: the same tensors, live slots and rank."""
+    return len(old) == len(new) and all(
+        o.lora_a is n.lora_a and o.lora_b is n.lora_b and o.offset == n.offset
+        and o.size == n.size and o.live == n.live and o.rank == n.rank
+        for o, n in zip(old, new, strict=True)
+    )  # fmt: skip
 
 
 def _within(slots: tuple[int, ...], live: frozenset[int]) -> tuple[int, ...]:
