@@ -67,12 +67,12 @@ def test_jobs_follow_a_write_over_a_slot_in_use() -> None:
     torch.testing.assert_close(second, expected(x, indices, lora_a, lora_b))
     assert not torch.allclose(second, first)
 
-    write(lora_a, lora_b, 2, RANK // 2, seed=11)  # another rank: the layer is looked at anew
+    write(lora_a, lora_b, 2, RANK // 2, seed=11)  # a lower rank: the slice's rank stands
     writes.written(2, SLOTS)
     live.written(2, lora_a, lora_b, RANK // 2)
-    third, rebuilt = step()
+    third, after_lower_rank = step()
     torch.testing.assert_close(third, expected(x, indices, lora_a, lora_b))
-    assert rebuilt is kept  # still the largest rank: kept too
+    assert after_lower_rank is kept
     write(lora_a, lora_b, 0, 0, seed=12)  # slot 0 now all zero: no longer live
     writes.written(0, SLOTS)
     live.written(0, lora_a, lora_b, 0)
