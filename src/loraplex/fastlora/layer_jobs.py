@@ -106,14 +106,11 @@ class LiveLayer:
         follow that. One slot's views are kept."""
         for parts in self.parts.values():
             for part in parts:
-                if any(
-                    views is not None and views.packed is not None for views in part.views.values()
-                ):
-                    part.views = {
-                        key: views
-                        for key, views in part.views.items()
-                        if views is None or views.packed is None
-                    }
+                part.views = {
+                    key: views
+                    for key, views in part.views.items()
+                    if views is None or views.packed is None
+                }
 
     def parts_for(
         self, used: tuple[int, ...], subtract: tuple[int, ...] | None, scale: float
