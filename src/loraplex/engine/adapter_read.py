@@ -68,12 +68,16 @@ def cached_parse(parse: Callable[..., tuple[str, bool]]) -> Callable[..., tuple[
     return run
 
 
+#: What vLLM's ``lora_model`` module sees as ``safetensors`` once patched.
+WHOLE_FILE_SAFETENSORS = SimpleNamespace(safe_open=WholeFile)
+
+
 def read_adapters_whole() -> None:
     """Patch vLLM's ``lora_model`` module (once): ``WholeFile`` for ``safe_open``, and
     ``cached_parse``."""
     from vllm.lora import lora_model
 
-    if isinstance(lora_model.safetensors, SimpleNamespace):
+    if lora_model.safetensors is WHOLE_FILE_SAFETENSORS:
         return
-    lora_model.safetensors = SimpleNamespace(safe_open=WholeFile)
+    lora_model.safetensors = WHOLE_FILE_SAFETENSORS
     lora_model.parse_fine_tuned_lora_name = cached_parse(lora_model.parse_fine_tuned_lora_name)
