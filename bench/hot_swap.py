@@ -103,11 +103,13 @@ def store_settings(kind: str, root: Path, engine: Engine, stack: ExitStack) -> d
     return {**settings, "blob_url": f"s3://{bucket}/adapters", "s3_endpoint_url": endpoint}
 
 
-def ttft(url: str, model: str) -> float:
+def ttft(client: httpx.Client, model: str) -> float:
     """Seconds to the first streamed token of an 8-token greedy completion (a version's
     samples stream the same tokens). A token of whitespace counts: this model's first token
     here is often a lone space, and waiting for visible text added a decode step to about a
-    third of the samples (the bimodal TTFTs of the runs before 2026-12-06 22:40 UTC)."""
+    third of the samples (the bimodal TTFTs of the runs before 2026-12-06 22:40 UTC).
+    ``client`` is kept across samples: a new one per request added ~20 ms of its own set-up to
+    every TTFT (the runs before 2026-12-07 09:00 UTC)."""
     body = {
         "model": model,
         "prompt": "The weather today is",
@@ -116,7 +118,7 @@ def ttft(url: str, model: str) -> float:
         "stream": True,
     }
     started = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
+    with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         first = None
         for line in response.iter_lines():
@@ -173,14 +175,16 @@ def cold_warm_preloaded(
     other half is preloaded through ``registry`` first, then asked once (no registry: none)."""
     half = len(versions) // 2
     samples: dict[str, list[float]] = {"cold": [], "warm": [], "preloaded": []}
-    ttft(url, SERVED_NAME)
-    for key in versions[:half]:
-        samples["cold"].append(ttft(url, key))
-        samples["warm"].append(statistics.median(ttft(url, key) for _ in range(WARM_SAMPLES)))
-    for key in versions[half:] if registry is not None else []:
-        outcome = registry.preload(key, timeout=120, live_within=10)
-        assert not outcome.failed and not outcome.missing, outcome
-        samples["preloaded"].append(ttft(url, key))
+    with httpx.Client(base_url=url, timeout=300) as client:
+        ttft(client, SERVED_NAME)
+        for key in versions[:half]:
+            samples["cold"].append(ttft(client, key))
+            warm = [ttft(client, key) for _ in range(WARM_SAMPLES)]
+            samples["warm"].append(statistics.median(warm))
+        for key in versions[half:] if registry is not None else []:
+            outcome = registry.preload(key, timeout=120, live_within=10)
+            assert not outcome.failed and not outcome.missing, outcome
+            samples["preloaded"].append(ttft(client, key))
     median = {k: round(statistics.median(v) * 1000, 1) for k, v in samples.items() if v}
     paired = statistics.median(c - w for c, w in zip(samples["cold"], samples["warm"], strict=True))
     preloaded = median.get("preloaded")
@@ -255,8 +259,9 @@ def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path)
         result: dict[str, Any] = {"blob_url": registry.blobs.url}
         if (kind == "disk" and not reload) or args.swap_all:
             result["hot_swap"] = hot_swap(server.url, registry, args.swaps, args.workers)
-        for version in versions if reload else []:
-            ttft(server.url, version)  # fetched into the blob cache; all but 2 evicted since
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            for version in versions if reload else []:
+                ttft(client, version)  # fetched into the blob cache; all but 2 evicted since
         result.update(cold_warm_preloaded(server.url, versions, registry))
         registry.close()
         return result
