@@ -109,7 +109,7 @@ def ttft(client: httpx.Client, model: str) -> float:
     here is often a lone space, and waiting for visible text added a decode step to about a
     third of the samples (the bimodal TTFTs of the runs before 2026-12-06 22:40 UTC).
     ``client`` is kept across samples: a new one per request added ~20 ms of its own set-up to
-    every TTFT (the runs before 2026-12-07 09:00 UTC)."""
+    every TTFT (the runs before 2026-12-07 09:36 UTC)."""
     body = {
         "model": model,
         "prompt": "The weather today is",
