@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import time
+from collections import defaultdict
 from typing import Any
 
 from bench._common import Engine, adapter_paths, base_model_dir, make_adapters, ratio, write_result
+from bench.cold_load import Spent, phases, timed
 
 
 def read_times(llm: Any, paths: list[str], rounds: int) -> dict[str, list[float]]:
@@ -29,33 +30,26 @@ def read_times(llm: Any, paths: list[str], rounds: int) -> dict[str, list[float]
     from vllm.lora.request import LoRARequest
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
+    from loraplex.engine.adapter_read import WHOLE_FILE_SAFETENSORS
+
+    if lora_model.safetensors is not WHOLE_FILE_SAFETENSORS:
+        raise SystemExit("the general plugin did not patch vLLM's read: is loraplex installed?")
     reads = {
         "stock": (safetensors, utils.parse_fine_tuned_lora_name),
         "loraplex": (lora_model.safetensors, lora_model.parse_fine_tuned_lora_name),
     }
-    if reads["loraplex"][0] is safetensors:
-        raise SystemExit("the general plugin did not patch vLLM's read: is loraplex installed?")
-    load = LRUCacheWorkerLoRAManager._load_adapter
-    spent: list[float] = []
-
-    def timed(self: Any, request: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return load(self, request)
-        finally:
-            spent.append((time.perf_counter() - started) * 1e3)
-
-    LRUCacheWorkerLoRAManager._load_adapter = timed
+    spent: Spent = defaultdict(float)
+    timed(LRUCacheWorkerLoRAManager, "_load_adapter", "read", spent)
     out: dict[str, list[float]] = {name: [] for name in reads}
     lora_id = 0
     for _ in range(rounds):
         for name, (module, parse) in reads.items():
             lora_model.safetensors, lora_model.parse_fine_tuned_lora_name = module, parse
-            spent.clear()
             for path in paths:
                 lora_id += 1
-                llm.llm_engine.add_lora(LoRARequest(f"read-{lora_id}", lora_id, path))
-            out[name] += spent
+                with phases(spent) as took:
+                    llm.llm_engine.add_lora(LoRARequest(f"read-{lora_id}", lora_id, path))
+                out[name].append(took["read"])
     return out
 
 

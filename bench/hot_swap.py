@@ -259,9 +259,10 @@ def run_store(kind: str, engine: Engine, args: argparse.Namespace, folder: Path)
         result: dict[str, Any] = {"blob_url": registry.blobs.url}
         if (kind == "disk" and not reload) or args.swap_all:
             result["hot_swap"] = hot_swap(server.url, registry, args.swaps, args.workers)
-        with httpx.Client(base_url=server.url, timeout=300) as client:
-            for version in versions if reload else []:
-                ttft(client, version)  # fetched into the blob cache; all but 2 evicted since
+        if reload:
+            with httpx.Client(base_url=server.url, timeout=300) as client:
+                for version in versions:
+                    ttft(client, version)  # into the blob cache; all but 2 evicted since
         result.update(cold_warm_preloaded(server.url, versions, registry))
         registry.close()
         return result
