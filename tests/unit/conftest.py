@@ -171,6 +171,8 @@ def serve(
     ``tmp_path``).
     """
     monkeypatch.setattr(app_module, "PromptBuilder", prompt_builder)
+    # Freezing would keep the test process's garbage from collection for the whole session.
+    monkeypatch.setattr(app_module, "freeze_startup_heap", lambda: None)
 
     @asynccontextmanager
     async def start(

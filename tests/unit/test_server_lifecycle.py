@@ -5,6 +5,7 @@ and processes are in tests/integration/test_lifecycle.py."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from starlette.routing import Route
 from loraplex.adapters import ResolvedAdapter
 from loraplex.config import Settings
 from loraplex.errors import IncompatibleAdapter, Unavailable
+from loraplex.server import app as app_module
+from loraplex.server.app import freeze_startup_heap
 from loraplex.server.drain import Lifecycle, RequestGate
 from loraplex.server.liveness import ProgressTracker, watch_engine
 from loraplex.server.metrics import Metrics
@@ -229,3 +232,34 @@ async def test_first_stop_signal_drains_and_is_not_reraised_at_exit() -> None:
     assert server.force_exit
     assert server._captured_signals == []  # uvicorn would re-raise these at exit (status != 0)
     lifecycle._drain.cancel()  # type: ignore[union-attr]
+
+
+# ---- the startup heap, frozen once the server is up
+
+
+async def test_the_startup_heap_is_frozen_before_the_server_is_ready(
+    serve: Serve, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frozen_with_engine_running = []
+    monkeypatch.setattr(
+        app_module,
+        "freeze_startup_heap",
+        lambda: frozen_with_engine_running.append(not engine.stopped),
+    )
+    async with serve() as client:
+        assert frozen_with_engine_running == [True]
+        assert (await client.get("/ready")).status_code == 200
+    assert frozen_with_engine_running == [True]
+
+
+def test_a_frozen_heap_is_left_out_of_collections() -> None:
+    startup_object: list[object] = []
+    startup_object.append(startup_object)  # a cycle: only the collector could free it
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is startup_object for o in gc.get_objects())
+        assert gc.is_tracked(startup_object)
+    finally:
+        gc.unfreeze()
+    assert any(o is startup_object for o in gc.get_objects())
