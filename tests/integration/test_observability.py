@@ -41,6 +41,19 @@ def test_rules_and_dashboard_use_only_served_metrics(server: RunningServer) -> N
     assert names - served == set()
 
 
+def test_the_process_and_its_garbage_collector_are_measured(server: RunningServer) -> None:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    samples = {
+        (s.name, s.labels.get("generation")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("process_resident_memory_bytes", None)] > 50e6  # torch and vLLM alone
+    assert samples[("process_cpu_seconds_total", None)] > 0
+    generations = {gen for name, gen in samples if name == "python_gc_collections_total"}
+    assert generations == {"0", "1", "2"}
+
+
 def test_counts_a_miss_then_a_hit(server: RunningServer) -> None:
     admin = {"authorization": f"Bearer {server.admin_key}"}  # type: ignore[attr-defined]
     httpx.post(server.url + "/admin/adapters/random2/unload", headers=admin, timeout=120)

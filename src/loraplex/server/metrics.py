@@ -7,7 +7,9 @@ tenants keep their own label value, later ones are counted as ``other``. Values 
 engine owns (residency, evictions, running/waiting requests, KV usage) are read from it at
 scrape time by ``EngineCollector``, admission's seats and queues per tenant by
 ``AdmissionCollector``. One process serves one registry: loraplex runs a single worker per
-engine, so multiprocess mode is not needed.
+engine, so multiprocess mode is not needed. The process's own metrics (``process_*``: memory,
+CPU, open files; ``python_gc_*``: collections per generation) are there too, as in vLLM's
+server, whose registry is prometheus_client's default.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -189,6 +199,8 @@ class Metrics:
         r = self.registry
         r.register(self.engine)
         r.register(self.admission)
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Any:
             return Histogram(name, doc, ["adapter"], buckets=buckets, registry=r)
