@@ -242,11 +242,32 @@ def test_a_versions_files_are_fetched_in_parallel(tmp_path: Path) -> None:
     }
     both_started = threading.Barrier(2, timeout=60)
 
-    class SlowStore(LocalBlobStore):
-        def link(self, digest: str, dest: Path) -> None:
-            both_started.wait()  # BrokenBarrierError if the gets ran one after the other
-            super().link(digest, dest)
+    class RemoteStore:  # only ``get``, as the S3 store: no local file to link
+        url = "remote"
 
-    cache = BlobCache(tmp_path / "cache", SlowStore(tmp_path / "blobs"), 10_000)
+        def get(self, digest: str, dest: Path) -> None:
+            both_started.wait()  # BrokenBarrierError if the gets ran one after the other
+            store.get(digest, dest)
+
+    cache = BlobCache(tmp_path / "cache", RemoteStore(), 10_000)  # type: ignore[arg-type]
     folder = cache.folder("e" * 64, files)
     assert (folder / "adapter_config.json").read_bytes() == b"{}"
+    assert (folder / "adapter_model.safetensors").read_bytes() == b"w" * 100
+
+
+def test_a_local_stores_files_are_linked_in_the_callers_thread(tmp_path: Path) -> None:
+    """No round trips to overlap: a thread per file would only add to a cold load."""
+    files = {"adapter_config.json": "", "adapter_model.safetensors": ""}
+    linked_in = []
+
+    class LinkingStore(LocalBlobStore):
+        def link(self, digest: str, dest: Path) -> None:
+            linked_in.append(threading.current_thread())
+            super().link(digest, dest)
+
+    store = LinkingStore(tmp_path / "blobs")
+    files = {name: _blob(store, tmp_path, name.encode()) for name in files}
+    folder = BlobCache(tmp_path / "cache", store, 10_000).folder("e" * 64, files)
+    assert linked_in == [threading.current_thread()] * 2
+    source = store._path(files["adapter_model.safetensors"])
+    assert (folder / "adapter_model.safetensors").stat().st_ino == source.stat().st_ino
