@@ -257,7 +257,6 @@ def test_a_versions_files_are_fetched_in_parallel(tmp_path: Path) -> None:
 
 def test_a_local_stores_files_are_linked_in_the_callers_thread(tmp_path: Path) -> None:
     """No round trips to overlap: a thread per file would only add to a cold load."""
-    files = {"adapter_config.json": "", "adapter_model.safetensors": ""}
     linked_in = []
 
     class LinkingStore(LocalBlobStore):
@@ -266,7 +265,8 @@ def test_a_local_stores_files_are_linked_in_the_callers_thread(tmp_path: Path) -
             super().link(digest, dest)
 
     store = LinkingStore(tmp_path / "blobs")
-    files = {name: _blob(store, tmp_path, name.encode()) for name in files}
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    files = {name: _blob(store, tmp_path, name.encode()) for name in names}
     folder = BlobCache(tmp_path / "cache", store, 10_000).folder("e" * 64, files)
     assert linked_in == [threading.current_thread()] * 2
     source = store._path(files["adapter_model.safetensors"])

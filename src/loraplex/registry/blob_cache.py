@@ -48,6 +48,8 @@ class BlobCache:
         self._scanned_at = 0.0
         # Kept for the process: starting threads per fetch cost ~1 ms of each cold load.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blob-fetch")
+        # A local store hard-links its blobs (no round trips); a remote one only copies them.
+        self._link = getattr(store, "link", None)
 
     def has(self, content_digest: str, files: dict[str, str]) -> bool:
         """Whether the folder is complete here already (``folder`` would fetch nothing)."""
@@ -70,7 +72,7 @@ class BlobCache:
         staging = self.root / f".fetch-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            if hasattr(self.store, "link"):
+            if self._link is not None:
                 for file_name, digest in files.items():
                     self._fetch_file(digest, staging / file_name)
             else:
@@ -108,9 +110,8 @@ class BlobCache:
     def _fetch_file(self, digest: str, dest: Path) -> None:
         """One blob into ``dest`` (the store checks its sha256 as it writes it); from a local
         store a hard link, not a copy (cold-load latency)."""
-        fetch = getattr(self.store, "link", self.store.get)
         try:
-            fetch(digest, dest)
+            (self._link or self.store.get)(digest, dest)
         except NotFound as exc:
             raise Unavailable(
                 f"{exc.message} The registry lists it, so the blob store is incomplete; "
