@@ -145,6 +145,36 @@ def test_put_writes_the_blake3_from_the_copy_without_reading_the_blob_again(
     assert fast.read_text() == blake3.blake3(b"w" * 100).hexdigest()
 
 
+def test_a_large_blob_is_checked_on_every_core_with_the_same_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    content = os.urandom(blobs.PARALLEL_BLAKE3_BYTES + 12345)
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = _blob(store, tmp_path, content)
+    threads: list[int] = []
+    real = blake3.blake3
+
+    def counting(*args: object, max_threads: int = 1) -> blake3.blake3:
+        threads.append(max_threads)
+        return real(*args, max_threads=max_threads)
+
+    counting.AUTO = real.AUTO  # type: ignore[attr-defined]
+    monkeypatch.setattr(blobs.blake3, "blake3", counting)
+    store.link(digest, tmp_path / "linked")  # against the BLAKE3 put computed as it copied
+    assert threads == [real.AUTO]
+    stored = tmp_path / "blobs" / blob_key(digest)
+    assert blobs.blake3_file(stored) == real(content).hexdigest()
+    small = tmp_path / "small"
+    small.write_bytes(content[:1000])
+    assert blobs.blake3_file(small) == real(content[:1000]).hexdigest()
+    assert threads[-1] == 1
+    damaged = bytearray(content)
+    damaged[len(content) // 2] ^= 1  # one bit, in a chunk another thread hashes
+    stored.write_bytes(bytes(damaged))
+    with pytest.raises(Unavailable, match="the stored blob is corrupt"):
+        store.link(digest, tmp_path / "linked-again")
+
+
 @pytest.mark.parametrize("damage", [b"x" * 100, b"w" * 99, b"w" * 101])
 def test_a_corrupt_or_truncated_blob_with_a_blake3_file_is_refused(
     tmp_path: Path, damage: bytes
