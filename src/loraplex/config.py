@@ -191,7 +191,8 @@ class Settings(BaseSettings):
     # --- engine ---
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="Engine dtype; auto = float32 on CPU (batched == solo), bfloat16 on CUDA.",
+        description="Engine dtype; auto = float32 on CPU (greedy tokens batched == solo), "
+        "bfloat16 on CUDA.",
     )
     max_loras: int = Field(8, ge=1, description="Adapters active in one batch (engine slots).")
     max_cpu_loras: int = Field(

@@ -48,7 +48,9 @@ def resolve_dtype(dtype: str) -> str:
 
     On CPU, bf16 made an adapter's greedy output depend on which other requests shared its
     batch (one tenant's traffic changing another's answer); fp32 costs ~1.4x throughput
-    there but keeps batched == solo. On CUDA, bf16 is the norm.
+    there but keeps batched == solo to the token (not to the bit: a request's logprobs
+    alone and batched differ in the last place; bench/README.md, "Batch invariance in
+    bf16"). On CUDA, bf16 is the norm.
     """
     if dtype != "auto":
         return dtype

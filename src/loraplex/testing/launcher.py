@@ -136,10 +136,10 @@ TEST_BASE_NAME = "smollm2-135m"
 
 
 def server_env(home: Path, base_model_dir: Path, **settings: object) -> dict[str, str]:
-    """Environment of a test server: fp32 (batched == solo), a small KV cache, rank 16, auth
-    off, eager (no torch.compile: a minute less to start on CPU; pass ``enforce_eager=False``
-    for the compiled path serve uses), then ``settings`` (``field=value`` of ``Settings``) as
-    ``LORAPLEX_FIELD``."""
+    """Environment of a test server: fp32 (greedy tokens batched == solo), a small KV cache,
+    rank 16, auth off, eager (no torch.compile: a minute less to start on CPU; pass
+    ``enforce_eager=False`` for the compiled path serve uses), then ``settings``
+    (``field=value`` of ``Settings``) as ``LORAPLEX_FIELD``."""
     defaults: dict[str, object] = {
         "home": home,
         "base_model": base_model_dir,
