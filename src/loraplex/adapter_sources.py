@@ -17,7 +17,9 @@ this server's rank limit, is refused (409) before it reaches the engine. Each lo
 bounded in time; while the registry is down, what this server resolved in the last
 ``stale_seconds`` is served from memory and anything else is a 503 at once (``outage.py``).
 ``resolve`` does blocking I/O (files, database, maybe a download): call it from a worker
-thread in async code.
+thread in async code. ``resolve_held`` answers without one where nothing needs waiting for (a
+name resolved under the current generation whose files are in the blob cache), so requests
+for versions already here never queue for worker threads that slow downloads hold.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class FolderAdapterSource:
         if model not in (name, adapter.version):
             raise NotFound(f"The model '{model}' does not exist; '{name}' is {adapter.version}.")
         return adapter
+
+    def resolve_held(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter | None:
+        return None  # ``resolve`` reads the folder to see whether its files changed
 
     def names(self, may_use: MayUse = anyone) -> list[str]:
         return [card.id for card in self.models(may_use)]
@@ -301,18 +306,40 @@ class RegistryAdapterSource:
     def resolve(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
         """The version ``model`` names now, with a local folder holding its files."""
         version = self._lookup(model)
+        self._admit(model, version, may_use)
+        started = time.perf_counter()
+        local = self.registry.is_local(version)
+        path = self.registry.local_folder(version)
+        return self._resolved(version, path, 0.0 if local else time.perf_counter() - started)
+
+    def resolve_held(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter | None:
+        """``resolve`` from memory and the blob cache only: the version ``model`` named when
+        last resolved, while the generation read since says it still does, if its files
+        are here; else None."""
+        with self._lock:
+            version = self._fresh.get(model) if self._trusted() else None
+        if version is None:
+            return None
+        self._admit(model, version, may_use)
+        path = self.registry.held_folder(version)
+        return None if path is None else self._resolved(version, path, 0.0)
+
+    def _admit(self, model: str, version: VersionRecord, may_use: MayUse) -> None:
+        """Refuse ``version`` to a caller who may not use it (as unknown), or one this
+        server cannot load."""
         if not may_use(version.tenant):
             raise unknown_model(model)
         if not version.fallback_to_base:  # else the engine's load check refuses it: fallback
             self._check_fits(version)
-        started = time.perf_counter()
-        local = self.registry.is_local(version)
-        path = self.registry.local_folder(version)
+
+    def _resolved(
+        self, version: VersionRecord, path: Path, fetch_seconds: float
+    ) -> ResolvedAdapter:
         return ResolvedAdapter(
             name=version.name,
             version=version.key,
             path=path,
-            fetch_seconds=0.0 if local else time.perf_counter() - started,
+            fetch_seconds=fetch_seconds,
             tenant=version.tenant,
             fallback_to_base=version.fallback_to_base,
             prompt_format=trained_format(version.manifest),

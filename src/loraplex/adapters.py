@@ -82,6 +82,12 @@ class AdapterSource(Protocol):
         (checked before anything else about it); ``NotFound`` for anything unknown."""
         ...
 
+    def resolve_held(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter | None:
+        """``resolve`` where it needs no waiting (no query, no download: at most a few
+        ``stat`` calls), so async code may call it directly; None where ``resolve`` must
+        run (in a worker thread)."""
+        ...
+
     def names(self, may_use: MayUse = anyone) -> list[str]:
         """Adapter names the caller can be served."""
         ...

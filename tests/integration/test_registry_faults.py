@@ -42,6 +42,9 @@ BASE_NAME = "smollm2-135m"
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "start_postgres.sh"
 REGISTRY_TIMEOUT = 3  # LORAPLEX_REGISTRY_TIMEOUT_SECONDS of the server under test
 FETCH_DEADLINE = 30  # LORAPLEX_BLOB_FETCH_TIMEOUT_SECONDS
+#: More downloads at once than the server has worker threads for blocking calls (asyncio's
+#: default executor: CPUs + 4, 6 on the 2-core machines these run on).
+STALLED = [f"stalled-{i}" for i in range(8)]
 
 
 # ---- a PostgreSQL of this module's own, which the tests stop, start and freeze
@@ -205,7 +208,7 @@ def registry(
         )
     )
     names = ["known", "known", "error", "truncate", "stall", "crowd", "after-pg-stop"]
-    names += ["during-pg-hang"]
+    names += ["during-pg-hang", *STALLED]
     for seed, name in enumerate(names, start=30):
         reg.push(make_random_adapter(home / "src" / f"{name}-{seed}", seed=seed), name)
     yield reg
@@ -284,6 +287,38 @@ def test_a_storage_fault_fails_only_its_request_within_the_deadline(
         load.wait_sent(3)  # however slow its requests were beside the fault
     proxy.unstall.clear()
     load.assert_clean()
+
+
+def test_stalled_downloads_do_not_hold_up_versions_already_here(
+    server: RunningServer, proxy: FaultyS3
+) -> None:
+    """Checklist case 16, "others unaffected": while more downloads stall than the server
+    has worker threads, requests for a version it already holds are answered before any
+    stalled one gives up (before ``resolve_held``, the first waited for a stalled request's
+    thread: 1.5 s instead of 0.2)."""
+    assert complete(server, "known")[0] == 200  # resolved since any change to the registry
+    finished: list[float] = []
+
+    def stalled_request(name: str) -> int:
+        status = complete(server, name)[0]
+        finished.append(time.monotonic())
+        return status
+
+    proxy.mode = "stall"
+    try:
+        with ThreadPoolExecutor(len(STALLED)) as pool:
+            stalled = list(pool.map(lambda name: pool.submit(stalled_request, name), STALLED))
+            time.sleep(1)  # the downloads have started and stall (for the 3 s read timeout)
+            warm = [complete(server, "known") for _ in range(3)]
+            warm_done = time.monotonic()
+            statuses = [future.result() for future in stalled]
+    finally:
+        proxy.mode = "pass"
+        proxy.unstall.set()
+    assert [status for status, *_ in warm] == [200, 200, 200], warm
+    assert warm_done < min(finished), (warm, [round(t - warm_done, 2) for t in finished])
+    assert set(statuses) <= {200, 503}, statuses
+    proxy.unstall.clear()
 
 
 def test_concurrent_cold_requests_download_a_version_once(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,3 +103,36 @@ def test_marks_versions_pushed_for_this_base_within_its_limits_as_checked(
         replace(tiny_base, fingerprint="cd" * 32),
     ):
         assert resolve(other).checked_for is None  # the engine's own check decides
+
+
+def test_a_name_resolved_under_the_current_generation_is_held_without_a_query(
+    registry: Registry,
+    tmp_path: Path,
+    tiny_dims: BaseDims,
+    tiny_base: BaseSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry.push(write_random_adapter(tmp_path / "a", tiny_dims, seed=1), "sales", tenant="acme")
+    registry.push(write_random_adapter(tmp_path / "b", tiny_dims, seed=2), "sales")
+    source = RegistryAdapterSource(registry, tiny_base.fingerprint, 16, refresh_seconds=60)
+    try:
+        source.refresh()  # the generation read, as the watcher does
+        assert source.resolve_held("sales") is None  # never resolved here
+        resolved = source.resolve("sales")
+        asked: list[str] = []
+        monkeypatch.setattr(registry, "resolve", lambda model: asked.append(model))
+        assert source.resolve_held("sales") == resolved
+        assert asked == []  # from memory and a look at the blob cache
+        with pytest.raises(NotFound, match="does not exist"):
+            source.resolve_held("sales", may_use=lambda tenant: tenant != "acme")
+        shutil.rmtree(resolved.path)  # evicted from the blob cache: resolve fetches it
+        assert source.resolve_held("sales") is None
+        monkeypatch.undo()
+        assert source.resolve("sales") == resolved
+        assert source.resolve_held("sales") == resolved
+        registry.promote("sales@v2")
+        source.refresh()  # the generation moved: names are looked up again
+        assert source.resolve_held("sales") is None
+        assert source.resolve("sales").version == "sales@v2"
+    finally:
+        source.close()

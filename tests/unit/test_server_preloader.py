@@ -45,6 +45,9 @@ class SlowService:
         self.warming = asyncio.Event()
         self.loaded = asyncio.Event()
 
+    async def resolve_source(self, key: str) -> str:
+        return key
+
     async def target(self, adapter: Any) -> Any:
         self.warming.set()
         await self.loaded.wait()
@@ -63,7 +66,6 @@ async def test_heartbeats_go_on_while_a_version_warms() -> None:
     source = SimpleNamespace(
         registry=SimpleNamespace(catalog=SimpleNamespace(engine=None)),
         watch=threading.Event,
-        resolve=lambda key: key,
     )
     service = SlowService()
     preloader = Preloader(service, source, heartbeat_seconds=0.01)  # type: ignore[arg-type]

@@ -55,12 +55,24 @@ class BlobCache:
         """Whether the folder is complete here already (``folder`` would fetch nothing)."""
         return _complete(self.root / content_digest, files)
 
+    def held(self, content_digest: str, files: dict[str, str]) -> Path | None:
+        """The local folder if it is complete here (touched: it was used), else None; never
+        fetches. A few ``stat`` calls."""
+        target = self.root / content_digest
+        if not _complete(target, files):
+            return None
+        try:
+            os.utime(target)
+        except FileNotFoundError:  # evicted just now
+            return None
+        return target
+
     def folder(self, content_digest: str, files: dict[str, str]) -> Path:
         """The local folder with ``files`` (PEFT file name -> blob sha256), fetched if needed."""
+        held = self.held(content_digest, files)
+        if held is not None:
+            return held
         target = self.root / content_digest
-        if _complete(target, files):
-            os.utime(target)
-            return target
         return self._flight.do(content_digest, lambda: self._fetch(target, files))
 
     def _fetch(self, target: Path, files: dict[str, str]) -> Path:

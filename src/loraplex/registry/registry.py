@@ -234,6 +234,10 @@ class Registry:
         """A local folder with the version's files (fetched into the cache if needed)."""
         return self.cache.folder(version.sha256, _served(version))
 
+    def held_folder(self, version: VersionRecord) -> Path | None:
+        """``local_folder`` if the files are here already, else None (never fetches)."""
+        return self.cache.held(version.sha256, _served(version))
+
     def is_local(self, version: VersionRecord) -> bool:
         """Whether ``local_folder`` would find the files here, without fetching."""
         return self.cache.has(version.sha256, _served(version))

@@ -143,6 +143,7 @@ def create_app(
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
+            service.close()
             if isinstance(source, RegistryAdapterSource):
                 source.close()
             await usage.flush()

@@ -80,7 +80,7 @@ class Preloader:
         key = version_key(preload.name, preload.number)
         error: str | None = None
         try:
-            adapter = await asyncio.to_thread(self.source.resolve, key)
+            adapter = await self.service.resolve_source(key)
             target = await self.service.target(adapter)
             if target.fallback:
                 error = f"{key} could not be loaded (the server would fall back to the base)"

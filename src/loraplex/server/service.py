@@ -14,13 +14,16 @@ Generation feeds the ``ProgressTracker`` that ``/health`` reads.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from loraplex.adapters import AdapterSource, ResolvedAdapter, unknown_model
+from loraplex.adapters import AdapterSource, MayUse, ResolvedAdapter, anyone, unknown_model
 from loraplex.config import Settings
 from loraplex.engine.types import Delta, Engine, GenerationParams
 from loraplex.errors import DeadlineExceeded, IncompatibleAdapter, NotFound, Unavailable
@@ -32,6 +35,11 @@ from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.request_context import current
 from loraplex.server.usage import UsageRecorder
+
+#: Threads for ``AdapterSource.resolve`` (a lookup, maybe a download): its own, so that slow
+#: downloads never hold the default executor's few threads (CPUs + 4), which key lookups,
+#: ``/ready`` and usage writes run on.
+RESOLVE_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.source = source
+        self._resolver = ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="resolve")
         self.prompts = prompts
         self.metrics = metrics
         self.usage = usage
@@ -129,11 +138,24 @@ class Service:
         if model == self.base_name:
             return None
         try:
-            return await asyncio.to_thread(self.source.resolve, model, caller.may_use)
+            held = self.source.resolve_held(model, caller.may_use)
+            if held is not None:  # no thread: slow downloads may hold every resolve thread
+                return held
+            return await self.resolve_source(model, caller.may_use)
         except NotFound:
             if caller.sees_everything:
                 raise
             raise unknown_model(model) from None  # one body: names of others must not leak
+
+    async def resolve_source(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter:
+        """``source.resolve`` on the service's resolve threads (``RESOLVE_THREADS``)."""
+        call = functools.partial(self.source.resolve, model, may_use)
+        context = contextvars.copy_context()  # as ``asyncio.to_thread``: logs keep the request
+        return await asyncio.get_running_loop().run_in_executor(self._resolver, context.run, call)
+
+    def close(self) -> None:
+        """Stop the resolve threads (a download under way ends at its own deadline)."""
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     async def admit(
         self,
