@@ -307,7 +307,7 @@ def test_stalled_downloads_do_not_hold_up_versions_already_here(
     proxy.mode = "stall"
     try:
         with ThreadPoolExecutor(len(STALLED)) as pool:
-            stalled = list(pool.map(lambda name: pool.submit(stalled_request, name), STALLED))
+            stalled = [pool.submit(stalled_request, name) for name in STALLED]
             time.sleep(1)  # the downloads have started and stall (for the 3 s read timeout)
             warm = [complete(server, "known") for _ in range(3)]
             warm_done = time.monotonic()
