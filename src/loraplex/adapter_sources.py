@@ -307,10 +307,12 @@ class RegistryAdapterSource:
         """The version ``model`` names now, with a local folder holding its files."""
         version = self._lookup(model)
         self._admit(model, version, may_use)
+        held = self.registry.held_folder(version)
+        if held is not None:
+            return self._resolved(version, held, 0.0)
         started = time.perf_counter()
-        local = self.registry.is_local(version)
         path = self.registry.local_folder(version)
-        return self._resolved(version, path, 0.0 if local else time.perf_counter() - started)
+        return self._resolved(version, path, time.perf_counter() - started)
 
     def resolve_held(self, model: str, may_use: MayUse = anyone) -> ResolvedAdapter | None:
         """``resolve`` from memory and the blob cache only: the version ``model`` named when

@@ -51,10 +51,6 @@ class BlobCache:
         # A local store hard-links its blobs (no round trips); a remote one only copies them.
         self._link = getattr(store, "link", None)
 
-    def has(self, content_digest: str, files: dict[str, str]) -> bool:
-        """Whether the folder is complete here already (``folder`` would fetch nothing)."""
-        return _complete(self.root / content_digest, files)
-
     def held(self, content_digest: str, files: dict[str, str]) -> Path | None:
         """The local folder if it is complete here (touched: it was used), else None; never
         fetches. A few ``stat`` calls."""

@@ -238,10 +238,6 @@ class Registry:
         """``local_folder`` if the files are here already, else None (never fetches)."""
         return self.cache.held(version.sha256, _served(version))
 
-    def is_local(self, version: VersionRecord) -> bool:
-        """Whether ``local_folder`` would find the files here, without fetching."""
-        return self.cache.has(version.sha256, _served(version))
-
     def gc(self, *, grace_seconds: float, delete: bool = False) -> GcReport:
         """Unreferenced blobs older than ``grace_seconds`` (deleted if ``delete``)."""
         return collect(self.catalog, self.blobs, grace_seconds=grace_seconds, delete=delete)
