@@ -95,6 +95,9 @@ class LiveLayer:
     first: torch.Tensor
     """The first slice's A: the layer's cache entry holds it, so its address is not reused."""
     versions: tuple[int, ...]
+    bounds: tuple[tuple[frozenset[int], int], ...]
+    """Per slice (live or not), its live slots and rank (``LiveSlots.bounds``): while they
+    stand, a write leaves the slices and their parts as they are."""
     slices: tuple[LiveSlice, ...]
     slots: frozenset[int]
     """The slots live in any slice."""
@@ -194,43 +197,35 @@ class LayerJobs:
         """The layer's live slots per slice at ``versions`` of its weights."""
         first = lora_a_stacked[0]
         layer = self._layers.get(first.data_ptr())
-        if layer is not None and layer.first is first and layer.versions == versions:
+        if layer is not None and layer.first is not first:
+            layer = None
+        if layer is not None and layer.versions == versions:
             return layer
-        # views of one slot follow vLLM's in-place writes: the layer's next version keeps them
-        kept = [] if layer is None or layer.first is not first else layer.slices
-        views = {s.offset: s.slot_views for s in kept}
-        every_slot = tuple(range(first.shape[0]))
-        slices = []
-        slots: set[int] = set()
-        offset = 0
-        for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            live = self._live.live(every_slot, lora_a, lora_b)
-            if live:
-                rank = max(self._live.rows(lora_a))
-                slot_views = views.get(offset, {})
-                slices.append(
-                    LiveSlice(lora_a, lora_b, offset, size, frozenset(live), rank, slot_views)
-                )
-                slots.update(live)
-            offset += size
-        if layer is not None and layer.first is first and _same_slices(layer.slices, slices):
+        bounds = tuple(
+            self._live.bounds(lora_a, lora_b)
+            for lora_a, lora_b in zip(lora_a_stacked, lora_b_stacked, strict=True)
+        )
+        if layer is not None and layer.bounds == bounds:
             # a slot written over with weights of the same modules and rank (a load into a
             # slot in use): the parts stand, save the views of copied blocks
             layer.versions = versions
             layer.drop_copied_views()
             return layer
-        layer = LiveLayer(first, versions, tuple(slices), frozenset(slots))
+        # views of one slot follow vLLM's in-place writes: the layer's next version keeps them
+        views = {} if layer is None else {s.offset: s.slot_views for s in layer.slices}
+        slices = []
+        offset = 0
+        for lora_a, lora_b, size, (live, rank) in zip(
+            lora_a_stacked, lora_b_stacked, output_slices, bounds, strict=True
+        ):
+            if live:
+                slot_views = views.get(offset, {})
+                slices.append(LiveSlice(lora_a, lora_b, offset, size, live, rank, slot_views))
+            offset += size
+        slots = frozenset().union(*(s.live for s in slices))
+        layer = LiveLayer(first, versions, bounds, tuple(slices), slots)
         self._layers[first.data_ptr()] = layer
         return layer
-
-
-def _same_slices(old: tuple[LiveSlice, ...], new: list[LiveSlice]) -> bool:
-    """Whether ``new`` has the slices of ``old``: the same tensors, live slots and rank."""
-    return len(old) == len(new) and all(
-        o.lora_a is n.lora_a and o.lora_b is n.lora_b and o.offset == n.offset
-        and o.size == n.size and o.live == n.live and o.rank == n.rank
-        for o, n in zip(old, new, strict=True)
-    )  # fmt: skip
 
 
 def _within(slots: tuple[int, ...], live: frozenset[int]) -> tuple[int, ...]:

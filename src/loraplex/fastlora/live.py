@@ -75,6 +75,17 @@ class LiveSlots:
         b = self.rows(lora_b)
         return tuple(slot for slot in slots if b[slot])
 
+    def bounds(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[frozenset[int], int]:
+        """The slots whose A and B are both nonzero, and the rank every slot's A fits in
+        (rows from it on are zero in every slot); no slots and 0 where no A is nonzero."""
+        a = self.rows(lora_a)
+        rank = max(a)
+        if not rank:
+            return frozenset(), 0
+        b = self.rows(lora_b)
+        live = frozenset(slot for slot, (r, c) in enumerate(zip(a, b, strict=True)) if r and c)
+        return live, rank
+
     def written(
         self,
         slot: int,
