@@ -31,6 +31,18 @@ def test_live_needs_both_a_and_b_nonzero_in_a_used_slot():
     assert live.live((1, 2), a, b) == ()
 
 
+def test_bounds_give_a_slices_live_slots_and_the_rank_every_slot_fits_in():
+    live = LiveSlots()
+    a = torch.zeros(3, 1, 8, 4)
+    b = torch.zeros(3, 1, 6, 8)
+    assert live.bounds(a, b) == (frozenset(), 0)  # a slice no adapter adapts
+    a[0, 0, :2], b[0] = 1.0, 1.0  # slot 0: rank 2, live
+    a[1, 0, :5] = 1.0  # slot 1: rank 5 in A, but B zero: adds nothing
+    assert live.bounds(a, b) == (frozenset({0}), 5)
+    b[1] = 1.0  # written in place, as vLLM does
+    assert live.bounds(a, b) == (frozenset({0, 1}), 5)
+
+
 def test_only_turns_tokens_of_other_slots_into_base_tokens():
     n = LONG_SEGMENT
     indices = torch.tensor([0, 1, 2, -1] + [1] * n + [2, 0])
